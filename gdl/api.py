@@ -1,0 +1,246 @@
+"""The HTTP API: a WSGI app, served by ``gevent.pywsgi`` on the process's hub.
+
+Routes (the Go service's, plus gdl's own)::
+
+    POST /download                  enqueue a job                 201 {"id": ...} | 400 {"error": ...}
+    GET  /hb                        heartbeat                     200 | 503 while heartbeat_path exists
+    POST /retry/<id>                re-deliver a failed callback  204 | 400
+    GET  /dashboard/aggregations    pending aggregations          200 [{"name": "jobs:<aggr>", "size": N}]
+    GET  /stats/<component>         summed live counters          200 {...} | 404
+    GET  /jobs/<id>                 a job's state and attempts    200 {...} | 404
+    GET  /metrics                   Prometheus exposition         200
+    GET  /files/<id[0:3]>/<id>      a stored file                 200 bytes | 404
+    GET  /                          the dashboard page            200 HTML
+
+It talks only to the store (and to the file storage for ``/files``). Every
+error is JSON ``{"error": ...}``; a Redis outage is a 503, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterable
+
+from gdl import __version__, metrics
+from gdl.config import Config
+from gdl.errors import StoreUnavailable, ValidationError
+from gdl.filestorage import FileStorage
+from gdl.job import ID_LENGTH, is_valid_id, new_id, parse_request
+from gdl.stats import STALE_AFTER_INTERVALS, summed
+from gdl.store import Store, now_ms
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+Response = tuple[str, list[tuple[str, str]], Iterable[bytes]]
+
+COMPONENTS = ("processor", "notifier")
+FILE_CHUNK = 256 * 1024
+
+_STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
+           401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
+           411: "411 Length Required", 413: "413 Payload Too Large", 503: "503 Service Unavailable",
+           500: "500 Internal Server Error"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _json(status: int, body: Any) -> Response:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return _STATUS[status], [("Content-Type", "application/json"), ("Content-Length", str(len(data)))], [data]
+
+
+def _text(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    data = text.encode()
+    return _STATUS[status], [("Content-Type", content_type), ("Content-Length", str(len(data)))], [data]
+
+
+def _empty(status: int) -> Response:
+    return _STATUS[status], [("Content-Length", "0")], []
+
+
+class API:
+    """The WSGI application. ``clock`` is injectable for tests."""
+
+    def __init__(self, cfg: Config, store: Store, storage: FileStorage | None,
+                 clock: Callable[[], int] = now_ms):
+        self.cfg = cfg
+        self.store = store
+        self.storage = storage
+        self.clock = clock
+        self.tokens = [t.encode() for t in cfg.security.api_tokens]
+        self.stale_ms = int(cfg.processor.stats_interval * 1000 * STALE_AFTER_INTERVALS)
+        self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
+            ("POST", re.compile(r"^/download$"), self.post_download),
+            ("GET", re.compile(r"^/hb$"), self.get_heartbeat),
+            ("POST", re.compile(r"^/retry/([^/]+)$"), self.post_retry),
+            ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
+            ("GET", re.compile(r"^/stats/([^/]+)$"), self.get_stats),
+            ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
+            ("GET", re.compile(r"^/metrics$"), self.get_metrics),
+            ("GET", re.compile(r"^/files/([^/]+)/([^/]+)$"), self.get_file),
+            ("GET", re.compile(r"^/$"), self.get_index),
+        ]
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        status, headers, body = self.dispatch(environ)
+        start_response(status, headers)
+        return body
+
+    def dispatch(self, environ: dict) -> Response:
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO", "/")
+        allowed = False
+        for route_method, pattern, handler in self.routes:
+            match = pattern.match(path)
+            if not match:
+                continue
+            if route_method != method and not (route_method == "GET" and method == "HEAD"):
+                allowed = True
+                continue
+            try:
+                self._authorize(environ, method)
+                return handler(environ, *match.groups())
+            except HTTPError as err:
+                return _json(err.status, {"error": str(err)})
+            except ValidationError as err:
+                return _json(400, {"error": str(err)})
+            except StoreUnavailable as err:
+                log.warning("api: %s %s: redis unavailable: %s", method, path, err)
+                return _json(503, {"error": "storage unavailable, try again"})
+            except Exception:
+                log.exception("api: %s %s: unexpected error", method, path)
+                return _json(500, {"error": "internal error"})
+        if allowed:
+            return _json(405, {"error": f"method {method} not allowed on {path}"})
+        return _json(404, {"error": f"no such endpoint: {path}"})
+
+    def _authorize(self, environ: dict, method: str) -> None:
+        if not self.tokens or (method in ("GET", "HEAD") and not self.cfg.security.api_tokens_read):
+            return
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), t) for t in self.tokens):
+            return
+        raise HTTPError(401, "missing or invalid bearer token")
+
+    # ------------------------------------------------------------------ writes
+
+    def post_download(self, environ: dict) -> Response:
+        body = self._read_json(environ)
+        now = self.clock()
+        job = parse_request(body, job_id=new_id(), now_ms=now)
+        job = self.store.enqueue(job, now=now)
+        log.info("job %s: accepted for aggr %s: %s", job.id, job.aggr_id, job.url)
+        return _json(201, {"id": job.id})
+
+    def post_retry(self, environ: dict, job_id: str) -> Response:
+        self._check_id(job_id, 400)
+        result = self.store.retry_failed_callback(job_id, now=self.clock())
+        if result == 0:
+            raise HTTPError(400, f"job {job_id} does not exist")
+        if result < 0:
+            raise HTTPError(400, f"job {job_id}: callback has not failed")
+        log.info("job %s: failed callback queued again by request", job_id)
+        return _empty(204)
+
+    def _read_json(self, environ: dict) -> Any:
+        limit = self.cfg.api.max_body_bytes
+        length = environ.get("CONTENT_LENGTH") or ""
+        if length:
+            try:
+                size = int(length)
+            except ValueError as exc:
+                raise HTTPError(400, "Content-Length is not a number") from exc
+            if size > limit:
+                raise HTTPError(413, f"body larger than {limit} bytes")
+            raw = environ["wsgi.input"].read(size)
+        else:
+            raw = environ["wsgi.input"].read(limit + 1)
+            if len(raw) > limit:
+                raise HTTPError(413, f"body larger than {limit} bytes")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValidationError("body", f"is not valid JSON: {exc}") from exc
+
+    # ------------------------------------------------------------------ reads
+
+    def get_heartbeat(self, environ: dict) -> Response:
+        if os.path.exists(self.cfg.api.heartbeat_path):
+            return _text(503, "Service Unavailable")
+        return _text(200, "OK")
+
+    def get_aggregations(self, environ: dict) -> Response:
+        return _json(200, [{"name": f"jobs:{aggr}", "size": size} for aggr, size in self.store.pending_aggregations()])
+
+    def get_stats(self, environ: dict, component: str) -> Response:
+        if component not in COMPONENTS:
+            raise HTTPError(404, f"no stats for {component!r}")
+        reports = self.store.reports(component, newer_than=self.clock() - self.stale_ms)
+        if not reports:
+            raise HTTPError(404, f"no {component} has reported stats")
+        return _json(200, summed(reports))
+
+    def get_job(self, environ: dict, job_id: str) -> Response:
+        self._check_id(job_id, 404)
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise HTTPError(404, f"job {job_id} does not exist")
+        body = job.public()
+        body["attempts_log"] = self.store.job_log(job_id)
+        return _json(200, body)
+
+    def get_metrics(self, environ: dict) -> Response:
+        now = self.clock()
+        reports = {c: self.store.reports(c, newer_than=now - self.stale_ms) for c in COMPONENTS}
+        text = metrics.exposition(reports, self.store.queue_depths())
+        return _STATUS[200], [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(text)))], [text]
+
+    def get_file(self, environ: dict, prefix: str, job_id: str) -> Response:
+        if not is_valid_id(job_id) or prefix != job_id[:3] or self.storage is None:
+            raise HTTPError(404, "no such file")
+        handle = self.storage.open(job_id)
+        if handle is None:
+            raise HTTPError(404, "no such file")
+        size = os.fstat(handle.fileno()).st_size
+        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        if environ["REQUEST_METHOD"] == "HEAD":
+            handle.close()
+            return _STATUS[200], headers, []
+        wrapper = environ.get("wsgi.file_wrapper")
+        body = wrapper(handle, FILE_CHUNK) if wrapper else _chunks(handle)
+        return _STATUS[200], headers, body
+
+    def get_index(self, environ: dict) -> Response:
+        return _text(200, INDEX_HTML.replace("{version}", __version__), "text/html; charset=utf-8")
+
+    def _check_id(self, job_id: str, status: int) -> None:
+        if not is_valid_id(job_id):
+            raise HTTPError(status, f"{job_id!r} is not a job id ({ID_LENGTH} letters and digits)")
+
+
+def _chunks(handle: Any) -> Iterable[bytes]:
+    with handle:
+        while chunk := handle.read(FILE_CHUNK):
+            yield chunk
+
+
+INDEX_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>gdl</title></head>
+<body><h1>gdl {version}</h1>
+<ul>
+<li><a href="/dashboard/aggregations">pending aggregations</a></li>
+<li><a href="/stats/processor">processor stats</a></li>
+<li><a href="/stats/notifier">notifier stats</a></li>
+<li><a href="/metrics">metrics</a></li>
+</ul></body></html>
+"""

@@ -1,0 +1,49 @@
+"""The callback payload: what a client receives about its job.
+
+Field for field the Go service's payload, so its clients work unchanged::
+
+    {"success": true, "error": "", "extra": "foobar",
+     "resource_url": "http://example.com/a.png",
+     "download_url": "http://localhost:8000/files/6QE/6QEywYsd0jrKAg",
+     "job_id": "6QEywYsd0jrKAg", "response_code": 200,
+     "delivered": true, "delivery_error": "", "image_size": "10x10"}
+
+``delivered`` says whether the file reached its storage (so it equals
+``success``), ``delivery_error`` why not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gdl.job import Job
+
+
+def file_path(job_id: str) -> str:
+    """A stored file's path under the storage root and under ``download_url``."""
+    return f"{job_id[:3]}/{job_id}"
+
+
+def download_url(base: str, job_id: str) -> str:
+    return f"{base.rstrip('/')}/{file_path(job_id)}"
+
+
+def payload(job: Job, *, download_base: str) -> dict[str, Any]:
+    success = job.status.state == "succeeded"
+    return {
+        "success": success,
+        "error": job.status.error,
+        "extra": job.extra,
+        "resource_url": job.url,
+        "download_url": download_url(download_base, job.id) if success else "",
+        "job_id": job.id,
+        "response_code": job.status.response_code,
+        "delivered": success,
+        "delivery_error": "" if success else job.status.error,
+        "image_size": job.status.image_size,
+    }
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()

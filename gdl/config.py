@@ -1,0 +1,294 @@
+"""Configuration: YAML file plus ``GDL_SECTION_KEY`` environment overrides.
+
+Owns every default (each named once, with a one-line doc in ``help``) and the
+validation of every key. The result is a tree of frozen dataclasses; nothing
+else in gdl reads the YAML or the environment for settings.
+
+A bad value raises :class:`ConfigError` whose message starts with the dotted
+key (``processor.disk.high: ...``); the CLI prints that one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from gdl.errors import ConfigError
+
+ENV_PREFIX = "GDL_"
+
+
+def _key(default: Any, help: str, **meta: Any) -> Any:
+    """A config key: its default and its one-line documentation."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = _key("embedded", "redis://[user:pass@]host:port/db, rediss:// for TLS, or `embedded`")
+    embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
+    sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
+    master_name: str = _key("", "sentinel master name")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = _key("127.0.0.1", "address the HTTP API listens on")
+    port: int = _key(8000, "port the HTTP API listens on", min=0, max=65535)
+    heartbeat_path: str = _key("var/disable-api", "while this file exists GET /hb answers 503")
+    max_body_bytes: int = _key(1 << 20, "largest accepted request body; larger is 413", min=1)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    high: float = _key(95.0, "percent of the storage filesystem used above which pools pause", min=0, max=100)
+    low: float = _key(90.0, "percent used at or below which paused pools resume", min=0, max=100)
+    interval: float = _key(60.0, "seconds between disk usage checks", min=0.01)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    storage_dir: str = _key("var/tmp", "directory for partial downloads")
+    filestorage: dict = _key({"type": "filesystem", "rootdir": "var/files"}, "where finished files are kept")
+    download_url: str = _key("http://localhost:8000/files", "base URL of stored files, put in callbacks")
+    request_headers: dict = _key({"User-Agent": "gdl", "Accept": "*/*"}, "headers sent with every download")
+    scan_interval: float = _key(3.0, "seconds between fallback scans for aggregations with due work", min=0.01)
+    retry_backoff: float = _key(120.0, "seconds; the Nth retry of a download waits N * retry_backoff", min=0)
+    max_retries: int = _key(2, "retries of a retriable download error when the job gives none", min=0)
+    download_timeout: float = _key(300.0, "seconds for a whole download when the job gives none", min=0.01)
+    disk: DiskConfig = field(default_factory=DiskConfig, metadata={"help": "disk health thresholds"})
+    lease_ttl: float = _key(30.0, "seconds a lease or in-flight record outlives its process", min=1)
+    pool_idle_timeout: float = _key(10.0, "seconds an aggregation pool waits for work before it ends", min=0)
+    stats_interval: float = _key(5.0, "seconds between stats reports to Redis", min=0.1)
+    chunk_size: int = _key(64 * 1024, "bytes read from the network per chunk", min=1024)
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    concurrency: int = _key(10, "callbacks delivered at once by one process", min=1)
+    deletion_interval: float = _key(180.0, "minutes after a delivered callback before the file is deleted", min=0)
+    retry_backoff: float = _key(600.0, "seconds; the Nth retry of a callback waits N * retry_backoff", min=0)
+    max_retries: int = _key(2, "retries of a failed callback delivery", min=0)
+
+
+@dataclass(frozen=True)
+class BackendsConfig:
+    http: dict = _key({"timeout": 30}, "HTTP callback backend settings")
+    kafka: dict = _key({}, "librdkafka settings; empty: Kafka callbacks off")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    block_private_networks: bool = _key(True, "refuse URLs resolving to non-public addresses")
+    allowed_networks: list = _key([], "CIDRs exempt from block_private_networks")
+    max_download_bytes: int = _key(0, "largest download body; 0 means no limit", min=0)
+    max_redirects: int = _key(10, "redirect hops followed by a download", min=0)
+    api_tokens: list = _key([], "non-empty: POST endpoints need Authorization: Bearer <token>")
+    api_tokens_read: bool = _key(False, "api_tokens also guard GET endpoints")
+
+
+@dataclass(frozen=True)
+class SentryConfig:
+    dsn: str = _key("", "Sentry DSN; empty turns Sentry off")
+    environment: str = _key("", "Sentry environment tag")
+    release: str = _key("", "Sentry release; empty: gdl's version")
+
+
+@dataclass(frozen=True)
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    notifier: NotifierConfig = field(default_factory=NotifierConfig)
+    backends: BackendsConfig = field(default_factory=BackendsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    sentry: SentryConfig = field(default_factory=SentryConfig)
+    # Where the settings came from, for log lines. Relative paths in the file are
+    # taken from the directory gdl runs in, as the Procfile expects.
+    source: str = "<defaults>"
+
+    @property
+    def http_callback_timeout(self) -> float:
+        return float(self.backends.http.get("timeout", 30))
+
+
+def load(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (None: defaults only), apply ``GDL_*`` overrides, validate."""
+    environ = os.environ if environ is None else environ
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    _apply_environment(raw, environ)
+    cfg = _build(Config, raw, prefix="")
+    cfg = dataclasses.replace(cfg, source=str(path) if path else "<defaults>")
+    _check_relations(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _apply_environment(raw: dict, environ: Mapping[str, str]) -> None:
+    """``GDL_PROCESSOR_DISK_HIGH=80`` sets processor.disk.high; values are YAML."""
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = _env_key_path(name[len(ENV_PREFIX):].lower())
+        if path is None:
+            continue  # GDL_* variables that are not config keys (e.g. GDL_LOG_LEVEL)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        if not isinstance(parsed, (int, float, bool, list, dict)):
+            parsed = value  # strings stay exactly as given (no YAML dates, nulls or quotes)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = parsed
+
+
+def _env_key_path(rest: str, cls: type = Config) -> list[str] | None:
+    """Match ``processor_disk_high`` against the schema, longest key first."""
+    names = sorted((f.name for f in dataclasses.fields(cls) if f.name != "source"), key=len, reverse=True)
+    for name in names:
+        if rest == name:
+            return [name]
+        if rest.startswith(name + "_"):
+            sub = _field_type(cls, name)
+            tail = rest[len(name) + 1:]
+            if dataclasses.is_dataclass(sub):
+                found = _env_key_path(tail, sub)
+                if found:
+                    return [name, *found]
+            elif sub is dict:
+                return [name, tail]
+    return None
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
+    if default is not None and dataclasses.is_dataclass(default):
+        return default
+    value = default() if default is not None else hints[name].default
+    return type(value)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{prefix}{name}: unknown key")
+    values = {}
+    for name, f in known.items():
+        key = prefix + name
+        sub = _field_type(cls, name)
+        if dataclasses.is_dataclass(sub):
+            values[name] = _build(sub, raw.get(name), key + ".")
+        elif name in raw:
+            values[name] = _coerce(key, raw[name], f, sub)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, kind: type) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false (got {value!r})")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number (got {value!r})")
+        if kind is int and value != int(value):
+            raise ConfigError(f"{key}: must be a whole number (got {value!r})")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(f"{key}: must be {bounds} (got {value!r})")
+        return kind(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string (got {value!r})")
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list (got {value!r})")
+        return list(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping (got {value!r})")
+        return dict(value)
+    raise AssertionError(kind)  # pragma: no cover - schema uses only the kinds above
+
+
+def _check_relations(cfg: Config) -> None:
+    """Checks that involve more than one key or a value's inner shape."""
+    url = cfg.redis.url
+    if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
+    if cfg.redis.sentinel and not cfg.redis.master_name:
+        raise ConfigError("redis.master_name: required when redis.sentinel is set")
+    for addr in cfg.redis.sentinel:
+        host, _, port = str(addr).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"redis.sentinel: {addr!r} is not host:port")
+    if cfg.processor.disk.low > cfg.processor.disk.high:
+        raise ConfigError("processor.disk.low: must not be above processor.disk.high")
+    fs = cfg.processor.filestorage
+    kind = fs.get("type")
+    if kind == "filesystem":
+        if not isinstance(fs.get("rootdir"), str) or not fs["rootdir"]:
+            raise ConfigError("processor.filestorage.rootdir: required for filesystem storage")
+    elif kind == "s3":
+        if not isinstance(fs.get("bucket"), str) or not fs["bucket"]:
+            raise ConfigError("processor.filestorage.bucket: required for s3 storage")
+    else:
+        raise ConfigError(f"processor.filestorage.type: must be filesystem or s3 (got {kind!r})")
+    if urlsplit(cfg.processor.download_url).scheme not in ("http", "https"):
+        raise ConfigError(f"processor.download_url: must be an http(s) URL (got {cfg.processor.download_url!r})")
+    for name, value in cfg.processor.request_headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"processor.request_headers.{name}: header values must be strings")
+    timeout = cfg.backends.http.get("timeout", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
+    for cidr in cfg.security.allowed_networks:
+        try:
+            ipaddress.ip_network(str(cidr), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"security.allowed_networks: {cidr!r} is not a CIDR") from exc
+    for token in cfg.security.api_tokens:
+        if not isinstance(token, str) or not token:
+            raise ConfigError("security.api_tokens: tokens must be non-empty strings")

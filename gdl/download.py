@@ -1,0 +1,303 @@
+"""One HTTP download into a temp file.
+
+:class:`Downloader` is made once per aggregation pool (one keep-alive
+``requests.Session``, the aggregation's proxy). :meth:`Downloader.fetch` GETs a
+job's URL and streams the body, exactly as served, into a temp file in
+``storage_dir``, checking the job's mime patterns on the first bytes and
+reading the image size at the end. It returns a :class:`Fetched` or raises a
+:class:`~gdl.errors.DownloadError` subclass; on every failure the temp file is
+gone. Where the file goes next is :mod:`gdl.filestorage`'s business; this
+module knows nothing of Redis.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.cookiejar
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import gevent
+import requests
+import urllib3.exceptions
+from requests.structures import CaseInsensitiveDict
+from urllib3.util import SKIP_HEADER
+
+from gdl import mime
+from gdl.errors import (
+    ConnectionFailed,
+    DownloadError,
+    DownloadTimeout,
+    HTTPStatusError,
+    InvalidURL,
+    MimeMismatch,
+    StorageError,
+    TLSError,
+    TooLarge,
+    TooManyRedirects,
+    TruncatedBody,
+)
+from gdl.job import Job
+
+log = logging.getLogger(__name__)
+
+# The connect phase never gets more than this, however long the whole download may take.
+MAX_CONNECT_TIMEOUT = 30.0
+
+
+@dataclass
+class Fetched:
+    """A complete download, still in its temp file."""
+
+    path: str
+    size: int
+    response_code: int
+    mime: str
+    image_size: str
+
+
+@dataclass
+class _Attempt:
+    """What one fetch has got so far, for cleanup and for errors raised by the deadline."""
+
+    response_code: int = 0
+    temp: _TempFile | None = None
+
+
+class Downloader:
+    """Downloads jobs of one aggregation through one keep-alive session."""
+
+    def __init__(self, *, proxy: str, default_headers: dict[str, str], storage_dir: str, chunk_size: int,
+                 max_bytes: int = 0, max_redirects: int = 10):
+        self.storage_dir = storage_dir
+        self.chunk_size = chunk_size
+        self.max_bytes = max_bytes
+        self.session = _make_session(proxy, default_headers, max_redirects)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def fetch(self, job: Job, *, timeout: float) -> Fetched:
+        """Download ``job.url`` into a temp file within ``timeout`` seconds, all phases included."""
+        attempt = _Attempt()
+        # One deadline over connect, every read and every write: a server that
+        # drips a byte a second never trips requests' per-read timeout.
+        deadline = gevent.Timeout(timeout)
+        deadline.start()
+        try:
+            return self._fetch(job, timeout, attempt)
+        except BaseException as exc:
+            deadline.cancel()
+            if attempt.temp is not None:
+                attempt.temp.discard()
+            if exc is deadline:
+                raise DownloadTimeout(f"download did not finish within {timeout:g}s",
+                                      response_code=attempt.response_code) from exc
+            if isinstance(exc, DownloadError) and not exc.response_code:
+                # Errors raised after the response arrived carry its status.
+                exc.response_code = attempt.response_code
+            raise
+        finally:
+            deadline.cancel()
+
+    def _fetch(self, job: Job, timeout: float, attempt: _Attempt) -> Fetched:
+        response = self._request(job, timeout)
+        with response:
+            attempt.response_code = response.status_code
+            check_status(response)
+            self._check_declared_length(response)
+            attempt.temp = _TempFile.create(self.storage_dir, prefix=job.id + ".")
+            found_mime = self._stream_body(job, response, attempt.temp)
+            attempt.temp.finish()
+        size = attempt.temp.size
+        image_size = mime.image_size(attempt.temp.path, found_mime) if job.extract_image_size else None
+        log.debug("job %s: fetched %d bytes of %s (%d) from %s", job.id, size, found_mime,
+                  response.status_code, response.url)
+        return Fetched(path=attempt.temp.path, size=size, response_code=response.status_code,
+                       mime=found_mime, image_size=image_size or "")
+
+    def _request(self, job: Job, timeout: float) -> requests.Response:
+        """Send the GET and follow redirects; returns with the final response's headers read."""
+        try:
+            return self.session.get(
+                job.url,
+                headers=job.request_headers,  # overlaid on the session's defaults, case-insensitively
+                stream=True,
+                allow_redirects=True,
+                timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout),
+            )
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise request_error(exc) from exc
+
+    def _check_declared_length(self, response: requests.Response) -> None:
+        declared = content_length(response)
+        if self.max_bytes and declared is not None and declared > self.max_bytes:
+            raise TooLarge(f"Content-Length {declared} exceeds the limit of {self.max_bytes} bytes",
+                           response_code=response.status_code)
+
+    def _stream_body(self, job: Job, response: requests.Response, temp: _TempFile) -> str:
+        """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type.
+
+        The job's mime patterns are checked as soon as :data:`mime.SNIFF_BYTES`
+        have arrived (or the body ended), before the rest is read.
+        """
+        patterns = mime.MimePatterns.parse(job.mime_type) if job.mime_type else None
+        code = response.status_code
+        head = bytearray()
+        found_mime = ""
+        try:
+            # decode_content=False: bytes are stored as served, gzip included.
+            for chunk in response.raw.stream(self.chunk_size, decode_content=False):
+                if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
+                    raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
+                temp.write(chunk)
+                if not found_mime:
+                    head += chunk
+                    if len(head) >= mime.SNIFF_BYTES:
+                        found_mime = check_mime(head, patterns, code)
+                        head = bytearray()
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise DownloadTimeout(f"reading the body timed out: {exc}", response_code=code) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            # ProtocolError (IncompleteRead, a reset), SSLError mid-body: the body was cut short.
+            raise TruncatedBody(f"the body was cut short after {temp.size} bytes: {exc}",
+                                response_code=code) from exc
+        if not found_mime:
+            found_mime = check_mime(head, patterns, code)  # a body shorter than SNIFF_BYTES
+        declared = content_length(response)
+        if declared is not None and temp.size != declared:
+            raise TruncatedBody(f"received {temp.size} of {declared} bytes", response_code=code)
+        return found_mime
+
+
+def _make_session(proxy: str, default_headers: dict[str, str], max_redirects: int) -> requests.Session:
+    session = requests.Session()
+    # Only the configured headers: no requests defaults (Accept-Encoding: gzip
+    # would ask for bytes other than the resource's). SKIP_HEADER keeps
+    # http.client from adding its own "Accept-Encoding: identity".
+    headers = CaseInsensitiveDict(default_headers)
+    headers.setdefault("Accept-Encoding", SKIP_HEADER)
+    session.headers = headers
+    session.max_redirects = max_redirects
+    if proxy:
+        session.proxies = {"http": proxy, "https": proxy}
+    # The environment must not pick proxies or send .netrc credentials to the
+    # hosts that jobs name.
+    session.trust_env = False
+    # Cookies set while downloading one job must not be sent with the next one;
+    # within a redirect chain requests still carries them from hop to hop.
+    session.cookies.set_policy(_NoCookies())
+    return session
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Refuses to keep any cookie in the session's jar."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
+        return False
+
+
+def check_status(response: requests.Response) -> None:
+    if 200 <= response.status_code < 300:
+        return
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    raise HTTPStatusError(response.status_code, response.reason or "", retry_after=retry_after)
+
+
+def check_mime(head: bytes, patterns: mime.MimePatterns | None, response_code: int) -> str:
+    found = mime.sniff(bytes(head))
+    if patterns is not None and not patterns.matches(found):
+        raise MimeMismatch(str(patterns), found, response_code=response_code)
+    return found
+
+
+def content_length(response: requests.Response) -> int | None:
+    """The declared body length, or None when absent or unreadable."""
+    value = response.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from ``now`` named by a ``Retry-After`` header (seconds or an HTTP date), never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def request_error(exc: Exception) -> DownloadError:
+    """Translate what ``Session.get`` raises, before a final response, into our error tree."""
+    text = str(exc)
+    # Order matters: SSLError, ProxyError and ConnectTimeout are ConnectionErrors.
+    if isinstance(exc, requests.exceptions.SSLError):
+        return TLSError(f"TLS error: {text}")
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return TooManyRedirects(text)
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidSchema, requests.exceptions.URLRequired)):
+        return InvalidURL(f"invalid URL: {text}")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return DownloadTimeout(f"no response in time: {text}")
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
+        # Raised while requests drains a redirect's body.
+        return TruncatedBody(text)
+    return ConnectionFailed(f"connection failed: {text}")
+
+
+class _TempFile:
+    """A temp file being written; OSErrors become :class:`StorageError`."""
+
+    def __init__(self, path: str, file: BinaryIO):
+        self.path = path
+        self.file = file
+        self.size = 0
+
+    @classmethod
+    def create(cls, directory: str, *, prefix: str) -> _TempFile:
+        try:
+            fd, path = tempfile.mkstemp(dir=directory, prefix=prefix)
+        except OSError as exc:
+            raise StorageError(f"cannot create a temp file in {directory}: {exc.strerror}") from exc
+        return cls(path, os.fdopen(fd, "wb"))
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.file.write(chunk)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        self.size += len(chunk)
+
+    def finish(self) -> None:
+        """Flush to disk and close: the file survives a crash from here on."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the data is being thrown away; a failed flush does not matter
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove temp file %s: %s", self.path, exc.strerror)

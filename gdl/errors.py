@@ -1,0 +1,162 @@
+"""The error tree: every failure gdl reasons about is a type.
+
+Whether a download failure is retried, and whether it counts as an attempt,
+is decided here by class attributes (and, for HTTP answers, the status code),
+never by matching message text:
+
+- ``retriable``: the same request may succeed later (5xx, 429, a dropped
+  connection, a body cut short, a timeout). Retried up to the job's
+  ``max_retries`` after ``attempt * retry_backoff``.
+- ``internal``: the fault is ours (our disk, our Redis), not the remote
+  server's. Internal errors are retried without counting an attempt.
+
+Library exceptions (requests, OSError, redis) are translated into these at
+the boundary of the module that calls the library, with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class GdlError(Exception):
+    """Base of every error gdl raises on purpose."""
+
+
+class ConfigError(GdlError):
+    """The configuration is invalid; the message starts with the dotted key."""
+
+
+class StartupError(GdlError):
+    """gdl cannot start: Redis unreachable, a directory unwritable. Exit status 2."""
+
+
+class ValidationError(GdlError):
+    """A job payload is invalid. ``field`` names the offending field (HTTP 400)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StoreUnavailable(GdlError):
+    """Redis cannot be reached or answered with an error. Internal and transient."""
+
+
+class DownloadError(GdlError):
+    """A download attempt failed. Subclasses say whether to retry.
+
+    ``phase`` names the step that failed (request, body, mime, image, storage),
+    ``response_code`` is the remote status when one was received (else 0),
+    ``retry_after`` is the earliest retry the server asked for, in seconds.
+    """
+
+    retriable = False
+    internal = False
+    phase = "request"
+
+    def __init__(self, message: str, *, response_code: int = 0, retry_after: float | None = None):
+        super().__init__(message)
+        self.response_code = response_code
+        self.retry_after = retry_after
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered with a non-2xx status: 5xx and 429 are retriable."""
+
+    def __init__(self, status: int, reason: str = "", *, retry_after: float | None = None):
+        text = f"Received status code {status}" + (f" {reason}" if reason else "")
+        super().__init__(text, response_code=status, retry_after=retry_after)
+
+    @property
+    def retriable(self) -> bool:  # type: ignore[override]
+        return self.response_code >= 500 or self.response_code == 429
+
+
+class ConnectionFailed(DownloadError):
+    """The connection could not be made or broke before a response arrived."""
+
+    retriable = True
+
+
+class TruncatedBody(DownloadError):
+    """The body ended before Content-Length, or the connection dropped mid-body."""
+
+    retriable = True
+    phase = "body"
+
+
+class DownloadTimeout(DownloadError):
+    """The whole download took longer than its deadline."""
+
+    retriable = True
+    phase = "body"
+
+
+class TLSError(DownloadError):
+    """The TLS handshake failed (bad certificate, protocol): not retried."""
+
+
+class TooManyRedirects(DownloadError):
+    """More redirect hops than ``security.max_redirects``."""
+
+
+class BlockedAddress(DownloadError):
+    """The URL, a redirect hop or a proxy resolves to a refused address."""
+
+
+class TooLarge(DownloadError):
+    """The body is larger than ``security.max_download_bytes``."""
+
+    phase = "body"
+
+
+class InvalidURL(DownloadError):
+    """The URL cannot be requested (scheme, host)."""
+
+
+class MimeMismatch(DownloadError):
+    """The content's sniffed mime type does not match the job's patterns."""
+
+    phase = "mime"
+
+    def __init__(self, expected: str, actual: str, *, response_code: int = 0):
+        super().__init__(f"Expected mime-type to be ({expected}), found ({actual})", response_code=response_code)
+
+
+class InvalidImage(DownloadError):
+    """An image whose size was asked for has a header Pillow cannot read."""
+
+    phase = "image"
+
+
+class StorageError(DownloadError):
+    """Writing or moving the file failed on our side: retried, not counted."""
+
+    retriable = True
+    internal = True
+    phase = "storage"
+
+
+class UnexpectedError(DownloadError):
+    """An exception gdl did not anticipate (a bug, a library surprise).
+
+    Reported to Sentry, retried, and counted as an attempt so that a bug
+    cannot retry a job forever.
+    """
+
+    retriable = True
+
+
+class CallbackError(GdlError):
+    """A callback delivery failed; ``retriable`` as for downloads."""
+
+    def __init__(self, message: str, *, retriable: bool = True, status: int = 0):
+        super().__init__(message)
+        self.retriable = retriable
+        self.status = status
+
+
+class UndefinedBackend(CallbackError):
+    """The job names a callback backend that this gdl has not configured."""
+
+    def __init__(self, name: str):
+        super().__init__(f"callback backend {name!r} is not configured", retriable=False)

@@ -1,0 +1,358 @@
+"""Jobs: what a client asks for, how it is validated, how it is stored.
+
+A :class:`Job` is built from a ``POST /download`` body by :func:`parse_request`
+(every rule of the contract's field table, raising
+:class:`~gdl.errors.ValidationError` naming the field), and round-trips
+through a flat Redis hash with :meth:`Job.to_hash` / :meth:`Job.from_hash`.
+
+The job's progress lives in the same hash, in the fields of :class:`Status`:
+``state`` (download) and ``callback_state`` move as below, each move made by
+one script in :mod:`gdl.store`::
+
+    state:           queued -> in_flight -> succeeded | failed
+                                 '-> queued (retry, or put back)
+    callback_state:  "" -> queued -> in_flight -> delivered | failed
+                                        '-> queued (retry)      '-> queued (POST /retry)
+                     "" -> none  (no callback asked for: s3_bucket without callback)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import secrets
+import string
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from gdl.errors import ValidationError
+
+ID_ALPHABET = string.ascii_letters + string.digits
+ID_LENGTH = 14
+ID_RE = re.compile(rf"^[A-Za-z0-9]{{{ID_LENGTH}}}$")
+
+MAX_URL_LENGTH = 8192
+MAX_AGGR_ID_LENGTH = 200
+MAX_AGGR_LIMIT = 10_000
+MAX_RETRIES_BOUND = 100
+MAX_DOWNLOAD_TIMEOUT = 7 * 24 * 3600
+MAX_EXTRA_LENGTH = 64 * 1024
+MAX_HEADERS = 64
+
+CALLBACK_TYPES = ("http", "kafka")
+# RFC 7230 token characters: a header name must be one.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Headers a client may not set: they belong to the connection, not the request.
+FORBIDDEN_HEADERS = frozenset(
+    h.lower() for h in ("Host", "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+                        "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length")
+)
+_MIME_PART_RE = re.compile(r"^[A-Za-z0-9*?\[\]!.+_-]+/[A-Za-z0-9*?\[\]!.+_-]+$")
+_KAFKA_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_S3_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$|^[a-z0-9-]{2,32}$")
+
+
+def new_id() -> str:
+    """14 random characters of ``[A-Za-z0-9]`` (about 83 bits)."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(ID_RE.match(value))
+
+
+@dataclass
+class Status:
+    """A job's progress: written only by the scripts of :mod:`gdl.store`."""
+
+    state: str = "queued"
+    attempts: int = 0
+    error: str = ""
+    response_code: int = 0
+    bytes: int = 0
+    image_size: str = ""
+    mime: str = ""
+    finished_at: int = 0
+    callback_state: str = ""
+    callback_attempts: int = 0
+    callback_error: str = ""
+    callback_code: int = 0
+    delivered_at: int = 0
+
+
+@dataclass
+class Job:
+    """One download request, as accepted by the API."""
+
+    id: str
+    url: str
+    aggr_id: str
+    aggr_limit: int
+    aggr_proxy: str = ""
+    callback_type: str = ""
+    callback_dst: str = ""
+    extra: str = ""
+    mime_type: str = ""
+    max_retries: int | None = None
+    extract_image_size: bool = False
+    download_timeout: int | None = None
+    request_headers: dict[str, str] = field(default_factory=dict)
+    s3_bucket: str = ""
+    s3_region: str = ""
+    created_at: int = 0
+    status: Status = field(default_factory=Status)
+
+    @property
+    def wants_callback(self) -> bool:
+        return bool(self.callback_type)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status.state == "succeeded"
+
+    def to_hash(self) -> dict[str, str]:
+        """The flat string mapping stored in ``job:<id>`` (spec and status)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            if f.name == "status":
+                continue
+            out[f.name] = _to_field(getattr(self, f.name))
+        out.update(status_fields(**asdict(self.status)))
+        return out
+
+    @classmethod
+    def from_hash(cls, data: Mapping[str, str]) -> "Job":
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "status" or f.name not in data:
+                continue
+            kwargs[f.name] = _from_field(f.name, data[f.name])
+        status = Status(**{
+            f.name: (int(data[f.name] or 0) if isinstance(f.default, int) else data[f.name])
+            for f in fields(Status) if f.name in data
+        })
+        return cls(status=status, **kwargs)
+
+    def public(self) -> dict[str, Any]:
+        """The job as ``GET /jobs/<id>`` shows it."""
+        out = asdict(self)
+        out.update(out.pop("status"))
+        return out
+
+
+def status_fields(**values: Any) -> dict[str, str]:
+    """Status updates as hash fields; unknown names are a programming error."""
+    known = {f.name for f in fields(Status)}
+    unknown = set(values) - known
+    if unknown:
+        raise KeyError(f"not status fields: {sorted(unknown)}")
+    return {k: _to_field(v) for k, v in values.items()}
+
+
+def _to_field(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _from_field(name: str, raw: str) -> Any:
+    if name in ("aggr_limit", "created_at"):
+        return int(raw)
+    if name in ("max_retries", "download_timeout"):
+        return int(raw) if raw != "" else None
+    if name == "extract_image_size":
+        return raw == "1"
+    if name == "request_headers":
+        return json.loads(raw) if raw else {}
+    return raw
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
+    """Validate a decoded ``POST /download`` body into a :class:`Job`."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "must be a JSON object")
+    url = _http_url(body, "url", required=True)
+    aggr_id = _string(body, "aggr_id", required=True, max_length=MAX_AGGR_ID_LENGTH)
+    if any(c.isspace() or not c.isprintable() for c in aggr_id):
+        raise ValidationError("aggr_id", "must not contain whitespace or control characters")
+    aggr_limit = _integer(body, "aggr_limit", required=True, minimum=1, maximum=MAX_AGGR_LIMIT)
+    assert aggr_limit is not None
+    proxy = _string(body, "aggr_proxy")
+    if proxy:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.hostname:
+            raise ValidationError("aggr_proxy", "must be an http(s):// or socks5:// URL with a host")
+    s3_bucket, s3_region = _s3(body)
+    callback_type, callback_dst = _callback(body, has_bucket=bool(s3_bucket))
+    mime_type = _string(body, "mime_type")
+    if mime_type:
+        check_mime_patterns(mime_type)
+    extra = _string(body, "extra", max_length=MAX_EXTRA_LENGTH)
+    return Job(
+        id=job_id,
+        url=url,
+        aggr_id=aggr_id,
+        aggr_limit=aggr_limit,
+        aggr_proxy=proxy,
+        callback_type=callback_type,
+        callback_dst=callback_dst,
+        extra=extra,
+        mime_type=mime_type,
+        max_retries=_integer(body, "max_retries", minimum=0, maximum=MAX_RETRIES_BOUND),
+        extract_image_size=_boolean(body, "extract_image_size"),
+        download_timeout=_integer(body, "download_timeout", minimum=1, maximum=MAX_DOWNLOAD_TIMEOUT),
+        request_headers=_headers(body),
+        s3_bucket=s3_bucket,
+        s3_region=s3_region,
+        created_at=now_ms,
+    )
+
+
+def check_mime_patterns(value: str) -> list[tuple[bool, str]]:
+    """Split ``"!image/vnd.adobe.photoshop,image/*"`` into (negated, glob) pairs."""
+    out = []
+    for raw in value.split(","):
+        part = raw.strip()
+        negated = part.startswith("!")
+        glob = part[1:] if negated else part
+        if not glob or not _MIME_PART_RE.match(glob):
+            raise ValidationError("mime_type", f"{raw.strip()!r} is not a type/subtype pattern")
+        try:
+            fnmatch.translate(glob)
+        except re.error as exc:  # pragma: no cover - translate escapes nearly everything
+            raise ValidationError("mime_type", f"{glob!r}: {exc}") from exc
+        out.append((negated, glob.lower()))
+    return out
+
+
+def _string(body: dict, name: str, *, required: bool = False, max_length: int | None = None) -> str:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ValidationError(name, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise ValidationError(name, f"must be a string, not {_json_type(value)}")
+    if required and not value.strip():
+        raise ValidationError(name, "must not be empty")
+    if max_length is not None and len(value) > max_length:
+        raise ValidationError(name, f"must be at most {max_length} characters")
+    return value
+
+
+def _integer(body: dict, name: str, *, required: bool = False, minimum: int, maximum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ValidationError(name, "is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValidationError(name, f"must be an integer, not {_json_type(value)}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise ValidationError(name, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValidationError(name, f"must be true or false, not {_json_type(value)}")
+    return value
+
+
+def _http_url(body: dict, name: str, *, required: bool = False) -> str:
+    value = _string(body, name, required=required, max_length=MAX_URL_LENGTH)
+    if value:
+        check_http_url(name, value)
+    return value
+
+
+def check_http_url(name: str, value: str) -> None:
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValidationError(name, "must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValidationError(name, f"is not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError(name, "must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValidationError(name, "must have a host")
+
+
+def _callback(body: dict, *, has_bucket: bool) -> tuple[str, str]:
+    ctype = _string(body, "callback_type")
+    dst = _string(body, "callback_dst")
+    legacy = _http_url(body, "callback_url")
+    if ctype or dst:
+        if not ctype:
+            raise ValidationError("callback_type", "is required with callback_dst")
+        if ctype not in CALLBACK_TYPES:
+            raise ValidationError("callback_type", f"must be one of {', '.join(CALLBACK_TYPES)}")
+        if not dst:
+            raise ValidationError("callback_dst", "is required with callback_type")
+        if ctype == "http":
+            check_http_url("callback_dst", dst)
+        elif not _KAFKA_TOPIC_RE.match(dst):
+            raise ValidationError("callback_dst", "must be a Kafka topic name ([A-Za-z0-9._-], 1 to 249)")
+        return ctype, dst
+    if legacy:
+        return "http", legacy
+    if has_bucket:
+        return "", ""
+    raise ValidationError("callback_type", "callback_type and callback_dst (or callback_url) are required")
+
+
+def _s3(body: dict) -> tuple[str, str]:
+    bucket = _string(body, "s3_bucket")
+    region = _string(body, "s3_region")
+    if bucket and not region:
+        raise ValidationError("s3_region", "is required with s3_bucket")
+    if region and not bucket:
+        raise ValidationError("s3_bucket", "is required with s3_region")
+    if bucket and not _S3_BUCKET_RE.match(bucket):
+        raise ValidationError("s3_bucket", "is not a valid S3 bucket name")
+    if region and not _S3_REGION_RE.match(region):
+        raise ValidationError("s3_region", "is not a valid S3 region name")
+    return bucket, region
+
+
+def _headers(body: dict) -> dict[str, str]:
+    value = body.get("request_headers")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("request_headers", f"must be an object, not {_json_type(value)}")
+    if len(value) > MAX_HEADERS:
+        raise ValidationError("request_headers", f"must have at most {MAX_HEADERS} headers")
+    out = {}
+    for name, val in value.items():
+        if not _HEADER_NAME_RE.match(name):
+            raise ValidationError("request_headers", f"{name!r} is not a valid header name")
+        if name.lower() in FORBIDDEN_HEADERS:
+            raise ValidationError("request_headers", f"{name!r} may not be set by a job")
+        if not isinstance(val, str):
+            raise ValidationError("request_headers", f"{name}: value must be a string, not {_json_type(val)}")
+        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in val):
+            raise ValidationError("request_headers", f"{name}: value must not contain control characters")
+        out[name] = val
+    return out
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), "null")

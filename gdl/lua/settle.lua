@@ -1,0 +1,35 @@
+-- Settle an in-flight job: write its outcome and move it on, in one step.
+-- Used for every outcome: download succeeded, failed, retried or put back;
+-- callback delivered, failed or retried.
+-- KEYS[1] job hash   KEYS[2] in-flight set it leaves   KEYS[3] job log list
+-- KEYS[4] optional: sorted set it enters (queue, callbacks, deletions)
+-- KEYS[5] optional: due index to lower for ARGV[5] (aggregation queues)
+-- ARGV[1] job id     ARGV[2] owner token    ARGV[3] score in KEYS[4] (ms)
+-- ARGV[4] log entry ('' for none)           ARGV[5] aggregation id
+-- ARGV[6] wake channel ('' for none)        ARGV[7] wake message
+-- ARGV[8..] status fields as field, value pairs
+-- Returns 1, or 0 when the job is no longer ours (its deadline passed and the
+-- sweep gave it to someone else): then nothing is written.
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+  return 0
+end
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'owner')
+if #ARGV >= 8 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+end
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[4])
+end
+if KEYS[4] then
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+end
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], 'LT', ARGV[3], ARGV[5])
+end
+if ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+end
+return 1

@@ -1,0 +1,33 @@
+-- Take up to ARGV[2] due jobs from a queue into an in-flight set, in one step:
+-- from the moment a job leaves its queue, Redis knows who holds it and until when.
+-- KEYS[1] queue (sorted by due ms)   KEYS[2] in-flight set (sorted by deadline ms)
+-- KEYS[3] optional: due index to keep in step with KEYS[1] (aggregation queues)
+-- ARGV[1] now (ms)        ARGV[2] most jobs to take    ARGV[3] deadline (ms)
+-- ARGV[4] owner token     ARGV[5] job key prefix       ARGV[6] state field to set
+-- ARGV[7] its value       ARGV[8] member of KEYS[3] (the aggregation id)
+-- Returns {next due (ms, '' when the queue is empty), id, {job hash}, id, {job hash}, ...}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {''}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[5] .. id
+  -- A queue entry whose job is gone (reaped by an operator) is dropped.
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    redis.call('HSET', key, ARGV[6], ARGV[7], 'owner', ARGV[4])
+    table.insert(out, id)
+    table.insert(out, redis.call('HGETALL', key))
+  end
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if head[1] then
+  out[1] = head[2]
+end
+if KEYS[3] then
+  if head[1] then
+    redis.call('ZADD', KEYS[3], head[2], ARGV[8])
+  else
+    redis.call('ZREM', KEYS[3], ARGV[8])
+  end
+end
+return out

@@ -1,0 +1,69 @@
+"""Prometheus exposition of the stats every process reports to Redis.
+
+The API renders ``/metrics`` from the live processes' reports (see
+:mod:`gdl.stats`) and the store's queue depths, so one scrape of any API
+process shows the whole deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from gdl.stats import DURATION_BUCKETS, summed
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Snapshot:
+    """A collector over one moment's reports."""
+
+    def __init__(self, reports: dict[str, list[dict]], depths: dict[str, int]):
+        self.reports = reports
+        self.depths = depths
+
+    def collect(self) -> Iterable[Metric]:
+        queues = GaugeMetricFamily("gdl_queue_depth", "Jobs or aggregations in each Redis structure", labels=["queue"])
+        for name, value in sorted(self.depths.items()):
+            queues.add_metric([name], value)
+        yield queues
+        processor = summed(self.reports.get("processor", []))
+        notifier = summed(self.reports.get("notifier", []))
+        yield _gauge("gdl_processes", "Live processes reporting, by component",
+                     {("processor",): processor["processes"], ("notifier",): notifier["processes"]}, ["component"])
+        downloads = CounterMetricFamily("gdl_downloads", "Finished download attempts by outcome", labels=["outcome"])
+        for outcome in ("succeeded", "retry", "failed"):
+            downloads.add_metric([outcome], processor.get(f"downloads_{outcome}", 0))
+        yield downloads
+        codes = CounterMetricFamily("gdl_download_responses", "Download responses by status class", labels=["class"])
+        for cls in ("2xx", "3xx", "4xx", "5xx"):
+            codes.add_metric([cls], processor.get(f"status_{cls}", 0))
+        yield codes
+        yield CounterMetricFamily("gdl_download_bytes", "Bytes stored", value=processor.get("bytes", 0))
+        buckets = [(str(b), processor.get(f"duration_le_{b}", 0)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", processor.get("duration_count", 0)))
+        yield HistogramMetricFamily("gdl_download_duration_seconds", "Download attempt duration", buckets=buckets,
+                                    sum_value=processor.get("duration_seconds_sum_ms", 0) / 1000)
+        yield _gauge("gdl_pools", "Aggregation pools running", {(): processor.get("pools", 0)})
+        yield _gauge("gdl_workers", "Downloads in progress", {(): processor.get("workers", 0)})
+        yield _gauge("gdl_disk_paused", "Processors paused by the disk checker", {(): processor.get("disk_paused", 0)})
+        callbacks = CounterMetricFamily("gdl_callbacks", "Callback deliveries by outcome", labels=["outcome"])
+        for outcome in ("successful", "retried", "failed", "undefined_backend"):
+            callbacks.add_metric([outcome], notifier.get(outcome, 0))
+        yield callbacks
+        yield CounterMetricFamily("gdl_reaped", "Files deleted by the reaper", value=processor.get("reaper_deleted", 0))
+
+
+def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels or [])
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def exposition(reports: dict[str, list[dict]], depths: dict[str, int]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(reports, depths))  # type: ignore[arg-type]
+    return generate_latest(registry)

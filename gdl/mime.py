@@ -1,0 +1,115 @@
+"""Mime types: a job's ``mime_type`` patterns, content sniffing and image size.
+
+- :class:`MimePatterns` matches a sniffed type against a job's comma-separated
+  globs, ``!`` negating (``"!image/vnd.adobe.photoshop,image/*"``), with the
+  semantics of the Go downloader.
+- :func:`sniff` names the type of a body from its first bytes (libmagic).
+- :func:`image_size` reads ``"WxH"`` from the header of a jpeg, png or gif
+  file without decoding its pixels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import struct
+from dataclasses import dataclass
+
+import magic
+from PIL import GifImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin
+
+from gdl.errors import InvalidImage, StorageError
+from gdl.job import check_mime_patterns
+
+log = logging.getLogger(__name__)
+
+# Bytes of a body that sniffing needs; the downloader reads at least this many
+# before it checks a job's patterns.
+SNIFF_BYTES = 2048
+
+# The formats whose size a job can ask for, by sniffed mime type. The plugin
+# classes are used directly, not through ``Image.open``: it would refuse very
+# large images as decompression bombs, a concern of decoding, which we never do.
+_SIZED_IMAGES: dict[str, type[ImageFile.ImageFile]] = {
+    "image/jpeg": JpegImagePlugin.JpegImageFile,
+    "image/png": PngImagePlugin.PngImageFile,
+    "image/gif": GifImagePlugin.GifImageFile,
+}
+
+# What Pillow's plugins raise on a header they cannot parse.
+_PILLOW_PARSE_ERRORS = (SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, OSError)
+
+
+@dataclass(frozen=True)
+class MimePatterns:
+    """A job's ``mime_type``: positive and negated globs, lower-cased."""
+
+    allowed: tuple[str, ...]
+    excluded: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, value: str) -> MimePatterns:
+        """Parse ``"!image/png,image/*"``; raises :class:`~gdl.errors.ValidationError`."""
+        pairs = check_mime_patterns(value)
+        return cls(
+            allowed=tuple(glob for negated, glob in pairs if not negated),
+            excluded=tuple(glob for negated, glob in pairs if negated),
+        )
+
+    def matches(self, mime: str) -> bool:
+        """True when ``mime`` matches no negated glob and, if any are given, a positive one.
+
+        Only negated globs (``"!image/png"``) means "anything but these".
+        Parameters (``; charset=binary``) and case are ignored.
+        """
+        essence = media_type(mime)
+        if any(fnmatch.fnmatchcase(essence, glob) for glob in self.excluded):
+            return False
+        if not self.allowed:
+            return True
+        return any(fnmatch.fnmatchcase(essence, glob) for glob in self.allowed)
+
+    def __str__(self) -> str:
+        return ",".join([*self.allowed, *("!" + glob for glob in self.excluded)])
+
+
+def media_type(mime: str) -> str:
+    """``"Text/HTML; charset=utf-8"`` -> ``"text/html"``."""
+    return mime.split(";", 1)[0].strip().lower()
+
+
+_magic: magic.Magic | None = None
+
+
+def sniff(head: bytes) -> str:
+    """The mime type of a body from its first bytes (at least :data:`SNIFF_BYTES` when there are)."""
+    global _magic
+    # One libmagic handle per process, made on first use. It is not thread-safe,
+    # but a call never yields to another greenlet, so under gevent it is never shared.
+    if _magic is None:
+        _magic = magic.Magic(mime=True)
+    return media_type(_magic.from_buffer(head))
+
+
+def image_size(path: str, mime: str) -> str | None:
+    """``"WxH"`` of a jpeg, png or gif file, read from its header; None for other types.
+
+    ``mime`` is the sniffed type. A file sniffed as one of the three that Pillow
+    cannot parse raises :class:`~gdl.errors.InvalidImage`.
+    """
+    plugin = _SIZED_IMAGES.get(media_type(mime))
+    if plugin is None:
+        return None
+    try:
+        fp = open(path, "rb")
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+    with fp:
+        try:
+            image = plugin(fp, path)
+            width, height = image.size
+        except _PILLOW_PARSE_ERRORS as exc:
+            raise InvalidImage(f"cannot read the size of the {mime} image: {exc}") from exc
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the {mime} image declares an empty size {width}x{height}")
+    return f"{width}x{height}"

@@ -1,0 +1,275 @@
+"""Pools: a gevent ``Pool`` fed from a Redis queue, one per aggregation.
+
+:class:`TakingPool` is the loop shared by the processor's aggregation pools
+and the notifier: wait for a free slot, take at most that many due jobs into
+the in-flight set (one script, so Redis always knows who holds what), spawn
+one greenlet per job, and sleep on a wake event until the next job is due.
+It never runs more greenlets than its size.
+
+:class:`AggregationPool` is one aggregation: its size is the aggregation's
+``aggr_limit``, it owns the aggregation's lease (claimed by the scanner) and
+one :class:`~gdl.download.Downloader` (one HTTP session, the aggregation's
+proxy), and it ends after ``processor.pool_idle_timeout`` without work.
+Each greenlet downloads one job, stores the file and settles the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any, Callable
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from gdl.config import Config
+from gdl.download import Downloader, Fetched
+from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
+from gdl.filestorage import FileStorage
+from gdl.job import Job
+from gdl.lease import Keeper
+from gdl.stats import Stats
+from gdl.store import DOWNLOADS, Store, Taken
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 5.0  # longest sleep between looks at the queue when nothing wakes us
+SETTLE_BACKOFF_MAX = 5.0
+
+
+class AggrLog(logging.LoggerAdapter):
+    """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
+
+    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
+        return f"aggr {self.extra['aggr_id']}: {msg}", kwargs
+
+
+class TakingPool:
+    """Feeds a ``gevent.pool.Pool`` of ``size`` from an in-flight-taking script."""
+
+    kind = DOWNLOADS
+
+    def __init__(self, *, size: int, keeper: Keeper, clock: Callable[[], int],
+                 idle_timeout: float | None = None, gate: gevent.event.Event | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter = log):
+        self.pool = gevent.pool.Pool(size)
+        self.size = size
+        self.keeper = keeper
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.gate = gate
+        self.log = logger
+        self._wake = gevent.event.Event()
+        self.stopping = False
+
+    # The two operations a concrete pool supplies.
+    def take(self, now: int, count: int) -> Taken:
+        raise NotImplementedError
+
+    def handle(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop taking work; greenlets in flight carry on (see :meth:`interrupt`)."""
+        self.stopping = True
+        self._wake.set()
+
+    def interrupt(self, timeout: float) -> None:
+        """Kill greenlets in flight: each puts its job back as it dies."""
+        self.pool.kill(block=True, timeout=timeout)
+
+    @property
+    def busy(self) -> int:
+        return len(self.pool)
+
+    def run(self) -> None:
+        idle_since: float | None = None
+        unavailable = False
+        while not self.stopping:
+            if self.gate is not None and not self.gate.is_set():
+                self._wait_for_gate()
+                continue
+            self.pool.wait_available()
+            if self.stopping:
+                break
+            now = self.clock()
+            self._wake.clear()  # before taking, so a wake during the take is not lost
+            try:
+                taken = self.take(now, self.pool.free_count())
+            except StoreUnavailable as exc:
+                if not unavailable:
+                    self.log.warning("cannot take work: %s", exc)
+                unavailable = True
+                self._wake.wait(random.uniform(0.5, 1.5))
+                continue
+            unavailable = False
+            for job in taken.jobs:
+                self.keeper.hold(self.kind, job.id)
+                self.pool.spawn(self._handle_held, job)
+            if taken.jobs:
+                idle_since = None
+                continue
+            if self.busy:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            if self._idle_for_too_long(idle_since):
+                break
+            self._wake.wait(self._sleep_for(now, taken.next_due, idle_since))
+        self.pool.join()
+
+    def _wait_for_gate(self) -> None:
+        while not self.stopping and self.gate is not None and not self.gate.wait(timeout=MAX_WAIT):
+            pass
+
+    def _idle_for_too_long(self, idle_since: float | None) -> bool:
+        return (self.idle_timeout is not None and idle_since is not None
+                and time.monotonic() - idle_since >= self.idle_timeout)
+
+    def _sleep_for(self, now: int, next_due: int | None, idle_since: float | None) -> float:
+        timeout = MAX_WAIT
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, (next_due - now) / 1000))
+        if self.idle_timeout is not None and idle_since is not None:
+            timeout = min(timeout, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)))
+        return timeout
+
+    def _handle_held(self, job: Job) -> None:
+        try:
+            self.handle(job)
+        finally:
+            self.keeper.drop(self.kind, job.id)
+
+    def settle(self, what: str, job: Job, write: Callable[[], bool]) -> None:
+        """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
+        backoff = 0.1
+        while True:
+            try:
+                if not write():
+                    self.log.warning("job %s: %s not recorded, the job is no longer ours", job.id, what)
+                return
+            except StoreUnavailable as exc:
+                if self.stopping:
+                    self.log.warning("job %s: %s left to the sweep, redis unavailable: %s", job.id, what, exc)
+                    return
+                gevent.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, SETTLE_BACKOFF_MAX)
+
+
+class AggregationPool(TakingPool):
+    """One aggregation's downloads, at most ``aggr_limit`` at once."""
+
+    kind = DOWNLOADS
+
+    def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
+                 storage: FileStorage, stats: Stats, gate: gevent.event.Event | None,
+                 clock: Callable[[], int]):
+        super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
+                         gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
+        self.aggr_id = aggr_id
+        self.store = store
+        self.cfg = cfg.processor
+        self.storage = storage
+        self.stats = stats
+        self.downloader = Downloader(
+            proxy=proxy, default_headers=cfg.processor.request_headers, storage_dir=cfg.processor.storage_dir,
+            chunk_size=cfg.processor.chunk_size, max_bytes=cfg.security.max_download_bytes,
+            max_redirects=cfg.security.max_redirects,
+        )
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.downloader.close()
+
+    def take(self, now: int, count: int) -> Taken:
+        return self.store.take_downloads(self.aggr_id, self.keeper.owner, now=now, count=count,
+                                         deadline=self.keeper.deadline(now))
+
+    def handle(self, job: Job) -> None:
+        started = time.monotonic()
+        self.stats.worker_started()
+        try:
+            fetched = self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+            try:
+                self.storage.store(fetched.path, job)
+            except BaseException:
+                _remove_quietly(fetched.path)
+                raise
+        except DownloadError as err:
+            self._failed(job, err, started)
+        except gevent.GreenletExit:
+            self._put_back(job)
+            raise
+        except Exception as exc:  # a bug or an unexpected library error: reported, retried as an attempt
+            self.log.exception("job %s: unexpected error", job.id)
+            self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started)
+        else:
+            self._succeeded(job, fetched, started)
+        finally:
+            self.stats.worker_finished()
+
+    def _succeeded(self, job: Job, fetched: Fetched, started: float) -> None:
+        now = self.clock()
+        attempts = job.status.attempts + 1
+        self.log.info("job %s: stored %d bytes (%s) in %.0f ms", job.id, fetched.size, fetched.mime,
+                      (time.monotonic() - started) * 1000)
+        self.stats.download_finished("succeeded", fetched.response_code, fetched.size, time.monotonic() - started)
+        entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
+                           bytes=fetched.size)
+        self.settle("success", job, lambda: self.store.finish_download(
+            job, self.keeper.owner, now=now, log_entry=entry, state="succeeded", attempts=attempts, error="",
+            response_code=fetched.response_code, bytes=fetched.size, image_size=fetched.image_size,
+            mime=fetched.mime, finished_at=now))
+
+    def _failed(self, job: Job, err: DownloadError, started: float) -> None:
+        now = self.clock()
+        attempts = job.status.attempts + (0 if err.internal else 1)
+        max_retries = job.max_retries if job.max_retries is not None else self.cfg.max_retries
+        retry = err.retriable and (err.internal or attempts <= max_retries)
+        outcome = "retry" if retry else "failed"
+        self.stats.download_finished(outcome, err.response_code, 0, time.monotonic() - started)
+        entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
+                           phase=err.phase)
+        if retry:
+            delay = max(attempts, 1) * self.cfg.retry_backoff
+            if err.retry_after is not None:
+                delay = max(delay, err.retry_after)
+            due = now + int(delay * 1000)
+            self.log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, max_retries, delay)
+            self.settle("retry", job, lambda: self.store.retry_download(
+                job, self.keeper.owner, due=due, now=now, log_entry=entry, attempts=attempts, error=str(err),
+                response_code=err.response_code))
+        else:
+            self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
+            self.settle("failure", job, lambda: self.store.finish_download(
+                job, self.keeper.owner, now=now, log_entry=entry, state="failed", attempts=attempts,
+                error=str(err), response_code=err.response_code, finished_at=now))
+
+    def _put_back(self, job: Job) -> None:
+        """Interrupted by shutdown: due now again, no attempt counted."""
+        now = self.clock()
+        self.log.info("job %s: interrupted, put back in the queue", job.id)
+        try:
+            self.store.retry_download(job, self.keeper.owner, due=now, now=now, log_entry=None)
+        except StoreUnavailable as exc:
+            self.log.warning("job %s: left to the sweep, redis unavailable: %s", job.id, exc)
+
+
+def _log_entry(outcome: str, now: int, attempt: int, started: float, **extra: Any) -> dict:
+    return {"kind": "download", "outcome": outcome, "at": now, "attempt": attempt,
+            "duration_ms": int((time.monotonic() - started) * 1000), **extra}
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,240 @@
+"""The service: one process running one or more roles on one gevent hub.
+
+Roles are ``api`` (the HTTP API), ``processor`` (scanner, pools, disk
+checker, reaper) and ``notifier``. Whatever the roles, a process has one
+store connection pool, one keeper (leases and in-flight deadlines), one
+pub/sub listener and one stats reporter.
+
+Shutdown (SIGTERM or SIGINT) is a sequence with a deadline: stop taking
+work (scanner, pools, notifier) and stop accepting requests; interrupt what
+is in flight, each greenlet putting its job back due now; release leases;
+stop the helpers; shut the embedded Redis down last. A second signal exits
+at once: leases then expire and the sweep recovers the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIServer
+
+from gdl import __version__, sentry
+from gdl.api import API
+from gdl.backends import from_config as backends_from_config
+from gdl.config import Config
+from gdl.diskcheck import DiskChecker
+from gdl.errors import StartupError, StoreUnavailable
+from gdl.filestorage import FileStorage
+from gdl.filestorage import from_config as storage_from_config
+from gdl.lease import Keeper
+from gdl.notifier import Notifier
+from gdl.reaper import Reaper
+from gdl.redis_server import EmbeddedRedis
+from gdl.scanner import Scanner
+from gdl.stats import NotifierStats, ProcessorStats, Reporter, Stats
+from gdl.store import WAKE_AGGR, WAKE_CALLBACKS, Store, now_ms
+from gdl.wakeup import Wakeup
+
+log = logging.getLogger(__name__)
+
+ROLES = ("api", "processor", "notifier")
+SHUTDOWN_DEADLINE = 10.0
+REAPER_INTERVAL = 1.0
+
+
+def process_token() -> str:
+    """Names this process in leases, in-flight records and stats."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def check_writable(key: str, path: str) -> None:
+    """Create ``path`` if needed and prove we can write there, or fail naming ``key``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".gdl-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"{key}: {path} is not writable: {exc.strerror or exc}") from exc
+
+
+class Service:
+    def __init__(self, cfg: Config, roles: tuple[str, ...] = ROLES, *, clock: Callable[[], int] = now_ms):
+        self.cfg = cfg
+        self.roles = roles
+        self.clock = clock
+        self.token = process_token()
+        self.client_name = "gdl:" + self.token.replace(" ", "_")
+        self.embedded: EmbeddedRedis | None = None
+        self.store: Store | None = None
+        self.greenlets: list[gevent.Greenlet] = []
+        self.stopped = gevent.event.Event()
+        self._signals = 0
+        self.scanner: Scanner | None = None
+        self.notifier: Notifier | None = None
+        self.server: WSGIServer | None = None
+        self.helpers: list = []
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        cfg = self.cfg
+        sentry.setup(cfg.sentry, component="+".join(self.roles))
+        storage = self._storage()
+        self.store = self._connect()
+        keeper = Keeper(self.store, self.token, cfg.processor.lease_ttl, clock=self.clock)
+        wakeup = Wakeup(self.store)
+        stats: list[Stats] = []
+        if "processor" in self.roles:
+            assert storage is not None
+            stats.append(self._start_processor(keeper, wakeup, storage))
+        if "notifier" in self.roles:
+            stats.append(self._start_notifier(keeper, wakeup))
+        reporter = Reporter(self.store, self.token, cfg.processor.stats_interval, stats)
+        self.helpers += [keeper, wakeup, reporter]
+        self._spawn("keeper", keeper.run)
+        self._spawn("reporter", reporter.run)
+        if wakeup.has_handlers:
+            self._spawn("wakeup", wakeup.run)
+        if "api" in self.roles:
+            self._start_api(storage)
+        log.info("gdl %s: started %s as %s (config %s)", __version__, ", ".join(self.roles), self.token, cfg.source)
+
+    def _storage(self) -> FileStorage | None:
+        if "processor" in self.roles:
+            check_writable("processor.storage_dir", self.cfg.processor.storage_dir)
+        if self.cfg.processor.filestorage.get("type") == "filesystem" and {"processor", "api"} & set(self.roles):
+            check_writable("processor.filestorage.rootdir", self.cfg.processor.filestorage["rootdir"])
+        return storage_from_config(self.cfg)
+
+    def _connect(self) -> Store:
+        url = self.cfg.redis.url
+        if url == "embedded":
+            self.embedded = EmbeddedRedis(self.cfg.redis.embedded_dir)
+            url = self.embedded.start()
+        store = Store.connect(url, sentinel=self.cfg.redis.sentinel, master_name=self.cfg.redis.master_name,
+                              client_name=self.client_name)
+        try:
+            store.ping()
+        except StoreUnavailable as exc:
+            where = "redis.sentinel" if self.cfg.redis.sentinel else "redis.url"
+            raise StartupError(f"{where}: cannot reach redis at {_redacted(url)}: {exc}") from exc
+        return store
+
+    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storage: FileStorage) -> Stats:
+        cfg, store = self.cfg, self.store
+        assert store is not None
+        stats = ProcessorStats()
+        disk = DiskChecker(cfg.processor.storage_dir, high=cfg.processor.disk.high, low=cfg.processor.disk.low,
+                           interval=cfg.processor.disk.interval, stats=stats)
+        self.scanner = Scanner(store, cfg, keeper, storage=storage, stats=stats, healthy=disk.healthy,
+                               clock=self.clock)
+        reaper = Reaper(store, storage, stats, interval=REAPER_INTERVAL, clock=self.clock)
+        wakeup.on(WAKE_AGGR, self.scanner.on_wake)
+        disk.check_once()
+        self.helpers += [disk, reaper]
+        self._spawn("disk", disk.run)
+        self._spawn("reaper", reaper.run)
+        self._spawn("scanner", self.scanner.run)
+        return stats
+
+    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup) -> Stats:
+        assert self.store is not None
+        stats = NotifierStats()
+        self.notifier = Notifier(self.store, self.cfg, keeper, backends_from_config(self.cfg), stats=stats,
+                                 clock=self.clock)
+        wakeup.on(WAKE_CALLBACKS, self.notifier.on_wake)
+        self._spawn("notifier", self.notifier.run)
+        return stats
+
+    def _start_api(self, storage: FileStorage | None) -> None:
+        assert self.store is not None
+        app = API(self.cfg, self.store, storage, clock=self.clock)
+        address = (self.cfg.api.host, self.cfg.api.port)
+        self.server = WSGIServer(address, app, log=None, error_log=logging.getLogger("gdl.api.server"))
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise StartupError(f"api.port: cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}") from exc
+        log.info("api: listening on http://%s:%d", address[0], self.server.server_port)
+
+    def _spawn(self, name: str, fn: Callable[[], None]) -> None:
+        greenlet = gevent.spawn(fn)
+        greenlet.name = name
+        greenlet.link_exception(lambda g: self._crashed(name, g))
+        self.greenlets.append(greenlet)
+
+    def _crashed(self, name: str, greenlet: gevent.Greenlet) -> None:
+        log.error("%s: crashed: %r; stopping the process", name, greenlet.exception,
+                  exc_info=(type(greenlet.exception), greenlet.exception, greenlet.exception.__traceback__))
+        self.request_stop()
+
+    # ------------------------------------------------------------------ run and stop
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once; leases expire and the sweep recovers in-flight work",
+                        signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self.stopped.set()
+
+    def wait(self) -> None:
+        self.stopped.wait()
+
+    def shutdown(self, deadline: float = SHUTDOWN_DEADLINE) -> None:
+        """Stop taking, put back what is in flight, release, and stop the embedded Redis last."""
+        started = time.monotonic()
+
+        def left() -> float:
+            return max(0.5, deadline - (time.monotonic() - started) - 1.0)
+
+        if self.scanner:
+            self.scanner.stop()
+        if self.notifier:
+            self.notifier.stop()
+        if self.server:
+            self.server.close()  # stop accepting; requests in progress finish below
+        busy = (self.scanner.busy if self.scanner else 0) + (self.notifier.busy if self.notifier else 0)
+        if busy:
+            log.info("shutdown: putting back %d job(s) in flight", busy)
+        if self.scanner:
+            self.scanner.interrupt(timeout=left() / 2)
+        if self.notifier:
+            self.notifier.interrupt(timeout=left() / 2)
+        if self.server:
+            self.server.stop(timeout=min(2.0, left()))
+        for helper in self.helpers:
+            helper.stop()
+        gevent.joinall(self.greenlets, timeout=left())
+        gevent.killall([g for g in self.greenlets if not g.dead], timeout=1)
+        if self.store is not None:
+            if self.embedded is not None:
+                self.embedded.stop(self.store, self.client_name)
+            self.store.close()
+        log.info("gdl: stopped in %.1fs", time.monotonic() - started)
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for error lines."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

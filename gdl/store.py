@@ -1,0 +1,441 @@
+"""The store: the only module that talks to Redis.
+
+Every key name is built here and every atomic step is one Lua script in
+``gdl/lua/`` (each opens with a comment on its KEYS and ARGV). Times are
+milliseconds since the epoch, passed in by the caller (no script reads the
+clock, so tests drive time and processes may sit on different hosts).
+
+Layout (``gdl:`` prefix)::
+
+    key                        type    holds                          written by          read by
+    job:<id>                   hash    job spec + Status fields       api, pool, notifier  everyone
+                                       + owner (holder while in flight)
+    job:<id>:log               list    JSON line per attempt           pool, notifier       api, cli
+    aggr:<aggr>                hash    limit, proxy (latest enqueue)   api                  scanner
+    queue:<aggr>               zset    job id -> due ms                api, pool, sweep     pool
+    due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
+                                       its queue (the aggregation        queue:<aggr>
+                                       index: no SCAN to find work)
+    lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner
+                                                                       keeper (renew),
+                                                                       pool (release)
+    inflight                   zset    job id -> deadline ms           take/settle, keeper  sweep
+    callbacks                  zset    job id -> due ms                settle, api (retry)  notifier
+    callbacks:inflight         zset    job id -> deadline ms           notifier, keeper     sweep
+    deletions                  zset    job id -> delete-at ms          notifier             reaper
+    stats:<component>          hash    process token -> JSON report    every process        api
+    processes                  zset    process token -> last seen ms   every process        api
+
+    channels  wake:aggr       message: aggr id with new due work   (enqueue, retry, sweep)
+              wake:callbacks  message: job id with a due callback  (settle, retry, sweep)
+
+A job is in exactly one of queue:<aggr>, inflight, callbacks, callbacks:inflight,
+deletions, or none (failed callback, or finished with no callback), and every
+move between them is one script, so a crash at any instant loses nothing:
+anything left in an in-flight set past its deadline is put back by the sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Iterable, TypeVar
+
+import redis
+import redis.exceptions
+from redis.sentinel import Sentinel
+
+from gdl.errors import StoreUnavailable
+from gdl.job import Job, new_id, status_fields
+
+log = logging.getLogger(__name__)
+
+PREFIX = "gdl:"
+WAKE_AGGR = PREFIX + "wake:aggr"
+WAKE_CALLBACKS = PREFIX + "wake:callbacks"
+DOWNLOADS = "downloads"
+CALLBACKS = "callbacks"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def log_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}{LOG_SUFFIX}"
+
+
+LOG_SUFFIX = ":log"
+
+
+def aggr_key(aggr_id: str) -> str:
+    return f"{PREFIX}aggr:{aggr_id}"
+
+
+def queue_key(aggr_id: str) -> str:
+    return f"{PREFIX}queue:{aggr_id}"
+
+
+def lease_key(aggr_id: str) -> str:
+    return f"{PREFIX}lease:{aggr_id}"
+
+
+def stats_key(component: str) -> str:
+    return f"{PREFIX}stats:{component}"
+
+
+DUE_INDEX = PREFIX + "due"
+INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
+CALLBACK_QUEUE = PREFIX + "callbacks"
+DELETIONS = PREFIX + "deletions"
+PROCESSES = PREFIX + "processes"
+STATE_FIELD = {DOWNLOADS: "state", CALLBACKS: "callback_state"}
+
+# Redis failures that mean "not now" rather than "wrong": translated to StoreUnavailable.
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    OSError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translated(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+    return wrapper  # type: ignore[return-value]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Taken:
+    """Jobs moved into an in-flight set, and when the queue's next job is due."""
+
+    jobs: list[Job]
+    next_due: int | None
+
+
+class Store:
+    """Typed operations on gdl's Redis layout."""
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
+
+    # ---------------------------------------------------------------- setup
+
+    @classmethod
+    def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
+                client_name: str = "gdl-tool") -> "Store":
+        """A store on ``url`` (or on the Sentinel-managed master)."""
+        if sentinel:
+            hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
+            client = Sentinel(hosts, socket_timeout=5).master_for(
+                master_name, decode_responses=True, client_name=client_name, socket_timeout=30,
+            )
+        else:
+            tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
+            client = redis.Redis.from_url(url, decode_responses=True, client_name=client_name,
+                                          socket_connect_timeout=5, health_check_interval=30, **tcp)
+        return cls(client)
+
+    @_translated
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    @_translated
+    def other_gdl_clients(self, own_name: str) -> set[str]:
+        """Names of connected gdl clients other than ``own_name`` (embedded server's life)."""
+        names = {c.get("name", "") for c in self.redis.client_list()}
+        return {n for n in names if n.startswith("gdl:") and n != own_name}
+
+    def shutdown_server(self) -> None:
+        try:
+            self.redis.shutdown(nosave=False)
+        except _UNAVAILABLE:
+            pass  # the server closes the connection as it goes
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys, args=args)
+
+    # ---------------------------------------------------------------- enqueue (api)
+
+    @_translated
+    def enqueue(self, job: Job, *, now: int) -> Job:
+        """Store ``job`` and queue it due ``now``; redraws the id if it is taken."""
+        while True:
+            fields = job.to_hash()
+            pairs = [x for kv in fields.items() for x in kv]
+            keys = [job_key(job.id), aggr_key(job.aggr_id), queue_key(job.aggr_id), DUE_INDEX]
+            args = [job.id, job.aggr_id, job.aggr_limit, job.aggr_proxy, now, WAKE_AGGR, *pairs]
+            if self._run("enqueue", keys, args) == 1:
+                return job
+            log.warning("job %s: id already taken, drawing another", job.id)
+            job.id = new_id()
+
+    # ---------------------------------------------------------------- reads
+
+    @_translated
+    def get_job(self, job_id: str) -> Job | None:
+        data = self.redis.hgetall(job_key(job_id))
+        return Job.from_hash(data) if data else None
+
+    @_translated
+    def job_log(self, job_id: str) -> list[dict]:
+        return [json.loads(line) for line in self.redis.lrange(log_key(job_id), 0, -1)]
+
+    @_translated
+    def pending_aggregations(self) -> list[tuple[str, int]]:
+        """Aggregations with queued jobs and their queue sizes, oldest due first."""
+        aggrs = self.redis.zrange(DUE_INDEX, 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for aggr in aggrs:
+                pipe.zcard(queue_key(aggr))
+            sizes = pipe.execute()
+        return [(a, n) for a, n in zip(aggrs, sizes) if n]
+
+    @_translated
+    def queue_depths(self) -> dict[str, int]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(INFLIGHT[DOWNLOADS])
+            pipe.zcard(CALLBACK_QUEUE)
+            pipe.zcard(INFLIGHT[CALLBACKS])
+            pipe.zcard(DELETIONS)
+            pipe.zcard(DUE_INDEX)
+            names = ("downloads_in_flight", "callbacks_queued", "callbacks_in_flight",
+                     "deletions_scheduled", "aggregations_pending")
+            return dict(zip(names, pipe.execute()))
+
+    # ---------------------------------------------------------------- scanner: leases
+
+    @_translated
+    def due_aggregations(self, now: int, limit: int = 10_000) -> list[str]:
+        return self.redis.zrangebyscore(DUE_INDEX, "-inf", now, start=0, num=limit)
+
+    @_translated
+    def due_among(self, aggr_ids: list[str], now: int) -> list[str]:
+        """Those of ``aggr_ids`` whose queue has a job due by ``now``."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for aggr_id in aggr_ids:
+                pipe.zscore(DUE_INDEX, aggr_id)
+            scores = pipe.execute()
+        return [a for a, score in zip(aggr_ids, scores) if score is not None and score <= now]
+
+    @_translated
+    def next_aggregation_due(self) -> int | None:
+        head = self.redis.zrange(DUE_INDEX, 0, 0, withscores=True)
+        return int(head[0][1]) if head else None
+
+    @_translated
+    def aggregation(self, aggr_id: str) -> tuple[int, str] | None:
+        data = self.redis.hgetall(aggr_key(aggr_id))
+        if not data:
+            return None
+        return int(data.get("limit", 1)), data.get("proxy", "")
+
+    @_translated
+    def claim_lease(self, aggr_id: str, owner: str, ttl_ms: int) -> bool:
+        return bool(self.redis.set(lease_key(aggr_id), owner, nx=True, px=ttl_ms))
+
+    @_translated
+    def lease_holder(self, aggr_id: str) -> str | None:
+        return self.redis.get(lease_key(aggr_id))
+
+    @_translated
+    def release_lease(self, aggr_id: str, owner: str) -> bool:
+        return self._run("release_lease", [lease_key(aggr_id)], [owner]) == 1
+
+    @_translated
+    def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
+              inflight: dict[str, Iterable[str]]) -> list[str]:
+        """Extend this process's leases and in-flight deadlines; returns leases lost."""
+        aggrs = list(leases)
+        lost: list[str] = []
+        if aggrs:
+            for i in self._run("renew_leases", [lease_key(a) for a in aggrs], [owner, ttl_ms]):
+                lost.append(aggrs[int(i) - 1])
+        with self.redis.pipeline(transaction=False) as pipe:
+            for kind, ids in inflight.items():
+                mapping = {job_id: now + ttl_ms for job_id in ids}
+                if mapping:
+                    pipe.zadd(INFLIGHT[kind], mapping, xx=True)
+            pipe.execute()
+        return lost
+
+    # ---------------------------------------------------------------- pool: downloads
+
+    @_translated
+    def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int) -> Taken:
+        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX]
+        args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id]
+        return _taken(self._run("take", keys, args))
+
+    @_translated
+    def finish_download(self, job: Job, owner: str, *, now: int, log_entry: dict, **status: Any) -> bool:
+        """Record a final download outcome; queue the callback when there is one."""
+        if job.wants_callback:
+            status["callback_state"] = "queued"
+            return self._settle(job, owner, DOWNLOADS, log_entry, status,
+                                enter=CALLBACK_QUEUE, score=now, wake=(WAKE_CALLBACKS, job.id))
+        status["callback_state"] = "none"
+        return self._settle(job, owner, DOWNLOADS, log_entry, status)
+
+    @_translated
+    def retry_download(self, job: Job, owner: str, *, due: int, now: int, log_entry: dict | None,
+                       **status: Any) -> bool:
+        """Send an in-flight download back to its queue, due at ``due``.
+
+        Only work due now wakes the scanners; later work is found by the
+        scanner's timed wait on the due index.
+        """
+        status["state"] = "queued"
+        wake = (WAKE_AGGR, job.aggr_id) if due <= now else None
+        return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=queue_key(job.aggr_id),
+                            score=due, due_index=True, wake=wake)
+
+    # ---------------------------------------------------------------- notifier: callbacks
+
+    @_translated
+    def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
+        keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
+        args = [now, count, deadline, owner, job_key(""), "callback_state", "in_flight", ""]
+        return _taken(self._run("take", keys, args))
+
+    @_translated
+    def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> bool:
+        status["callback_state"] = "delivered"
+        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
+
+    @_translated
+    def callback_failed(self, job: Job, owner: str, *, log_entry: dict, **status: Any) -> bool:
+        status["callback_state"] = "failed"
+        return self._settle(job, owner, CALLBACKS, log_entry, status)
+
+    @_translated
+    def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
+                             **status: Any) -> bool:
+        status["callback_state"] = "queued"
+        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=CALLBACK_QUEUE,
+                            score=due, wake=(WAKE_CALLBACKS, job.id))
+
+    @_translated
+    def retry_failed_callback(self, job_id: str, *, now: int) -> int:
+        """``POST /retry``: 1 queued again, 0 unknown job, -1 callback not failed."""
+        return int(self._run("retry_callback", [job_key(job_id), CALLBACK_QUEUE], [job_id, now, WAKE_CALLBACKS]))
+
+    @_translated
+    def next_callback_due(self) -> int | None:
+        head = self.redis.zrange(CALLBACK_QUEUE, 0, 0, withscores=True)
+        return int(head[0][1]) if head else None
+
+    # ---------------------------------------------------------------- shared: settle and sweep
+
+    def _settle(self, job: Job, owner: str, kind: str, log_entry: dict | None, status: dict, *,
+                enter: str | None = None, score: int = 0, due_index: bool = False,
+                wake: tuple[str, str] | None = None) -> bool:
+        keys = [job_key(job.id), INFLIGHT[kind], log_key(job.id)]
+        if enter:
+            keys.append(enter)
+            if due_index:
+                keys.append(DUE_INDEX)
+        channel, message = wake or ("", "")
+        entry = json.dumps(log_entry, separators=(",", ":")) if log_entry else ""
+        pairs = [x for kv in status_fields(**status).items() for x in kv]
+        args = [job.id, owner, score, entry, job.aggr_id, channel, message, *pairs]
+        return self._run("settle", keys, args) == 1
+
+    @_translated
+    def sweep(self, kind: str, *, now: int, limit: int = 1000) -> list[str]:
+        """Put back in-flight jobs of ``kind`` whose deadline passed."""
+        second = DUE_INDEX if kind == DOWNLOADS else CALLBACK_QUEUE
+        wake = WAKE_AGGR if kind == DOWNLOADS else WAKE_CALLBACKS
+        args = [now, limit, job_key(""), queue_key(""), STATE_FIELD[kind], kind, wake]
+        return list(self._run("sweep", [INFLIGHT[kind], second], args))
+
+    # ---------------------------------------------------------------- reaper
+
+    @_translated
+    def due_deletions(self, *, now: int, limit: int = 500) -> list[str]:
+        return self.redis.zrangebyscore(DELETIONS, "-inf", now, start=0, num=limit)
+
+    @_translated
+    def forget(self, job_ids: list[str], *, now: int) -> int:
+        if not job_ids:
+            return 0
+        return int(self._run("forget", [DELETIONS], [now, job_key(""), LOG_SUFFIX, *job_ids]))
+
+    # ---------------------------------------------------------------- processes and stats
+
+    @_translated
+    def report(self, component: str, process: str, counters: dict, *, now: int) -> None:
+        body = json.dumps({**counters, "process": process, "at": now}, separators=(",", ":"))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(stats_key(component), process, body)
+            pipe.zadd(PROCESSES, {process: now})
+            pipe.execute()
+
+    @_translated
+    def reports(self, component: str, *, newer_than: int) -> list[dict]:
+        """Live processes' reports of ``component``; stale ones are pruned."""
+        out, stale = [], []
+        for process, body in self.redis.hgetall(stats_key(component)).items():
+            report = json.loads(body)
+            if report.get("at", 0) >= newer_than:
+                out.append(report)
+            else:
+                stale.append(process)
+        if stale:
+            self.redis.hdel(stats_key(component), *stale)
+        return out
+
+    # ---------------------------------------------------------------- wake-ups
+
+    @_translated
+    def subscribe(self, *channels: str) -> Any:
+        """A pub/sub connection listening on ``channels`` (see :mod:`gdl.wakeup`)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(*channels)
+        return pubsub
+
+    @_translated
+    def next_message(self, pubsub: Any, timeout: float) -> tuple[str, str] | None:
+        """(channel, message) from ``pubsub``, or None after ``timeout`` seconds."""
+        msg = pubsub.get_message(timeout=timeout)
+        if msg is None or msg.get("type") != "message":
+            return None
+        return msg["channel"], msg["data"]
+
+
+def _taken(reply: list) -> Taken:
+    next_due = int(float(reply[0])) if reply[0] != "" else None
+    jobs = []
+    for i in range(1, len(reply), 2):
+        flat = reply[i + 1]
+        jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
+    return Taken(jobs, next_due)
+
+
+_SCRIPTS = ("enqueue", "take", "settle", "sweep", "renew_leases", "release_lease", "retry_callback", "forget")
+
+
+def _lua(name: str) -> str:
+    return resources.files("gdl").joinpath("lua", f"{name}.lua").read_text()
+

@@ -1,0 +1,88 @@
+"""Wake-ups: one pub/sub listener per process, fanned out to local waiters.
+
+Enqueues, retries and sweeps publish on the channels named in
+:mod:`gdl.store`. This greenlet turns each message into a call to the local
+handlers registered for its channel (the scanner for aggregations, the
+notifier for callbacks), so work enqueued on an idle service starts within
+milliseconds instead of at the next scan tick. Handlers must not block: they
+set an event and return.
+
+Messages can be lost while Redis is away; after every reconnect each handler
+is called with ``None``, meaning "something may have changed, look again".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from typing import Callable
+
+import gevent
+import gevent.event
+
+from gdl.errors import StoreUnavailable
+from gdl.store import Store
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str | None], None]
+POLL_SECONDS = 1.0
+MAX_BACKOFF = 5.0
+
+
+class Wakeup:
+    def __init__(self, store: Store):
+        self.store = store
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self._stopping = gevent.event.Event()
+        self.subscribed = gevent.event.Event()
+
+    def on(self, channel: str, handler: Handler) -> None:
+        self._handlers[channel].append(handler)
+
+    @property
+    def has_handlers(self) -> bool:
+        return bool(self._handlers)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        backoff = 0.1
+        down = False
+        while not self._stopping.is_set():
+            try:
+                pubsub = self.store.subscribe(*self._handlers)
+                if down:
+                    log.info("wakeup: redis is back, listening again")
+                down, backoff = False, 0.1
+                self.subscribed.set()
+                self._dispatch_all(None)
+                self._listen(pubsub)
+            except StoreUnavailable as exc:
+                if not down:
+                    log.warning("wakeup: lost redis (%s); retrying with backoff", exc)
+                down = True
+                self.subscribed.clear()
+                self._stopping.wait(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _listen(self, pubsub) -> None:
+        try:
+            while not self._stopping.is_set():
+                message = self.store.next_message(pubsub, POLL_SECONDS)
+                if message is not None:
+                    channel, data = message
+                    for handler in self._handlers.get(channel, ()):
+                        handler(data)
+        finally:
+            try:
+                pubsub.close()
+            except Exception:  # closing a broken connection may fail again; nothing to keep
+                pass
+
+    def _dispatch_all(self, data: str | None) -> None:
+        for handlers in self._handlers.values():
+            for handler in handlers:
+                handler(data)

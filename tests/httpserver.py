@@ -1,0 +1,202 @@
+"""A loopback HTTP server for tests, with routes set up per test.
+
+Built on ``http.server.ThreadingHTTPServer``, so it runs the same in a plain
+threaded test process and under gevent monkey patching (where its threads are
+greenlets). It speaks HTTP/1.1 with keep-alive, records every request (target,
+headers, client port) and counts requests per path.
+
+    with LoopbackServer() as server:
+        server.add("/a.png", body=png, headers={"Content-Type": "image/png"})
+        server.add_truncated("/cut", body=b"x" * 100, declared_length=1000)
+        server.add_drip("/slow", body=b"x" * 50, interval=0.2)
+        server.add_redirect("/old", "/a.png")
+        requests.get(server.url("/a.png"))
+        assert server.count("/a.png") == 1
+        assert server.requests_for("/a.png")[0].headers["User-Agent"] == "..."
+
+A request whose target is an absolute URI (what a client sends to an HTTP
+proxy) is routed by its path and recorded with its full ``target``, so the
+server can stand in for a proxy.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from email.message import Message
+from urllib.parse import urlsplit
+
+__all__ = ["LoopbackServer", "Recorded", "Route"]
+
+
+@dataclass
+class Route:
+    """How to answer one path.
+
+    ``content_length``: "auto" sends ``len(body)``; an int sends that value (a
+    lie when it differs from the body); None sends none and ends the body by
+    closing the connection, or, with ``chunked``, uses chunked encoding.
+    ``drip_interval`` > 0 sends the body one byte at a time with that pause.
+    ``close`` closes the connection after the body (a cut body when the
+    declared length is larger).
+    """
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_length: int | str | None = "auto"
+    chunked: bool = False
+    drip_interval: float = 0.0
+    close: bool = False
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    method: str
+    target: str  # the request line's target: "/path?q" or, through a proxy, "http://host/path?q"
+    path: str
+    headers: Message
+    client_port: int
+
+
+class LoopbackServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 and a free port."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[Recorded] = []
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self) -> LoopbackServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="loopback-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ routes
+
+    def add(self, path: str, body: bytes = b"", status: int = 200, headers: dict[str, str] | None = None,
+            **options: object) -> None:
+        """Answer ``path`` with fixed bytes; ``options`` are further :class:`Route` fields."""
+        self.routes[path] = Route(status=status, body=body, headers=dict(headers or {}), **options)  # type: ignore[arg-type]
+
+    def add_truncated(self, path: str, body: bytes, declared_length: int) -> None:
+        """Declare ``declared_length`` bytes, send ``body`` (fewer), then close the connection."""
+        self.add(path, body, content_length=declared_length, close=True)
+
+    def add_drip(self, path: str, body: bytes, interval: float) -> None:
+        """Send ``body`` one byte every ``interval`` seconds (Content-Length is correct)."""
+        self.add(path, body, drip_interval=interval)
+
+    def add_redirect(self, path: str, location: str, status: int = 302) -> None:
+        """Redirect ``path`` to ``location`` (a path on this server or a full URL)."""
+        self.add(path, b"", status=status, headers={"Location": location})
+
+    # ------------------------------------------------------------------ what was seen
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self._counts[path]
+
+    def requests_for(self, path: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def _record(self, entry: Recorded) -> None:
+        with self._lock:
+            self.requests.append(entry)
+            self._counts[entry.path] += 1
+
+
+def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = urlsplit(self.path).path or "/"
+            server._record(Recorded(self.command, self.path, path, self.headers, self.client_address[1]))
+            route = server.routes.get(path) or Route(status=404, body=b"no route\n")
+            try:
+                self._answer(route)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away, e.g. after its deadline
+
+        do_POST = do_GET  # noqa: N815
+
+        def _answer(self, route: Route) -> None:
+            self._drain_request_body()
+            self.send_response(route.status)
+            for name, value in route.headers.items():
+                self.send_header(name, value)
+            length = len(route.body) if route.content_length == "auto" else route.content_length
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            elif route.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                route = Route(**{**route.__dict__, "close": True})  # close-delimited body
+            if route.close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self._send_body(route)
+
+        def _send_body(self, route: Route) -> None:
+            if route.chunked and route.content_length is None:
+                half = len(route.body) // 2
+                for part in (route.body[:half], route.body[half:]):
+                    if part:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\n\r\n")
+            elif route.drip_interval > 0:
+                for i in range(len(route.body)):
+                    self.wfile.write(route.body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.drip_interval)
+            else:
+                self.wfile.write(route.body)
+            self.wfile.flush()
+
+        def _drain_request_body(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+            pass  # keep test output clean
+
+    return Handler
