@@ -54,8 +54,15 @@ def run_service(cfg: config.Config, role: str | None) -> int:
     service.install_signal_handlers()
     try:
         service.start()
-    except BaseException:
-        service.shutdown(deadline=3)
+    except BaseException as exc:
+        # A startup failure is one line on stderr (printed by main): the cleanup's
+        # info lines ("stopped in 0.0s") would bury it. Warnings and errors still show.
+        if isinstance(exc, (ConfigError, StartupError)):
+            logging.disable(logging.INFO)
+        try:
+            service.shutdown(deadline=3)
+        finally:
+            logging.disable(logging.NOTSET)
         raise
     service.wait()
     service.shutdown()

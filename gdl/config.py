@@ -160,16 +160,23 @@ def _apply_environment(raw: dict, environ: Mapping[str, str]) -> None:
         path = _env_key_path(name[len(ENV_PREFIX):].lower())
         if path is None:
             continue  # GDL_* variables that are not config keys (e.g. GDL_LOG_LEVEL)
+        kind = _leaf_kind(path)
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = yaml.safe_load(value) if value != "" and kind is not str else value
         except yaml.YAMLError:
             parsed = value
-        if not isinstance(parsed, (int, float, bool, list, dict)):
-            parsed = value  # strings stay exactly as given (no YAML dates, nulls or quotes)
-        node = raw
+        if not isinstance(parsed, (int, float, bool, list, dict)) or (kind is list and not isinstance(parsed, list)):
+            # Strings stay exactly as given (no YAML dates, nulls or quotes), and so does
+            # a string key's value that looks like a number (GDL_SENTRY_RELEASE=1.0); a
+            # list key's value that is not a YAML list is split on commas (a,b or 12345).
+            parsed = value
+        node, defaults = raw, Config()
         for part in path[:-1]:
+            defaults = getattr(defaults, part) if dataclasses.is_dataclass(defaults) else None
             if not isinstance(node.get(part), dict):
-                node[part] = {}
+                # One key of a mapping (GDL_PROCESSOR_FILESTORAGE_ROOTDIR) amends the
+                # mapping's default rather than replacing it with that key alone.
+                node[part] = dict(defaults) if isinstance(defaults, dict) else {}
             node = node[part]
         node[path[-1]] = parsed
 
@@ -190,6 +197,16 @@ def _env_key_path(rest: str, cls: type = Config) -> list[str] | None:
             elif sub is dict:
                 return [name, tail]
     return None
+
+
+def _leaf_kind(path: list[str]) -> type | None:
+    """The schema type of the key at ``path``; None inside a free-form mapping."""
+    cls: Any = Config
+    for part in path:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = _field_type(cls, part)
+    return cls
 
 
 def _field_type(cls: type, name: str) -> Any:

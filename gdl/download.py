@@ -158,7 +158,7 @@ class Downloader:
                 if not found_mime:
                     head += chunk
                     if len(head) >= mime.SNIFF_BYTES:
-                        found_mime = check_mime(head, patterns, code)
+                        found_mime = check_mime(head, job.mime_type, patterns, code)
                         head = bytearray()
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise DownloadTimeout(f"reading the body timed out: {exc}", response_code=code) from exc
@@ -167,7 +167,7 @@ class Downloader:
             raise TruncatedBody(f"the body was cut short after {temp.size} bytes: {exc}",
                                 response_code=code) from exc
         if not found_mime:
-            found_mime = check_mime(head, patterns, code)  # a body shorter than SNIFF_BYTES
+            found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
         declared = content_length(response)
         if declared is not None and temp.size != declared:
             raise TruncatedBody(f"received {temp.size} of {declared} bytes", response_code=code)
@@ -208,10 +208,11 @@ def check_status(response: requests.Response) -> None:
     raise HTTPStatusError(response.status_code, response.reason or "", retry_after=retry_after)
 
 
-def check_mime(head: bytes, patterns: mime.MimePatterns | None, response_code: int) -> str:
+def check_mime(head: bytes, expected: str, patterns: mime.MimePatterns | None, response_code: int) -> str:
+    """Sniff the head of a body; raise MimeMismatch (naming the job's ``expected`` text) if refused."""
     found = mime.sniff(bytes(head))
     if patterns is not None and not patterns.matches(found):
-        raise MimeMismatch(str(patterns), found, response_code=response_code)
+        raise MimeMismatch(expected, found, response_code=response_code)
     return found
 
 

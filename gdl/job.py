@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import secrets
 import string
@@ -61,7 +62,7 @@ def new_id() -> str:
 
 
 def is_valid_id(value: str) -> bool:
-    return bool(ID_RE.match(value))
+    return bool(ID_RE.fullmatch(value))  # fullmatch: ``$`` alone also matches before a final newline
 
 
 @dataclass
@@ -256,7 +257,9 @@ def _integer(body: dict, name: str, *, required: bool = False, minimum: int, max
         if required:
             raise ValidationError(name, "is required")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    # json.loads accepts NaN and Infinity, on which int() raises: not integers either.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise ValidationError(name, f"must be an integer, not {_json_type(value)}")
     value = int(value)
     if not minimum <= value <= maximum:

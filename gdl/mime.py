@@ -14,6 +14,7 @@ import fnmatch
 import logging
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import magic
 from PIL import GifImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin
@@ -69,9 +70,6 @@ class MimePatterns:
             return True
         return any(fnmatch.fnmatchcase(essence, glob) for glob in self.allowed)
 
-    def __str__(self) -> str:
-        return ",".join([*self.allowed, *("!" + glob for glob in self.excluded)])
-
 
 def media_type(mime: str) -> str:
     """``"Text/HTML; charset=utf-8"`` -> ``"text/html"``."""
@@ -101,15 +99,18 @@ def image_size(path: str, mime: str) -> str | None:
     if plugin is None:
         return None
     try:
-        fp = open(path, "rb")
-    except OSError as exc:
+        with open(path, "rb") as fp:
+            width, height = _header_size(plugin, fp, path, mime)
+    except OSError as exc:  # opening or closing our own file; Pillow's OSErrors are handled inside
         raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-    with fp:
-        try:
-            image = plugin(fp, path)
-            width, height = image.size
-        except _PILLOW_PARSE_ERRORS as exc:
-            raise InvalidImage(f"cannot read the size of the {mime} image: {exc}") from exc
+    return f"{width}x{height}"
+
+
+def _header_size(plugin: type[ImageFile.ImageFile], fp: BinaryIO, path: str, mime: str) -> tuple[int, int]:
+    try:
+        width, height = plugin(fp, path).size
+    except _PILLOW_PARSE_ERRORS as exc:
+        raise InvalidImage(f"cannot read the size of the {mime} image: {exc}") from exc
     if width <= 0 or height <= 0:
         raise InvalidImage(f"the {mime} image declares an empty size {width}x{height}")
-    return f"{width}x{height}"
+    return width, height

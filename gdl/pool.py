@@ -247,6 +247,7 @@ class AggregationPool(TakingPool):
             self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, attempts=attempts, error=str(err),
                 response_code=err.response_code))
+            self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             self.settle("failure", job, lambda: self.store.finish_download(

@@ -28,7 +28,7 @@ import gevent.event
 from gevent.pywsgi import WSGIServer
 
 from gdl import __version__, sentry
-from gdl.api import API
+from gdl.api import API, make_server
 from gdl.backends import from_config as backends_from_config
 from gdl.config import Config
 from gdl.diskcheck import DiskChecker
@@ -160,7 +160,7 @@ class Service:
         assert self.store is not None
         app = API(self.cfg, self.store, storage, clock=self.clock)
         address = (self.cfg.api.host, self.cfg.api.port)
-        self.server = WSGIServer(address, app, log=None, error_log=logging.getLogger("gdl.api.server"))
+        self.server = make_server(address, app, log=None, error_log=logging.getLogger("gdl.api.server"))
         try:
             self.server.start()
         except OSError as exc:
@@ -223,6 +223,8 @@ class Service:
             self.server.stop(timeout=min(2.0, left()))
         for helper in self.helpers:
             helper.stop()
+        # The listener holds nothing to save; killing it spares waiting out its poll.
+        gevent.killall([g for g in self.greenlets if g.name == "wakeup"], block=False)
         gevent.joinall(self.greenlets, timeout=left())
         gevent.killall([g for g in self.greenlets if not g.dead], timeout=1)
         if self.store is not None:

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from email.message import Message
+from typing import Self
 from urllib.parse import urlsplit
 
 __all__ = ["LoopbackServer", "Recorded", "Route"]
@@ -89,7 +90,7 @@ class LoopbackServer:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def start(self) -> LoopbackServer:
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="loopback-http", daemon=True)
         self._thread.start()
@@ -101,7 +102,7 @@ class LoopbackServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -146,7 +147,7 @@ def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHand
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # http.server's naming
             path = urlsplit(self.path).path or "/"
             server._record(Recorded(self.command, self.path, path, self.headers, self.client_address[1]))
             route = server.routes.get(path) or Route(status=404, body=b"no route\n")
@@ -155,7 +156,7 @@ def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHand
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client went away, e.g. after its deadline
 
-        do_POST = do_GET  # noqa: N815
+        do_POST = do_GET
 
         def _answer(self, route: Route) -> None:
             self._drain_request_body()
@@ -196,7 +197,7 @@ def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHand
             if length:
                 self.rfile.read(length)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+        def log_message(self, format: str, *args: object) -> None:
             pass  # keep test output clean
 
     return Handler

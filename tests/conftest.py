@@ -1,0 +1,248 @@
+"""Shared fixtures: a real redis-server, configs on temporary directories,
+gdl services in this process and gdl processes started for real.
+
+The test process runs on a monkey-patched gevent hub, as gdl does, so
+services started in-process behave as in production.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+import requests  # noqa: E402
+import yaml  # noqa: E402
+
+from gdl import config  # noqa: E402
+from gdl.redis_server import find_binary  # noqa: E402
+from gdl.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A real redis-server on a free TCP port, with a data dir of its own."""
+
+    def __init__(self, data_dir: Path):
+        self.dir = data_dir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        store = Store.connect(self.url)
+        wait_until(lambda: _pings(store), timeout=10)
+        store.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _pings(store: Store) -> bool:
+    try:
+        store.ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[Store]:
+    """A store on an empty database."""
+    s = Store.connect(redis_server.url)
+    s.redis.flushall()
+    yield s
+    s.close()
+
+
+def make_config(tmp: Path, redis_url: str, **sections: dict) -> config.Config:
+    """A config on ``tmp`` with test-friendly timings, overridden by ``sections``."""
+    raw: dict[str, Any] = {
+        "redis": {"url": redis_url},
+        "api": {"host": "127.0.0.1", "port": 0, "heartbeat_path": str(tmp / "disable-api")},
+        "processor": {
+            "storage_dir": str(tmp / "tmp"),
+            "filestorage": {"type": "filesystem", "rootdir": str(tmp / "files")},
+            "download_url": "http://files.test/files",
+            "scan_interval": 0.5,
+            "retry_backoff": 0.05,
+            "download_timeout": 10,
+            "lease_ttl": 3,
+            "pool_idle_timeout": 1,
+            "stats_interval": 0.2,
+            "disk": {"high": 100, "low": 100, "interval": 0.2},
+        },
+        "notifier": {"concurrency": 10, "retry_backoff": 0.05, "deletion_interval": 60},
+        "security": {"block_private_networks": False},
+    }
+    for section, values in sections.items():
+        merged = raw.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    path = tmp / "gdl.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return config.load(path, environ={})
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, redis_server: RedisServer) -> Callable[..., config.Config]:
+    return lambda **sections: make_config(tmp_path, redis_server.url, **sections)
+
+
+class Running:
+    """An in-process gdl service and an HTTP client for its API."""
+
+    def __init__(self, service: Any):
+        self.service = service
+        port = service.server.server_port if service.server else None
+        self.base = f"http://127.0.0.1:{port}" if port else None
+        self.http = requests.Session()
+
+    def url(self, path: str) -> str:
+        assert self.base, "this service runs no api role"
+        return self.base + path
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        # Bytes, not str: http.client then sends headers and body in one write
+        # (a str body goes separately and meets Nagle + delayed ACK: 40 ms a request).
+        data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+        return self.http.post(self.url(path), data=data, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.get(self.url(path), **kwargs)
+
+    def enqueue(self, **fields: Any) -> str:
+        response = self.post("/download", fields)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+
+@pytest.fixture
+def run_service(make_cfg: Callable[..., config.Config]) -> Iterator[Callable[..., Running]]:
+    """Start gdl services in this process: ``run_service(roles=("api",), processor={...})``."""
+    from gdl.service import ROLES, Service
+
+    started: list[Any] = []
+
+    def start(roles: tuple[str, ...] = ROLES, cfg: config.Config | None = None, **sections: dict) -> Running:
+        service = Service(cfg or make_cfg(**sections), roles)
+        started.append(service)
+        service.start()
+        return Running(service)
+
+    yield start
+    for service in reversed(started):
+        service.shutdown(deadline=5)
+
+
+class GdlProcess:
+    """``gdl`` run as a real subprocess on a config file."""
+
+    def __init__(self, cfg_path: Path, *args: str, env: dict[str, str] | None = None):
+        self.cfg_path = cfg_path
+        self.log_path = cfg_path.parent / f"gdl-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gdl.cli", "--config", str(cfg_path), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=str(cfg_path.parent),
+            env={**os.environ, **(env or {})},
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def config_file(tmp: Path, cfg: config.Config, name: str = "gdl.yaml") -> Path:
+    """Write ``cfg`` back to YAML (for subprocesses)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("source")
+    path = tmp / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def gdl_process(tmp_path: Path) -> Iterator[Callable[..., GdlProcess]]:
+    started: list[GdlProcess] = []
+
+    def start(cfg: config.Config | Path, *args: str, env: dict[str, str] | None = None,
+              name: str = "gdl.yaml") -> GdlProcess:
+        path = cfg if isinstance(cfg, Path) else config_file(tmp_path, cfg, name)
+        proc = GdlProcess(path, *args, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,91 @@
+"""Loopback WSGI servers on gevent for processor and notifier tests.
+
+- :class:`HoldServer` answers ``/hold/<group>/<anything>`` after holding the
+  response ``hold`` seconds, and records how many requests of each group
+  were in progress at once (the download side of ``aggr_limit``).
+- :class:`CallbackReceiver` records every callback POST and answers with a
+  scripted sequence of status codes per path (then 200).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+import gevent
+
+from gdl.api import make_server
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.server = make_server(("127.0.0.1", 0), self.app, log=None, error_log=None)
+        self.server.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+    def app(self, environ: dict, start_response: Any) -> list[bytes]:
+        raise NotImplementedError
+
+
+class HoldServer(_Server):
+    def __init__(self, hold: float = 0.2, body: bytes = b"held body") -> None:
+        self.hold = hold
+        self.body = body
+        self.current: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        super().__init__()
+
+    def app(self, environ: dict, start_response: Any) -> list[bytes]:
+        parts = environ["PATH_INFO"].split("/")
+        group = parts[2] if len(parts) > 2 else ""
+        self.current[group] += 1
+        self.total[group] += 1
+        self.peak[group] = max(self.peak[group], self.current[group])
+        try:
+            gevent.sleep(self.hold)
+        finally:
+            self.current[group] -= 1
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(len(self.body)))])
+        return [self.body]
+
+
+class CallbackReceiver(_Server):
+    def __init__(self) -> None:
+        self.received: dict[str, list[dict]] = defaultdict(list)
+        self.script: dict[str, list[int]] = {}
+        super().__init__()
+
+    def answer(self, path: str, *statuses: int) -> None:
+        """Answer the next POSTs to ``path`` with ``statuses``, then 200."""
+        self.script[path] = list(statuses)
+
+    def bodies(self, path: str = "/cb") -> list[dict]:
+        return list(self.received[path])
+
+    def by_job(self, path: str = "/cb") -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = defaultdict(list)
+        for body in self.received[path]:
+            out[body["job_id"]].append(body)
+        return out
+
+    def app(self, environ: dict, start_response: Any) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = json.loads(environ["wsgi.input"].read(length) or b"null")
+        self.received[path].append(body)
+        pending = self.script.get(path)
+        status = pending.pop(0) if pending else 200
+        start_response(f"{status} X", [("Content-Length", "0")])
+        return []

@@ -1,0 +1,204 @@
+"""The ``gdl`` command run for real: its version, the one-line exit-2 failures
+the contract promises, a clean SIGTERM, and the embedded Redis shared by two
+processes and stopped by the last one."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import config_file, free_port, make_config, wait_until
+
+EXIT_USAGE = 2
+JOB = {"url": "http://example.com/a.png", "aggr_id": "cli", "aggr_limit": 1, "callback_url": "http://cb.example/"}
+
+
+def run_gdl(cwd: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gdl.cli", *args], cwd=str(cwd), capture_output=True, text=True,
+                          check=False, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """Exit status 2 and exactly one line on stderr, which is returned."""
+    assert result.returncode == EXIT_USAGE, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def heartbeat(port: int) -> int:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/hb", timeout=2).status_code
+    except requests.ConnectionError:
+        return 0
+
+
+def stop(proc, timeout: float = 10) -> int:
+    """SIGTERM ``proc`` and return its exit status, which must come within ``timeout``."""
+    proc.signal(signal.SIGTERM)
+    started = time.monotonic()
+    status = proc.wait(timeout=timeout)
+    assert time.monotonic() - started < timeout
+    return status
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_gdl(tmp_path, "--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "gdl 0.1.0\n", "")
+
+
+@pytest.mark.parametrize(("data", "env", "key"), [
+    ({"processor": {"disk": {"high": 150}}}, {}, "processor.disk.high"),
+    ({"processor": {"disk": {"high": 80, "low": 85}}}, {}, "processor.disk.low"),
+    ({"api": {"prot": 8000}}, {}, "api.prot"),
+    ({"redis": {"url": "http://localhost"}}, {}, "redis.url"),
+    ({}, {"GDL_API_PORT": "eighty"}, "api.port"),
+])
+def test_bad_config_value_is_one_line_and_exit_2(tmp_path: Path, data: dict, env: dict, key: str) -> None:
+    path = write_yaml(tmp_path / "gdl.yaml", data)
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), env=env))
+    assert line.startswith(f"gdl: {key}: "), line
+
+
+def test_invalid_yaml_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "gdl.yaml"
+    path.write_text("api: {port: 8000\n")
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path)))
+    assert str(path) in line and "YAML" in line
+
+
+def test_missing_config_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "gdl.yaml"
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path)))
+    assert str(path) in line
+
+
+def test_unreachable_redis_names_the_address(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    path = config_file(tmp_path, make_config(tmp_path, f"redis://127.0.0.1:{port}/0"))
+    started = time.monotonic()
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), timeout=15))
+    assert time.monotonic() - started < 10
+    assert line.startswith("gdl: redis.url: "), line
+    assert f"127.0.0.1:{port}" in line
+
+
+@pytest.mark.parametrize(("role", "key", "dir_key"), [
+    ("processor", "processor.storage_dir", "storage_dir"),
+    ("api", "processor.filestorage.rootdir", "rootdir"),
+])
+def test_unwritable_directory_names_its_key(tmp_path: Path, redis_server, role: str, key: str,
+                                            dir_key: str) -> None:
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("")  # tests run as root: a file in the way stops even root
+    bad = str(blocker / "sub")
+    section = {"storage_dir": bad} if dir_key == "storage_dir" else {"filestorage": {"rootdir": bad}}
+    path = config_file(tmp_path, make_config(tmp_path, redis_server.url, processor=section))
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), role))
+    assert line.startswith(f"gdl: {key}: "), line
+    assert bad in line
+
+
+def test_port_in_use_names_api_port(tmp_path: Path, redis_server) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = config_file(tmp_path, make_config(tmp_path, redis_server.url, api={"port": port}))
+        line = one_error_line(run_gdl(tmp_path, "--config", str(path), "api"))
+    assert line.startswith("gdl: api.port: "), line
+    assert str(port) in line
+
+
+def test_api_role_serves_then_exits_0_on_sigterm(tmp_path: Path, redis_server, gdl_process) -> None:
+    port = free_port()
+    proc = gdl_process(make_config(tmp_path, redis_server.url, api={"port": port}), "api")
+    wait_until(lambda: heartbeat(port) == 200, timeout=15)
+    response = requests.post(f"http://127.0.0.1:{port}/download", json=JOB, timeout=5)
+    assert response.status_code == 201, response.text
+    assert stop(proc) == 0, proc.output()
+    assert heartbeat(port) == 0
+
+
+# --------------------------------------------------------------------------- embedded Redis
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped yet (its parent gdl exited first)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_embedded_redis_shared_and_stopped_by_the_last_process(tmp_path: Path, gdl_process) -> None:
+    data_dir = tmp_path / "redis"
+    sock = data_dir / "redis.sock"
+    assert len(str(sock)) < 100
+
+    def start(name: str):
+        port = free_port()
+        cfg = make_config(tmp_path, "embedded", redis={"embedded_dir": str(data_dir)}, api={"port": port})
+        proc = gdl_process(cfg, "api", name=name)
+        wait_until(lambda: heartbeat(port) == 200 or proc.process.poll() is not None, timeout=15)
+        assert heartbeat(port) == 200, proc.output()
+        return proc, f"http://127.0.0.1:{port}"
+
+    first, first_url = start("first.yaml")
+    assert socket_answers(sock)
+    pid = int((data_dir / "redis.pid").read_text())
+    assert not process_gone(pid)
+
+    second, second_url = start("second.yaml")
+    assert int((data_dir / "redis.pid").read_text()) == pid  # joined, not started anew
+    assert "joining" in second.output()
+
+    response = requests.post(f"{first_url}/download", json=JOB, timeout=5)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = requests.get(f"{second_url}/jobs/{job_id}", timeout=5)
+    assert job.status_code == 200 and job.json()["url"] == JOB["url"]
+
+    # The process that started the server leaves it running for the other one.
+    assert stop(first) == 0, first.output()
+    assert not process_gone(pid)
+    assert requests.get(f"{second_url}/jobs/{job_id}", timeout=5).json()["state"] == "queued"
+
+    # The last one shuts it down.
+    assert stop(second) == 0, second.output()
+    wait_until(lambda: process_gone(pid), timeout=10)
+    assert not socket_answers(sock)
+
+    # And the data outlives the server: a new process starts it again and finds the job.
+    third, third_url = start("third.yaml")
+    assert requests.get(f"{third_url}/jobs/{job_id}", timeout=5).json()["id"] == job_id
+    new_pid = int((data_dir / "redis.pid").read_text())
+    assert new_pid != pid
+    assert stop(third) == 0, third.output()
+    wait_until(lambda: process_gone(new_pid), timeout=10)
+    assert not socket_answers(sock)

@@ -1,0 +1,120 @@
+"""gdl.filestorage: the filesystem layout, atomic moves, idempotent deletes, the config factory."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+import pytest
+
+from gdl import filestorage
+from gdl.config import Config, ProcessorConfig
+from gdl.errors import ConfigError, StorageError
+from gdl.filestorage import FilesystemStorage
+from gdl.job import Job
+
+
+def make_job(job_id: str = "6QEywYsd0jrKAg") -> Job:
+    return Job(id=job_id, url="http://example.com/a", aggr_id="aggr", aggr_limit=1)
+
+
+@pytest.fixture
+def storage(tmp_path) -> FilesystemStorage:
+    return FilesystemStorage(str(tmp_path / "files"))
+
+
+def write_temp(tmp_path, data: bytes = b"payload") -> str:
+    path = tmp_path / "partial.tmp"
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_path_layout(storage, tmp_path) -> None:
+    assert storage.path_for("6QEywYsd0jrKAg") == str(tmp_path / "files" / "6QE" / "6QEywYsd0jrKAg")
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../etc/passwd", "a/b", "a\0b", ".hidden"])
+def test_path_for_refuses_unsafe_ids(storage, bad) -> None:
+    with pytest.raises(ValueError):
+        storage.path_for(bad)
+    assert storage.exists(bad) is False
+    assert storage.delete(bad) is False
+    assert storage.open(bad) is None
+
+
+def test_store_moves_the_temp_file(storage, tmp_path) -> None:
+    temp = write_temp(tmp_path, b"the bytes")
+    storage.store(temp, make_job())
+    assert not os.path.exists(temp)
+    assert (tmp_path / "files" / "6QE" / "6QEywYsd0jrKAg").read_bytes() == b"the bytes"
+    assert storage.exists("6QEywYsd0jrKAg") is True
+    with storage.open("6QEywYsd0jrKAg") as f:
+        assert f.read() == b"the bytes"
+
+
+def test_store_replaces_an_existing_file(storage, tmp_path) -> None:
+    storage.store(write_temp(tmp_path, b"first"), make_job())
+    storage.store(write_temp(tmp_path, b"second"), make_job())
+    with storage.open("6QEywYsd0jrKAg") as f:
+        assert f.read() == b"second"
+
+
+def test_store_across_filesystems_copies_then_renames(storage, tmp_path, monkeypatch) -> None:
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((os.path.basename(src), os.path.basename(dst)))
+        if len(calls) == 1:  # the direct move: pretend the temp dir is another filesystem
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(filestorage.os, "replace", replace)
+    temp = write_temp(tmp_path, b"x" * 100_000)
+    storage.store(temp, make_job())
+
+    assert not os.path.exists(temp)
+    assert (tmp_path / "files" / "6QE" / "6QEywYsd0jrKAg").read_bytes() == b"x" * 100_000
+    assert calls[0] == ("partial.tmp", "6QEywYsd0jrKAg")
+    assert calls[1][0].startswith("6QEywYsd0jrKAg.") and calls[1][1] == "6QEywYsd0jrKAg"
+    assert os.listdir(tmp_path / "files" / "6QE") == ["6QEywYsd0jrKAg"]  # no copy left behind
+
+
+def test_store_failure_is_a_storage_error_and_consumes_the_temp_file(tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")  # rootdir is a file: its subdirectory cannot be made
+    storage = FilesystemStorage(str(blocker))
+    temp = write_temp(tmp_path)
+    with pytest.raises(StorageError) as info:
+        storage.store(temp, make_job())
+    assert info.value.internal is True
+    assert str(blocker) in str(info.value)
+    assert not os.path.exists(temp)
+
+
+def test_delete_is_idempotent(storage, tmp_path) -> None:
+    storage.store(write_temp(tmp_path), make_job())
+    assert storage.delete("6QEywYsd0jrKAg") is True
+    assert storage.exists("6QEywYsd0jrKAg") is False
+    assert storage.delete("6QEywYsd0jrKAg") is False
+    assert storage.delete("neverStored123") is False
+
+
+def test_open_absent_is_none(storage) -> None:
+    assert storage.open("6QEywYsd0jrKAg") is None
+
+
+def with_filestorage(settings: dict) -> Config:
+    return dataclasses.replace(Config(), processor=ProcessorConfig(filestorage=settings))
+
+
+def test_from_config_filesystem(tmp_path) -> None:
+    storage = filestorage.from_config(with_filestorage({"type": "filesystem", "rootdir": str(tmp_path)}))
+    assert isinstance(storage, FilesystemStorage)
+    assert storage.rootdir == str(tmp_path)
+
+
+def test_from_config_s3_is_not_available_yet() -> None:
+    with pytest.raises(ConfigError, match=r"^processor\.filestorage\.type: s3 storage is not available yet$"):
+        filestorage.from_config(with_filestorage({"type": "s3", "bucket": "b"}))

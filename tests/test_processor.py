@@ -1,0 +1,210 @@
+"""The processor end to end in this process: API -> Redis -> scanner -> pool -> file.
+
+Real Redis, real loopback HTTP servers; the notifier role is left out so
+each job's final state can be read before anything reaps it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gevent
+import pytest
+
+from gdl.diskcheck import DiskChecker
+from gdl.stats import ProcessorStats
+from tests.conftest import wait_until
+from tests.httpserver import LoopbackServer
+from tests.samples import image_bytes, tiny_pdf
+from tests.servers import HoldServer
+
+ROLES = ("api", "processor")
+CALLBACK = "http://127.0.0.1:9/cb"  # never called: no notifier in these tests
+
+
+@pytest.fixture
+def files():
+    with LoopbackServer() as server:
+        yield server
+
+
+def finished(running, job_id: str) -> dict:
+    """Wait until the job's download ended; return its record."""
+    def done():
+        record = running.get(f"/jobs/{job_id}").json()
+        return record if record["state"] in ("succeeded", "failed") else None
+    return wait_until(done, timeout=15)
+
+
+def enqueue(running, url: str, aggr: str = "a1", limit: int = 2, **fields) -> str:
+    return running.enqueue(url=url, aggr_id=aggr, aggr_limit=limit, callback_url=CALLBACK, **fields)
+
+
+def test_success_stores_the_exact_bytes(run_service, files, tmp_path):
+    body = os.urandom(300_000)
+    files.add("/a.bin", body)
+    running = run_service(ROLES)
+    job_id = enqueue(running, files.url("/a.bin"))
+    record = finished(running, job_id)
+    assert (record["state"], record["response_code"], record["bytes"], record["attempts"]) == \
+        ("succeeded", 200, 300_000, 1)
+    assert (tmp_path / "files" / job_id[:3] / job_id).read_bytes() == body
+    assert running.get(f"/files/{job_id[:3]}/{job_id}").content == body
+    assert record["callback_state"] == "queued"
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_404_fails_at_once(run_service, files):
+    files.add("/gone", b"no", status=404)
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/gone")))
+    assert (record["state"], record["response_code"], record["attempts"]) == ("failed", 404, 1)
+    assert "404" in record["error"]
+    assert files.count("/gone") == 1
+
+
+@pytest.mark.parametrize("max_retries,requests_made", [(0, 1), (1, 2), (None, 3)])
+def test_500_is_retried_up_to_max_retries(run_service, files, max_retries, requests_made):
+    files.add("/err", b"oops", status=500)
+    running = run_service(ROLES)
+    extra = {} if max_retries is None else {"max_retries": max_retries}
+    record = finished(running, enqueue(running, files.url("/err"), **extra))
+    assert (record["state"], record["response_code"], record["attempts"]) == ("failed", 500, requests_made)
+    assert files.count("/err") == requests_made
+    outcomes = [entry["outcome"] for entry in running.get(f"/jobs/{record['id']}").json()["attempts_log"]]
+    assert outcomes == ["retry"] * (requests_made - 1) + ["failed"]
+
+
+def test_a_body_cut_mid_stream_is_retried(run_service, files, tmp_path):
+    files.add_truncated("/cut", b"x" * 1000, declared_length=5000)
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/cut"), max_retries=1))
+    assert (record["state"], record["attempts"]) == ("failed", 2)
+    assert files.count("/cut") == 2
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_429_waits_for_retry_after(run_service, files):
+    files.add("/busy", b"", status=429, headers={"Retry-After": "1"})
+    running = run_service(ROLES)
+    job_id = enqueue(running, files.url("/busy"), max_retries=1)
+    gevent.sleep(0.6)
+    assert files.count("/busy") == 1  # retry_backoff is 0.05 s, but the server asked for 1 s
+    record = finished(running, job_id)
+    assert (record["state"], record["response_code"], files.count("/busy")) == ("failed", 429, 2)
+
+
+def test_download_timeout_covers_the_whole_body(run_service, files, tmp_path):
+    files.add_drip("/drip", b"x" * 100, interval=0.1)
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/drip"), download_timeout=1, max_retries=0))
+    assert record["state"] == "failed"
+    assert record["error"] == "download did not finish within 1s"
+    log = record["attempts_log"]
+    assert 900 <= log[0]["duration_ms"] < 2500
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("pattern,body,state", [
+    ("image/png", image_bytes("PNG", 4, 3), "succeeded"),
+    ("image/*", image_bytes("GIF", 4, 3), "succeeded"),
+    ("!image/png,image/*", image_bytes("PNG", 4, 3), "failed"),
+    ("!image/png,image/*", image_bytes("JPEG", 4, 3), "succeeded"),
+    ("image/*", tiny_pdf(), "failed"),
+])
+def test_mime_patterns(run_service, files, pattern, body, state):
+    files.add("/file", body)
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/file"), mime_type=pattern))
+    assert record["state"] == state
+    if state == "failed":
+        assert "Expected mime-type" in record["error"]
+        assert record["attempts"] == 1
+
+
+@pytest.mark.parametrize("fmt,size", [("PNG", "10x7"), ("JPEG", "33x20"), ("GIF", "1x2")])
+def test_image_size(run_service, files, fmt, size):
+    width, height = map(int, size.split("x"))
+    files.add("/img", image_bytes(fmt, width, height))
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/img"), extract_image_size=True))
+    assert (record["state"], record["image_size"]) == ("succeeded", size)
+
+
+def test_image_size_ignores_a_pdf(run_service, files):
+    files.add("/doc.pdf", tiny_pdf())
+    running = run_service(ROLES)
+    record = finished(running, enqueue(running, files.url("/doc.pdf"), extract_image_size=True))
+    assert (record["state"], record["image_size"], record["mime"]) == ("succeeded", "", "application/pdf")
+
+
+def test_request_headers_reach_the_server(run_service, files):
+    files.add("/h", b"ok")
+    running = run_service(ROLES, processor={"request_headers": {"User-Agent": "gdl-test", "X-Default": "d"}})
+    finished(running, enqueue(running, files.url("/h"), request_headers={"X-Job": "j", "X-Default": "override"}))
+    [seen] = files.requests_for("/h")
+    assert (seen.headers["User-Agent"], seen.headers["X-Job"], seen.headers["X-Default"]) == \
+        ("gdl-test", "j", "override")
+
+
+def test_aggregation_proxy_is_used(run_service, files):
+    files.add("/via-proxy", b"proxied")
+    running = run_service(ROLES)
+    # The loopback server stands in for the proxy: it receives the absolute URI.
+    record = finished(running, enqueue(running, "http://origin.invalid/via-proxy", aggr_proxy=files.base_url))
+    assert (record["state"], record["bytes"]) == ("succeeded", 7)
+    [seen] = files.requests_for("/via-proxy")
+    assert seen.target == "http://origin.invalid/via-proxy"
+
+
+def test_every_aggregation_reaches_its_limit_and_never_passes_it(run_service):
+    server = HoldServer(hold=0.2)
+    try:
+        running = run_service(ROLES)
+        limits = {f"ag{i:02d}": 1 + i % 8 for i in range(20)}
+        ids = []
+        for aggr, limit in limits.items():
+            for n in range(limit * 3):
+                ids.append(enqueue(running, server.url(f"/hold/{aggr}/{n}"), aggr=aggr, limit=limit))
+        for job_id in ids:
+            assert finished(running, job_id)["state"] == "succeeded"
+        assert dict(server.peak) == limits
+        assert sum(server.total.values()) == len(ids)
+    finally:
+        server.stop()
+
+
+def test_disk_checker_pauses_and_resumes_on_thresholds():
+    readings = iter([50.0, 96.0, 93.0, 90.0, 97.0])
+    checker = DiskChecker("/", high=95, low=90, interval=1, stats=ProcessorStats(), usage=lambda _: next(readings))
+    assert [checker.check_once() for _ in range(5)] == [True, False, False, True, False]
+    assert checker.stats.snapshot()["disk_pauses"] == 2
+
+
+def test_a_full_disk_keeps_jobs_queued(run_service, files, store):
+    files.add("/a", b"data")
+    running = run_service(ROLES, processor={"disk": {"high": 0.001, "low": 0.0005, "interval": 0.1}})
+    job_id = enqueue(running, files.url("/a"))
+    gevent.sleep(1.0)
+    assert running.get(f"/jobs/{job_id}").json()["state"] == "queued"
+    assert files.count("/a") == 0
+    assert wait_until(lambda: running.get("/stats/processor").json().get("disk_paused")) == 1
+
+
+def test_reaper_deletes_a_due_file(run_service, tmp_path, store):
+    from gdl.job import new_id
+    from gdl.store import DELETIONS, job_key, now_ms
+
+    running = run_service(("processor",))
+    job_id = new_id()
+    path = Path(tmp_path / "files" / job_id[:3] / job_id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"old")
+    store.redis.hset(job_key(job_id), mapping={"id": job_id, "aggr_id": "a"})
+    store.redis.zadd(DELETIONS, {job_id: now_ms() + 800})
+    gevent.sleep(0.3)
+    assert path.exists()
+    wait_until(lambda: not path.exists(), timeout=5)
+    assert store.get_job(job_id) is None
+    assert running.service.scanner is not None

@@ -1,0 +1,170 @@
+"""The store's scripts against a real Redis: every move of a job is one step."""
+
+from gdl import store as keys
+from gdl.job import Job, new_id
+from gdl.store import CALLBACKS, DOWNLOADS
+
+NOW = 1_700_000_000_000
+OWNER = "host:1:abc"
+OTHER = "host:2:def"
+
+
+def make_job(aggr: str = "shop", **fields) -> Job:
+    base = dict(id=new_id(), url="http://example.com/a.png", aggr_id=aggr, aggr_limit=3,
+                callback_type="http", callback_dst="http://cb.example.com/")
+    base.update(fields)
+    return Job(**base)
+
+
+def test_enqueue_writes_job_aggregation_queue_and_index_together(store):
+    job = store.enqueue(make_job(aggr_proxy="http://proxy:3128"), now=NOW)
+    assert store.get_job(job.id).url == "http://example.com/a.png"
+    assert store.aggregation("shop") == (3, "http://proxy:3128")
+    assert store.redis.zscore(keys.queue_key("shop"), job.id) == NOW
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW
+    assert store.pending_aggregations() == [("shop", 1)]
+
+
+def test_enqueue_draws_a_new_id_when_taken(store):
+    first = store.enqueue(make_job(), now=NOW)
+    second = store.enqueue(make_job(id=first.id), now=NOW)
+    assert second.id != first.id
+    assert store.redis.zcard(keys.queue_key("shop")) == 2
+
+
+def test_due_index_keeps_the_earliest_due_time(store):
+    store.enqueue(make_job(), now=NOW + 500)
+    store.enqueue(make_job(), now=NOW)
+    store.enqueue(make_job(), now=NOW + 900)
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW
+    assert store.due_aggregations(NOW - 1) == []
+    assert store.due_aggregations(NOW) == ["shop"]
+
+
+def test_take_moves_due_jobs_in_flight_and_updates_the_index(store):
+    jobs = [store.enqueue(make_job(), now=NOW + i) for i in range(3)]
+    taken = store.take_downloads("shop", OWNER, now=NOW + 10, count=2, deadline=NOW + 5000)
+    assert [j.id for j in taken.jobs] == [jobs[0].id, jobs[1].id]
+    assert all(j.status.state == "in_flight" for j in taken.jobs)
+    assert taken.next_due == NOW + 2
+    assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], jobs[0].id) == NOW + 5000
+    assert store.redis.hget(keys.job_key(jobs[0].id), "owner") == OWNER
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 2
+    last = store.take_downloads("shop", OWNER, now=NOW + 10, count=5, deadline=NOW + 5000)
+    assert [j.id for j in last.jobs] == [jobs[2].id]
+    assert last.next_due is None
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") is None
+
+
+def test_take_leaves_future_jobs(store):
+    store.enqueue(make_job(), now=NOW + 1000)
+    taken = store.take_downloads("shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
+    assert taken.jobs == [] and taken.next_due == NOW + 1000
+
+
+def test_finish_queues_the_callback_in_one_step(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    assert store.finish_download(held, OWNER, now=NOW + 7, log_entry={"outcome": "succeeded"},
+                                 state="succeeded", attempts=1, bytes=10)
+    record = store.get_job(job.id)
+    assert (record.status.state, record.status.callback_state, record.status.bytes) == ("succeeded", "queued", 10)
+    assert store.redis.zscore(keys.CALLBACK_QUEUE, job.id) == NOW + 7
+    assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], job.id) is None
+    assert store.redis.hget(keys.job_key(job.id), "owner") is None
+    assert store.job_log(job.id) == [{"outcome": "succeeded"}]
+
+
+def test_finish_without_callback_needs_no_notifier(store):
+    job = store.enqueue(make_job(callback_type="", callback_dst="", s3_bucket="b", s3_region="eu-west-1"), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    assert store.get_job(job.id).status.callback_state == "none"
+    assert store.redis.zcard(keys.CALLBACK_QUEUE) == 0
+
+
+def test_settle_refuses_a_job_that_is_no_longer_ours(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
+    [again] = store.take_downloads("shop", OTHER, now=NOW + 102, count=1, deadline=NOW + 5000).jobs
+    assert not store.finish_download(held, OWNER, now=NOW + 103, log_entry={}, state="succeeded")
+    assert store.get_job(job.id).status.state == "in_flight"
+    assert store.redis.hget(keys.job_key(job.id), "owner") == OTHER
+    assert store.finish_download(again, OTHER, now=NOW + 104, log_entry={}, state="failed")
+
+
+def test_retry_reschedules_and_lowers_the_index(store):
+    job = store.enqueue(make_job(), now=NOW)
+    store.enqueue(make_job(), now=NOW + 10_000)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 10_000
+    store.retry_download(held, OWNER, due=NOW + 2000, now=NOW, log_entry=None, attempts=1, error="boom")
+    record = store.get_job(job.id)
+    assert (record.status.state, record.status.attempts, record.status.error) == ("queued", 1, "boom")
+    assert store.redis.zscore(keys.queue_key("shop"), job.id) == NOW + 2000
+    assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 2000
+
+
+def test_sweep_puts_expired_jobs_back_due_now(store):
+    job = store.enqueue(make_job(), now=NOW)
+    store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
+    assert store.sweep(DOWNLOADS, now=NOW + 100) == [job.id]
+    assert store.sweep(DOWNLOADS, now=NOW + 100) == []
+    assert store.get_job(job.id).status.state == "queued"
+    assert store.due_aggregations(NOW + 100) == ["shop"]
+
+
+def test_renew_extends_deadlines_and_reports_lost_leases(store):
+    job = store.enqueue(make_job(), now=NOW)
+    store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
+    assert store.claim_lease("shop", OWNER, 60_000)
+    assert not store.claim_lease("shop", OTHER, 60_000)
+    store.redis.set(keys.lease_key("other"), OTHER)
+    lost = store.renew(OWNER, 3000, now=NOW + 50, leases=["shop", "other"], inflight={DOWNLOADS: [job.id]})
+    assert lost == ["other"]
+    assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], job.id) == NOW + 3050
+    assert 0 < store.redis.pttl(keys.lease_key("shop")) <= 3000
+    assert not store.release_lease("shop", OTHER)
+    assert store.release_lease("shop", OWNER)
+    assert store.lease_holder("shop") is None
+
+
+def test_callback_cycle_delivered_then_forgotten(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
+    assert cb.status.callback_state == "in_flight"
+    assert store.callback_delivered(cb, OWNER, delete_at=NOW + 60_000, log_entry={"outcome": "delivered"},
+                                    callback_attempts=1)
+    assert store.get_job(job.id).status.callback_state == "delivered"
+    assert store.due_deletions(now=NOW + 59_999) == []
+    assert store.due_deletions(now=NOW + 60_000) == [job.id]
+    assert store.forget([job.id], now=NOW + 60_000) == 1
+    assert store.get_job(job.id) is None
+    assert store.job_log(job.id) == []
+
+
+def test_failed_callback_can_be_retried_once_failed(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    assert store.retry_failed_callback(job.id, now=NOW) == -1
+    assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
+    [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
+    store.callback_failed(cb, OWNER, log_entry={}, callback_attempts=3, callback_error="500")
+    assert store.retry_failed_callback(job.id, now=NOW + 5) == 1
+    record = store.get_job(job.id)
+    assert (record.status.callback_state, record.status.callback_attempts) == ("queued", 0)
+    assert store.redis.zscore(keys.CALLBACK_QUEUE, job.id) == NOW + 5
+
+
+def test_callback_sweep(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100)
+    assert store.sweep(CALLBACKS, now=NOW + 100) == [job.id]
+    assert store.get_job(job.id).status.callback_state == "queued"
+    assert store.redis.zscore(keys.CALLBACK_QUEUE, job.id) == NOW + 100
