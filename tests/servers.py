@@ -62,9 +62,11 @@ class HoldServer(_Server):
 
 
 class CallbackReceiver(_Server):
-    def __init__(self) -> None:
+    def __init__(self, hold: float = 0.0) -> None:
+        self.hold = hold
         self.received: dict[str, list[dict]] = defaultdict(list)
         self.script: dict[str, list[int]] = {}
+        self.current = 0
         super().__init__()
 
     def answer(self, path: str, *statuses: int) -> None:
@@ -84,6 +86,12 @@ class CallbackReceiver(_Server):
         path = environ["PATH_INFO"]
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = json.loads(environ["wsgi.input"].read(length) or b"null")
+        if self.hold:
+            self.current += 1
+            try:
+                gevent.sleep(self.hold)
+            finally:
+                self.current -= 1
         self.received[path].append(body)
         pending = self.script.get(path)
         status = pending.pop(0) if pending else 200
