@@ -17,7 +17,9 @@ fallback scan it also sweeps the in-flight set: jobs whose deadline passed
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import random
 import time
 from typing import Callable
@@ -102,6 +104,7 @@ class Scanner:
             swept = self.store.sweep(DOWNLOADS, now=now)
             if swept:
                 log.warning("scanner: put back %d job(s) whose process stopped renewing them", len(swept))
+                self._remove_partial_downloads(swept)
         if self.healthy.is_set() and not self.stopping:
             if full:
                 candidates = self.store.due_aggregations(now)
@@ -114,6 +117,20 @@ class Scanner:
         if next_due is not None and next_due > now:
             return (next_due - now) / 1000
         return self.cfg.processor.scan_interval
+
+    def _remove_partial_downloads(self, job_ids: list[str]) -> None:
+        """Temp files a dead process left for jobs it held (named ``<job id>.*``).
+
+        Runs right after the sweep, before this process could yield to a pool
+        that takes the job again and starts a new temp file.
+        """
+        for job_id in job_ids:
+            for path in glob.glob(os.path.join(glob.escape(self.cfg.processor.storage_dir), f"{job_id}.*")):
+                try:
+                    os.unlink(path)
+                    log.info("job %s: removed partial download %s", job_id, path)
+                except OSError:
+                    pass  # gone already, or on another machine's disk
 
     def _claim(self, aggr_id: str) -> None:
         if not self.store.claim_lease(aggr_id, self.keeper.owner, self.keeper.ttl_ms):
@@ -129,14 +146,21 @@ class Scanner:
         self.pools[aggr_id] = pool
         self.stats.incr("spawned")
         log.info("aggr %s: pool started (limit %d%s)", aggr_id, limit, ", proxy" if proxy else "")
-        greenlet = self.group.spawn(pool.run)
-        greenlet.link(lambda g: self._pool_ended(aggr_id, pool, g))
+        self.group.spawn(self._run_pool, aggr_id, pool)
 
-    def _pool_ended(self, aggr_id: str, pool: AggregationPool, greenlet: gevent.Greenlet) -> None:
+    def _run_pool(self, aggr_id: str, pool: AggregationPool) -> None:
+        try:
+            pool.run()
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            log.exception("aggr %s: pool crashed", aggr_id)
+        finally:
+            self._pool_ended(aggr_id, pool)
+
+    def _pool_ended(self, aggr_id: str, pool: AggregationPool) -> None:
         if self.pools.get(aggr_id) is pool:
             del self.pools[aggr_id]
-        if greenlet.exception is not None and not isinstance(greenlet.exception, gevent.GreenletExit):
-            log.error("aggr %s: pool crashed: %r", aggr_id, greenlet.exception)
         if aggr_id in self.keeper.leases:
             self.keeper.leases.discard(aggr_id)
             try:

@@ -38,20 +38,26 @@ class _Server:
 
 
 class HoldServer(_Server):
-    def __init__(self, hold: float = 0.2, body: bytes = b"held body") -> None:
+    """With ``midway``, the headers and half the body go out before the hold."""
+
+    def __init__(self, hold: float = 0.2, body: bytes = b"held body", midway: bool = False) -> None:
         self.hold = hold
         self.body = body
+        self.midway = midway
         self.current: Counter[str] = Counter()
         self.peak: Counter[str] = Counter()
         self.total: Counter[str] = Counter()
         super().__init__()
 
-    def app(self, environ: dict, start_response: Any) -> list[bytes]:
+    def app(self, environ: dict, start_response: Any) -> Any:
         parts = environ["PATH_INFO"].split("/")
         group = parts[2] if len(parts) > 2 else ""
         self.current[group] += 1
         self.total[group] += 1
         self.peak[group] = max(self.peak[group], self.current[group])
+        if self.midway:
+            start_response("200 OK", [("Content-Length", str(len(self.body)))])
+            return self._midway(group)
         try:
             gevent.sleep(self.hold)
         finally:
@@ -59,6 +65,15 @@ class HoldServer(_Server):
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(len(self.body)))])
         return [self.body]
+
+    def _midway(self, group: str) -> Any:
+        half = len(self.body) // 2
+        try:
+            yield self.body[:half]
+            gevent.sleep(self.hold)
+        finally:
+            self.current[group] -= 1
+        yield self.body[half:]
 
 
 class CallbackReceiver(_Server):

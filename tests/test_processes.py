@@ -1,0 +1,123 @@
+"""gdl as real processes: crashes, shutdown and several processes on one Redis.
+
+The test process serves the downloads and receives the callbacks (loopback
+servers on its own gevent hub); gdl runs as subprocesses that are signalled
+and killed for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from gdl import store as keys
+from gdl.store import Store
+from tests.conftest import wait_until
+from tests.servers import CallbackReceiver, HoldServer
+
+FAST = {"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1}
+
+
+def states(store: Store, ids: list[str], field: str = "state") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job_id in ids:
+        value = store.redis.hget(keys.job_key(job_id), field) or "gone"
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def temp_files(cfg) -> list[str]:
+    return os.listdir(cfg.processor.storage_dir) if os.path.isdir(cfg.processor.storage_dir) else []
+
+
+@pytest.fixture
+def hold_server():
+    server = HoldServer(hold=2.0, body=os.urandom(200_000), midway=True)
+    yield server
+    server.stop()
+
+
+def enqueue_many(api, server: HoldServer, aggrs: dict[str, int], per_limit: int = 1, callback: str = "") -> list[str]:
+    ids = []
+    for aggr, limit in aggrs.items():
+        for n in range(limit * per_limit):
+            ids.append(api.enqueue(url=server.url(f"/hold/{aggr}/{n}"), aggr_id=aggr, aggr_limit=limit,
+                                   callback_url=callback or "http://127.0.0.1:9/cb"))
+    return ids
+
+
+def test_sigkill_with_50_downloads_in_flight_loses_nothing(run_service, make_cfg, gdl_process, hold_server,
+                                                           store):
+    cfg = make_cfg(processor=FAST)
+    api = run_service(("api",), cfg=cfg)
+    first = gdl_process(cfg, "processor")
+    ids = enqueue_many(api, hold_server, {f"k{i}": 10 for i in range(5)})
+    wait_until(lambda: sum(hold_server.current.values()) == 50, timeout=15)
+    wait_until(lambda: len(temp_files(cfg)) == 50, timeout=10)  # partial downloads on disk
+    first.kill()
+    assert states(store, ids) == {"in_flight": 50}
+    hold_server.hold = 0.05
+    gdl_process(cfg, "processor", name="second.yaml")
+    wait_until(lambda: states(store, ids) == {"succeeded": 50}, timeout=30)
+    assert all(store.get_job(job_id).status.attempts == 1 for job_id in ids)
+    assert temp_files(cfg) == []
+    assert store.redis.zcard(keys.INFLIGHT["downloads"]) == 0
+
+
+def test_sigterm_puts_in_flight_work_back_and_exits_0_within_10s(make_cfg, gdl_process, hold_server, store,
+                                                                 run_service):
+    hold_server.hold = 60
+    cfg = make_cfg(processor=FAST)
+    api = run_service(("api",), cfg=cfg)
+    proc = gdl_process(cfg, "processor")
+    ids = enqueue_many(api, hold_server, {"t1": 4, "t2": 6})
+    wait_until(lambda: sum(hold_server.current.values()) == 10, timeout=15)
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert states(store, ids) == {"queued": 10}
+    assert {store.get_job(job_id).status.attempts for job_id in ids} == {0}
+    assert store.redis.zcard(keys.INFLIGHT["downloads"]) == 0
+    assert store.lease_holder("t1") is None and store.lease_holder("t2") is None
+    assert sorted(store.due_aggregations(keys.now_ms())) == ["t1", "t2"]
+    assert temp_files(cfg) == []
+    assert "putting back 10 job(s) in flight" in proc.output()
+
+
+def test_two_processors_together_never_pass_the_limit(make_cfg, gdl_process, run_service, store):
+    server = HoldServer(hold=0.2)
+    try:
+        cfg = make_cfg(processor=FAST)
+        api = run_service(("api",), cfg=cfg)
+        gdl_process(cfg, "processor", name="one.yaml")
+        gdl_process(cfg, "processor", name="two.yaml")
+        limits = {f"p{i}": 1 + i % 5 for i in range(10)}
+        ids = enqueue_many(api, server, limits, per_limit=4)
+        wait_until(lambda: states(store, ids) == {"succeeded": len(ids)}, timeout=40)
+        assert all(server.peak[aggr] <= limit for aggr, limit in limits.items()), dict(server.peak)
+        assert sum(server.total.values()) == len(ids)
+    finally:
+        server.stop()
+
+
+def test_sigkill_of_the_notifier_with_50_callbacks_in_flight(make_cfg, gdl_process, run_service, store):
+    receiver = CallbackReceiver(hold=3.0)
+    files = HoldServer(hold=0.0)
+    try:
+        cfg = make_cfg(processor=FAST, notifier={"concurrency": 50})
+        api = run_service(("api", "processor"), cfg=cfg)
+        notifier = gdl_process(cfg, "notifier")
+        ids = enqueue_many(api, files, {f"n{i}": 10 for i in range(5)}, callback=receiver.url("/cb"))
+        wait_until(lambda: receiver.current == 50, timeout=20)
+        notifier.kill()
+        receiver.hold = 0.0
+        gdl_process(cfg, "notifier", name="notifier2.yaml")
+        wait_until(lambda: states(store, ids, "callback_state") == {"delivered": 50}, timeout=30)
+        assert set(receiver.by_job()) == set(ids)
+    finally:
+        receiver.stop()
+        files.stop()
