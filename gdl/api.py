@@ -24,7 +24,8 @@ import logging
 import os
 import re
 import socket
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import gevent.event
 

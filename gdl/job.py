@@ -24,8 +24,9 @@ import math
 import re
 import secrets
 import string
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from gdl.errors import ValidationError
@@ -125,7 +126,7 @@ class Job:
         return out
 
     @classmethod
-    def from_hash(cls, data: Mapping[str, str]) -> "Job":
+    def from_hash(cls, data: Mapping[str, str]) -> Job:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name == "status" or f.name not in data:
@@ -288,7 +289,7 @@ def check_http_url(name: str, value: str) -> None:
         raise ValidationError(name, "must not contain whitespace or control characters")
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         raise ValidationError(name, f"is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https"):

@@ -19,7 +19,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 import gevent.event
@@ -109,6 +110,10 @@ class TakingPool:
                 self._wake.wait(random.uniform(0.5, 1.5))
                 continue
             unavailable = False
+            if taken.limit is not None and taken.limit != self.size:
+                self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
+                              self.size, taken.limit)
+                self.stopping = True
             for job in taken.jobs:
                 self.keeper.hold(self.kind, job.id)
                 self.pool.spawn(self._handle_held, job)

@@ -10,7 +10,7 @@ next pass deletes an already missing file.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import gevent.event
 

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 import gevent.event

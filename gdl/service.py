@@ -20,8 +20,8 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gevent
 import gevent.event

@@ -41,9 +41,10 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.exceptions
@@ -124,10 +125,12 @@ def now_ms() -> int:
 
 @dataclass
 class Taken:
-    """Jobs moved into an in-flight set, and when the queue's next job is due."""
+    """Jobs moved into an in-flight set, when the queue's next job is due, and
+    the aggregation's current limit (None for the callback queue)."""
 
     jobs: list[Job]
     next_due: int | None
+    limit: int | None = None
 
 
 class Store:
@@ -141,7 +144,7 @@ class Store:
 
     @classmethod
     def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
-                client_name: str = "gdl-tool") -> "Store":
+                client_name: str = "gdl-tool") -> Store:
         """A store on ``url`` (or on the Sentinel-managed master)."""
         if sentinel:
             hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
@@ -284,7 +287,7 @@ class Store:
 
     @_translated
     def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int) -> Taken:
-        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX]
+        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id)]
         args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id]
         return _taken(self._run("take", keys, args))
 
@@ -426,11 +429,12 @@ class Store:
 
 def _taken(reply: list) -> Taken:
     next_due = int(float(reply[0])) if reply[0] != "" else None
+    limit = int(reply[1]) if reply[1] != "" else None
     jobs = []
-    for i in range(1, len(reply), 2):
+    for i in range(2, len(reply), 2):
         flat = reply[i + 1]
         jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
-    return Taken(jobs, next_due)
+    return Taken(jobs, next_due, limit)
 
 
 _SCRIPTS = ("enqueue", "take", "settle", "sweep", "renew_leases", "release_lease", "retry_callback", "forget")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 import gevent.event

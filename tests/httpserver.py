@@ -156,7 +156,7 @@ def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHand
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client went away, e.g. after its deadline
 
-        do_POST = do_GET
+        do_POST = do_GET  # noqa: N815 - http.server's naming
 
         def _answer(self, route: Route) -> None:
             self._drain_request_body()

@@ -208,3 +208,17 @@ def test_reaper_deletes_a_due_file(run_service, tmp_path, store):
     wait_until(lambda: not path.exists(), timeout=5)
     assert store.get_job(job_id) is None
     assert running.service.scanner is not None
+
+
+def test_a_changed_limit_takes_effect_on_a_busy_aggregation(run_service):
+    server = HoldServer(hold=0.3)
+    try:
+        running = run_service(ROLES)
+        first = [enqueue(running, server.url(f"/hold/g/{n}"), aggr="g", limit=2) for n in range(4)]
+        wait_until(lambda: server.current["g"] == 2)
+        later = [enqueue(running, server.url(f"/hold/g/x{n}"), aggr="g", limit=5) for n in range(10)]
+        for job_id in first + later:
+            assert finished(running, job_id)["state"] == "succeeded"
+        assert server.peak["g"] == 5
+    finally:
+        server.stop()

@@ -46,7 +46,7 @@ def test_take_moves_due_jobs_in_flight_and_updates_the_index(store):
     taken = store.take_downloads("shop", OWNER, now=NOW + 10, count=2, deadline=NOW + 5000)
     assert [j.id for j in taken.jobs] == [jobs[0].id, jobs[1].id]
     assert all(j.status.state == "in_flight" for j in taken.jobs)
-    assert taken.next_due == NOW + 2
+    assert (taken.next_due, taken.limit) == (NOW + 2, 3)
     assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], jobs[0].id) == NOW + 5000
     assert store.redis.hget(keys.job_key(jobs[0].id), "owner") == OWNER
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 2

@@ -28,7 +28,8 @@ class HTTPBackend:
         except requests.RequestException as exc:
             raise CallbackError(f"callback to {destination} failed: {type(exc).__name__}: {exc}") from exc
         if not 200 <= response.status_code < 300:
-            raise CallbackError(f"callback to {destination} answered {response.status_code}", status=response.status_code)
+            status = response.status_code
+            raise CallbackError(f"callback to {destination} answered {status}", status=status)
         return response.status_code
 
     def stop(self) -> None:

@@ -2,12 +2,17 @@
 -- from the moment a job leaves its queue, Redis knows who holds it and until when.
 -- KEYS[1] queue (sorted by due ms)   KEYS[2] in-flight set (sorted by deadline ms)
 -- KEYS[3] optional: due index to keep in step with KEYS[1] (aggregation queues)
+-- KEYS[4] optional: the aggregation hash, whose current limit is returned
 -- ARGV[1] now (ms)        ARGV[2] most jobs to take    ARGV[3] deadline (ms)
 -- ARGV[4] owner token     ARGV[5] job key prefix       ARGV[6] state field to set
 -- ARGV[7] its value       ARGV[8] member of KEYS[3] (the aggregation id)
--- Returns {next due (ms, '' when the queue is empty), id, {job hash}, id, {job hash}, ...}
+-- Returns {next due (ms, '' when the queue is empty), limit ('' without KEYS[4]),
+--          id, {job hash}, id, {job hash}, ...}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {''}
+local out = {'', ''}
+if KEYS[4] then
+  out[2] = redis.call('HGET', KEYS[4], 'limit') or ''
+end
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local key = ARGV[5] .. id
