@@ -66,7 +66,7 @@ class FilesystemStorage(FileStorage):
 
     def path_for(self, job_id: str) -> str:
         """``<rootdir>/<id[0:3]>/<id>``; ValueError for an id unsafe as a file name."""
-        if not _SAFE_ID_RE.match(job_id):
+        if not _SAFE_ID_RE.fullmatch(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         return os.path.join(self.rootdir, job_id[:PREFIX_LENGTH], job_id)
 
@@ -82,7 +82,7 @@ class FilesystemStorage(FileStorage):
         log.debug("job %s: stored at %s", job.id, final)
 
     def delete(self, job_id: str) -> bool:
-        if not _SAFE_ID_RE.match(job_id):
+        if not _SAFE_ID_RE.fullmatch(job_id):
             return False
         path = self.path_for(job_id)
         try:
@@ -95,10 +95,10 @@ class FilesystemStorage(FileStorage):
         return True
 
     def exists(self, job_id: str) -> bool:
-        return _SAFE_ID_RE.match(job_id) is not None and os.path.isfile(self.path_for(job_id))
+        return _SAFE_ID_RE.fullmatch(job_id) is not None and os.path.isfile(self.path_for(job_id))
 
     def open(self, job_id: str) -> BinaryIO | None:
-        if not _SAFE_ID_RE.match(job_id):
+        if not _SAFE_ID_RE.fullmatch(job_id):
             return None
         path = self.path_for(job_id)
         try:

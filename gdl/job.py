@@ -117,12 +117,8 @@ class Job:
 
     def to_hash(self) -> dict[str, str]:
         """The flat string mapping stored in ``job:<id>`` (spec and status)."""
-        out: dict[str, str] = {}
-        for f in fields(self):
-            if f.name == "status":
-                continue
-            out[f.name] = _to_field(getattr(self, f.name))
-        out.update(status_fields(**asdict(self.status)))
+        out = {name: _to_field(getattr(self, name)) for name in _SPEC_FIELDS}
+        out.update({name: _to_field(getattr(self.status, name)) for name in _STATUS_FIELDS})
         return out
 
     @classmethod
@@ -145,10 +141,13 @@ class Job:
         return out
 
 
+_SPEC_FIELDS = tuple(f.name for f in fields(Job) if f.name != "status")
+_STATUS_FIELDS = tuple(f.name for f in fields(Status))
+
+
 def status_fields(**values: Any) -> dict[str, str]:
     """Status updates as hash fields; unknown names are a programming error."""
-    known = {f.name for f in fields(Status)}
-    unknown = set(values) - known
+    unknown = set(values).difference(_STATUS_FIELDS)
     if unknown:
         raise KeyError(f"not status fields: {sorted(unknown)}")
     return {k: _to_field(v) for k, v in values.items()}
