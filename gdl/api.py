@@ -29,7 +29,7 @@ from typing import Any
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, metrics
+from gdl import __version__, metrics, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
@@ -140,8 +140,9 @@ class API:
             except StoreUnavailable as err:
                 log.warning("api: %s %s: redis unavailable: %s", method, path, err)
                 return _json(503, {"error": "storage unavailable, try again"})
-            except Exception:
+            except Exception as exc:
                 log.exception("api: %s %s: unexpected error", method, path)
+                sentry.report(exc, component="api")
                 return _json(500, {"error": "internal error"})
         if allowed:
             status, headers, body = _json(405, {"error": f"method {method} not allowed on {path}"})

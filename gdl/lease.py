@@ -54,18 +54,12 @@ class Keeper:
     def run(self) -> None:
         interval = self.ttl_ms / 3000
         next_at = time.monotonic()
-        down = False
         while not self._stopping.is_set():
             next_at += interval
             try:
                 self.renew_once()
-                if down:
-                    log.info("keeper: redis is back, leases renewed")
-                down = False
-            except StoreUnavailable as exc:
-                if not down:
-                    log.warning("keeper: cannot renew leases (%s)", exc)
-                down = True
+            except StoreUnavailable:
+                pass  # logged once per outage by the store; leases outlive a short one
             self._stopping.wait(max(0.0, next_at - time.monotonic()))
 
     def renew_once(self) -> None:

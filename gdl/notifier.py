@@ -22,7 +22,7 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from gdl import callback
+from gdl import callback, sentry
 from gdl.backends import Backend
 from gdl.config import Config
 from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend
@@ -76,6 +76,10 @@ class Notifier(TakingPool):
         except gevent.GreenletExit:
             self._put_back(job)
             raise
+        except Exception as exc:  # a bug or a library surprise: reported, retried as an attempt
+            log.exception("job %s: unexpected error delivering the callback", job.id)
+            sentry.report(exc, component="notifier", job_id=job.id)
+            self._failed(job, CallbackError(f"unexpected error: {type(exc).__name__}: {exc}"), started)
         else:
             self._delivered(job, status, started)
         finally:

@@ -26,6 +26,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
+from gdl import sentry
 from gdl.config import Config
 from gdl.download import Downloader, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
@@ -38,7 +39,9 @@ from gdl.store import DOWNLOADS, Store, Taken
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 5.0  # longest sleep between looks at the queue when nothing wakes us
-SETTLE_BACKOFF_MAX = 5.0
+# Waits between tries while Redis is away (doubling, with jitter).
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
 
 
 class AggrLog(logging.LoggerAdapter):
@@ -91,7 +94,7 @@ class TakingPool:
 
     def run(self) -> None:
         idle_since: float | None = None
-        unavailable = False
+        backoff = BACKOFF_MIN
         while not self.stopping:
             if self.gate is not None and not self.gate.is_set():
                 self._wait_for_gate()
@@ -103,13 +106,11 @@ class TakingPool:
             self._wake.clear()  # before taking, so a wake during the take is not lost
             try:
                 taken = self.take(now, self.pool.free_count())
-            except StoreUnavailable as exc:
-                if not unavailable:
-                    self.log.warning("cannot take work: %s", exc)
-                unavailable = True
-                self._wake.wait(random.uniform(0.5, 1.5))
+            except StoreUnavailable:  # logged once per outage by the store
+                self._wake.wait(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            unavailable = False
+            backoff = BACKOFF_MIN
             if taken.limit is not None and taken.limit != self.size:
                 self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
                               self.size, taken.limit)
@@ -153,18 +154,18 @@ class TakingPool:
 
     def settle(self, what: str, job: Job, write: Callable[[], bool]) -> None:
         """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
-        backoff = 0.1
+        backoff = BACKOFF_MIN
         while True:
             try:
                 if not write():
                     self.log.warning("job %s: %s not recorded, the job is no longer ours", job.id, what)
                 return
-            except StoreUnavailable as exc:
+            except StoreUnavailable:
                 if self.stopping:
-                    self.log.warning("job %s: %s left to the sweep, redis unavailable: %s", job.id, what, exc)
+                    self.log.warning("job %s: %s left to the sweep, redis unavailable", job.id, what)
                     return
                 gevent.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, SETTLE_BACKOFF_MAX)
+                backoff = min(backoff * 2, BACKOFF_MAX)
 
 
 class AggregationPool(TakingPool):
@@ -215,6 +216,7 @@ class AggregationPool(TakingPool):
             raise
         except Exception as exc:  # a bug or an unexpected library error: reported, retried as an attempt
             self.log.exception("job %s: unexpected error", job.id)
+            sentry.report(exc, component="processor", aggr_id=self.aggr_id, job_id=job.id)
             self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started)
         else:
             self._succeeded(job, fetched, started)
@@ -240,6 +242,9 @@ class AggregationPool(TakingPool):
         max_retries = job.max_retries if job.max_retries is not None else self.cfg.max_retries
         retry = err.retriable and (err.internal or attempts <= max_retries)
         outcome = "retry" if retry else "failed"
+        if err.internal:  # our disk or our storage: someone should look
+            self.log.warning("job %s: internal error: %s", job.id, err)
+            sentry.report(err, component="processor", aggr_id=self.aggr_id, job_id=job.id)
         self.stats.download_finished(outcome, err.response_code, 0, time.monotonic() - started)
         entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)

@@ -77,7 +77,6 @@ class Scanner:
     def run(self) -> None:
         interval = self.cfg.processor.scan_interval
         next_full = time.monotonic()
-        down = False
         while not self.stopping:
             self._event.clear()
             now = self.clock()
@@ -86,13 +85,8 @@ class Scanner:
                 next_full = time.monotonic() + interval
             try:
                 timeout = self.scan_once(now)
-                if down:
-                    log.info("scanner: redis is back")
-                down = False
-            except StoreUnavailable as exc:
-                if not down:
-                    log.warning("scanner: redis unavailable (%s); pools keep what they hold", exc)
-                down = True
+            except StoreUnavailable:  # logged once per outage by the store
+                self._full_scan = True
                 timeout = random.uniform(0.5, 1.5)
             self._event.wait(min(timeout, max(0.0, next_full - time.monotonic())))
 

@@ -128,6 +128,7 @@ class Service:
         except StoreUnavailable as exc:
             where = "redis.sentinel" if self.cfg.redis.sentinel else "redis.url"
             raise StartupError(f"{where}: cannot reach redis at {_redacted(url)}: {exc}") from exc
+        store.health.watch()
         return store
 
     def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storage: FileStorage) -> Stats:
@@ -174,8 +175,10 @@ class Service:
         self.greenlets.append(greenlet)
 
     def _crashed(self, name: str, greenlet: gevent.Greenlet) -> None:
-        log.error("%s: crashed: %r; stopping the process", name, greenlet.exception,
-                  exc_info=(type(greenlet.exception), greenlet.exception, greenlet.exception.__traceback__))
+        exc = greenlet.exception
+        log.error("%s: crashed: %r; stopping the process", name, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        sentry.report(exc, component=name)
         self.request_stop()
 
     # ------------------------------------------------------------------ run and stop
@@ -231,6 +234,7 @@ class Service:
             if self.embedded is not None:
                 self.embedded.stop(self.store, self.client_name)
             self.store.close()
+        sentry.flush(timeout=min(2.0, left()))
         log.info("gdl: stopped in %.1fs", time.monotonic() - started)
 
 

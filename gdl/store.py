@@ -97,25 +97,64 @@ PROCESSES = PREFIX + "processes"
 STATE_FIELD = {DOWNLOADS: "state", CALLBACKS: "callback_state"}
 
 # Redis failures that mean "not now" rather than "wrong": translated to StoreUnavailable.
+# (A ReadOnlyError is a master demoted by a failover: the next connection finds the new one.)
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,
     OSError,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Health:
+    """Whether Redis answers, as this process last saw it.
+
+    Every greenlet meets an outage; only this object logs it: one line when
+    it starts, one when it ends (once :meth:`watch` is called: before that,
+    at start-up or in a one-shot command, the caller reports the failure).
+    ``errors`` counts failed calls for metrics.
+    """
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.errors = 0
+        self.outages = 0
+        self.watching = False
+
+    def watch(self) -> None:
+        self.watching = True
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            if self.watching:
+                log.warning("redis: unavailable (%s); work pauses and resumes when it is back", exc)
+
+    def answered(self) -> None:
+        if self.down_since is not None:
+            if self.watching:
+                log.warning("redis: back after %.1fs", time.monotonic() - self.down_since)
+            self.down_since = None
+
+
 def _translated(fn: F) -> F:
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(self, *args, **kwargs)
         except _UNAVAILABLE as exc:
+            self.health.failed(exc)
             raise StoreUnavailable(f"redis: {exc}") from exc
+        if self.health.down_since is not None:
+            self.health.answered()
+        return result
     return wrapper  # type: ignore[return-value]
 
 
@@ -138,6 +177,7 @@ class Store:
 
     def __init__(self, client: redis.Redis):
         self.redis = client
+        self.health = Health()
         self._scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
 
     # ---------------------------------------------------------------- setup

@@ -50,20 +50,14 @@ class Wakeup:
 
     def run(self) -> None:
         backoff = 0.1
-        down = False
         while not self._stopping.is_set():
             try:
                 pubsub = self.store.subscribe(*self._handlers)
-                if down:
-                    log.info("wakeup: redis is back, listening again")
-                down, backoff = False, 0.1
+                backoff = 0.1
                 self.subscribed.set()
                 self._dispatch_all(None)
                 self._listen(pubsub)
-            except StoreUnavailable as exc:
-                if not down:
-                    log.warning("wakeup: lost redis (%s); retrying with backoff", exc)
-                down = True
+            except StoreUnavailable:  # logged once per outage by the store
                 self.subscribed.clear()
                 self._stopping.wait(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, MAX_BACKOFF)
