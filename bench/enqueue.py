@@ -22,48 +22,19 @@ import argparse
 import http.client
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-import yaml
-
-from gdl.redis_server import find_binary
+from common import api_answers, cpu_seconds, free_port, start_gdl, start_redis, stop_process, wait_for, write_gdl_config
 
 log = logging.getLogger("bench.enqueue")
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 20.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: {what} did not come up within {timeout:.0f}s")
-        time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 # --------------------------------------------------------------------------- servers
@@ -80,64 +51,26 @@ class Servers:
         self.gdl: subprocess.Popen | None = None
 
     def __enter__(self) -> Self:
-        self.redis = subprocess.Popen(
-            [find_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for("redis-server", lambda: _redis_pings(self.redis_port))
-        config = {
-            "redis": {"url": f"redis://127.0.0.1:{self.redis_port}/0"},
-            "api": {"host": "127.0.0.1", "port": self.api_port, "heartbeat_path": str(self.dir / "disable-api")},
-            "processor": {"storage_dir": str(self.dir / "tmp"),
-                          "filestorage": {"type": "filesystem", "rootdir": str(self.dir / "files")}},
-        }
-        path = self.dir / "gdl.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.gdl_log = open(self.dir / "gdl.log", "wb")
-        self.gdl = subprocess.Popen(
-            [sys.executable, "-m", "gdl.cli", "--config", str(path), "--log-level", self.log_level, "api"],
-            stdout=self.gdl_log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-        )
-        wait_for("gdl api", self._api_answers)
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()  # nothing left running when gdl fails to start
+            raise
+
+    def _start(self) -> Self:
+        self.redis = start_redis(self.dir, self.redis_port)
+        config = write_gdl_config(self.dir, self.redis_port, self.api_port)
+        log_path = self.dir / "gdl.log"
+        self.gdl = start_gdl(config, "api", self.log_level, log_path)
+        gdl = self.gdl
+        wait_for("gdl api", lambda: api_answers(self.api_port, gdl, log_path))
         log.info("redis-server pid %d on port %d, gdl pid %d on port %d",
                  self.redis.pid, self.redis_port, self.gdl.pid, self.api_port)
         return self
 
-    def _api_answers(self) -> bool:
-        if self.gdl is not None and self.gdl.poll() is not None:
-            raise SystemExit(f"bench: gdl exited with {self.gdl.returncode}:\n"
-                             + (self.dir / "gdl.log").read_text())
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=2)
-            conn.request("GET", "/hb")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
     def __exit__(self, *exc: object) -> None:
-        if self.gdl is not None and self.gdl.poll() is None:
-            self.gdl.send_signal(signal.SIGTERM)
-            try:
-                status = self.gdl.wait(timeout=15)
-                log.info("gdl exited with %d", status)
-            except subprocess.TimeoutExpired:
-                log.warning("gdl did not exit within 15s of SIGTERM; killing it")
-                self.gdl.kill()
-                self.gdl.wait()
-            self.gdl_log.close()
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            self.redis.wait(timeout=10)
-
-
-def _redis_pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+        stop_process(self.gdl, "gdl")
+        stop_process(self.redis, "redis-server", timeout=10)
 
 
 # --------------------------------------------------------------------------- load

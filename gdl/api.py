@@ -10,7 +10,10 @@ Routes (the Go service's, plus gdl's own)::
     GET  /jobs/<id>                 a job's state and attempts    200 {...} | 404
     GET  /metrics                   Prometheus exposition         200
     GET  /files/<id[0:3]>/<id>      a stored file                 200 bytes | 404
-    GET  /                          the dashboard page            200 HTML
+    GET  /api/overview              processes, queues, aggregations  200 {...}   (gdl/dashboard.py)
+    GET  /api/throughput?minutes=N  10-second buckets, last 15 min   200 {...}
+    GET  /api/failures?limit=N      failed downloads and callbacks   200 {...}
+    GET  /                          the dashboard page            200 HTML (gdl/static/dashboard.html)
 
 It talks only to the store (and to the file storage for ``/files``). Every
 error is JSON ``{"error": ...}``; a Redis outage is a 503, never a traceback.
@@ -25,11 +28,13 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable
+from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, metrics, sentry
+from gdl import __version__, dashboard, metrics, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
@@ -111,8 +116,15 @@ class API:
             ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
             ("GET", re.compile(r"^/metrics$"), self.get_metrics),
             ("GET", re.compile(r"^/files/([^/]+)/([^/]+)$"), self.get_file),
+            ("GET", re.compile(r"^/api/overview$"), self.get_overview),
+            ("GET", re.compile(r"^/api/throughput$"), self.get_throughput),
+            ("GET", re.compile(r"^/api/failures$"), self.get_failures),
             ("GET", re.compile(r"^/$"), self.get_index),
         ]
+        # The page holds no data (it reads the JSON endpoints, sending a token when one is
+        # typed in), so it loads even when api_tokens_read guards every GET.
+        self.public = {self.get_index}
+        self.index_html = INDEX_HTML.replace("{version}", __version__)
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         status, headers, body = self.dispatch(environ)
@@ -131,7 +143,8 @@ class API:
                 allowed += [route_method, "HEAD"] if route_method == "GET" else [route_method]
                 continue
             try:
-                self._authorize(environ, method)
+                if handler not in self.public:
+                    self._authorize(environ, method)
                 return handler(environ, *match.groups())
             except HTTPError as err:
                 return _json(err.status, {"error": str(err)})
@@ -247,7 +260,17 @@ class API:
         return _STATUS[200], headers, body
 
     def get_index(self, environ: dict) -> Response:
-        return _text(200, INDEX_HTML.replace("{version}", __version__), "text/html; charset=utf-8")
+        return _text(200, self.index_html, "text/html; charset=utf-8")
+
+    def get_overview(self, environ: dict) -> Response:
+        return _json(200, dashboard.overview(self.store, self.clock()))
+
+    def get_throughput(self, environ: dict) -> Response:
+        minutes = _query_int(environ, "minutes", dashboard.THROUGHPUT_MINUTES, 1, dashboard.THROUGHPUT_MINUTES)
+        return _json(200, dashboard.throughput(self.store, self.clock(), minutes=minutes))
+
+    def get_failures(self, environ: dict) -> Response:
+        return _json(200, dashboard.failures(self.store, limit=_query_int(environ, "limit", 50, 1, 100)))
 
     def _check_id(self, job_id: str, status: int) -> None:
         if not is_valid_id(job_id):
@@ -260,13 +283,18 @@ def _chunks(handle: Any) -> Iterable[bytes]:
             yield chunk
 
 
-INDEX_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>gdl</title></head>
-<body><h1>gdl {version}</h1>
-<ul>
-<li><a href="/dashboard/aggregations">pending aggregations</a></li>
-<li><a href="/stats/processor">processor stats</a></li>
-<li><a href="/stats/notifier">notifier stats</a></li>
-<li><a href="/metrics">metrics</a></li>
-</ul></body></html>
-"""
+def _query_int(environ: dict, name: str, default: int, low: int, high: int) -> int:
+    values = parse_qs(environ.get("QUERY_STRING", "")).get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError as exc:
+        raise HTTPError(400, f"{name}: must be a whole number") from exc
+    if not low <= value <= high:
+        raise HTTPError(400, f"{name}: must be between {low} and {high}")
+    return value
+
+
+# The dashboard: one self-contained page (inline CSS and JS, no CDN) reading /api/*.
+INDEX_HTML = resources.files("gdl").joinpath("static", "dashboard.html").read_text()

@@ -20,23 +20,19 @@ from typing import Any
 from gdl.job import Job
 
 
-def file_path(job_id: str) -> str:
-    """A stored file's path under the storage root and under ``download_url``."""
-    return f"{job_id[:3]}/{job_id}"
+def payload(job: Job, *, download_url: str) -> dict[str, Any]:
+    """The callback body of a finished job.
 
-
-def download_url(base: str, job_id: str) -> str:
-    return f"{base.rstrip('/')}/{file_path(job_id)}"
-
-
-def payload(job: Job, *, download_base: str) -> dict[str, Any]:
+    ``download_url`` is where the stored file is (the job's storage decides:
+    :meth:`gdl.filestorage.Storages.url_for`); a failed download has none.
+    """
     success = job.status.state == "succeeded"
     return {
         "success": success,
         "error": job.status.error,
         "extra": job.extra,
         "resource_url": job.url,
-        "download_url": download_url(download_base, job.id) if success else "",
+        "download_url": download_url if success else "",
         "job_id": job.id,
         "response_code": job.status.response_code,
         "delivered": success,

@@ -1,10 +1,11 @@
 """The ``gdl`` command: patches gevent first, then parses, configures and runs.
 
     gdl [--config FILE] [--log-level LEVEL] [--log-format text|json] [ROLE]
+    gdl [--config FILE] COMMAND [OPTIONS]     enqueue | status | job | retry-failed | fsck
 
-With no role, one process runs every role (api, processor, notifier). A bad
-config, an unreachable Redis or an unwritable directory is one line on
-stderr and exit status 2.
+With no role, one process runs every role (api, processor, notifier). The
+operator commands live in :mod:`gdl.commands`. A bad config, an unreachable
+Redis or an unwritable directory is one line on stderr and exit status 2.
 """
 
 # Patching must happen before anything imports socket, ssl or threading
@@ -17,34 +18,54 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from gdl import __version__, config, logs  # noqa: E402
-from gdl.errors import ConfigError, StartupError  # noqa: E402
+from gdl import __version__, commands, config, logs  # noqa: E402
+from gdl.errors import ConfigError, StartupError, StoreUnavailable  # noqa: E402
 
 log = logging.getLogger("gdl")
 
 EXIT_USAGE = 2
+ROLES = ("api", "processor", "notifier")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", default=default,
+                        help="YAML config (default: built-in defaults)")
+    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
+                        help="default: info for the service, warning for commands")
+    parser.add_argument("--log-format", default=default, choices=["text", "json"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gdl", description="Asynchronous, rate-limited download service.")
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    _global_options(parser, None)
     parser.add_argument("--version", action="version", version=f"gdl {__version__}")
-    parser.add_argument("role", nargs="?", choices=["api", "processor", "notifier"],
-                        help="run one role only (default: all of them)")
+    # The global options may also follow the role or command; there they must not
+    # overwrite a value given before it, hence SUPPRESS.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="ROLE or COMMAND",
+                                title="roles (default: all of them in one process) and operator commands")
+    for role in ROLES:
+        sub.add_parser(role, parents=[common], help=f"run the {role} role only")
+    commands.add_parsers(sub, [common])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
+    command = args.command if args.command in commands.COMMANDS else None
+    logs.setup(args.log_level or ("warning" if command else "info"), args.log_format or "text")
     try:
         cfg = config.load(args.config)
-        return run_service(cfg, args.role)
-    except (ConfigError, StartupError) as exc:
+        if command:
+            return commands.run(command, args, cfg)
+        return run_service(cfg, args.command)
+    except (ConfigError, StartupError, StoreUnavailable) as exc:
         print(f"gdl: {exc}", file=sys.stderr)  # the one line an operator reads; logging may not be set up
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C in a command (the service handles SIGINT itself)
+        return 130
 
 
 def run_service(cfg: config.Config, role: str | None) -> int:

@@ -39,6 +39,8 @@ class RedisConfig:
     embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
     sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
     master_name: str = _key("", "sentinel master name")
+    wait_replicas: int = _key(0, "replicas that must confirm a new job before POST /download answers 201",
+                              min=0, max=10)
 
 
 @dataclass(frozen=True)
@@ -290,8 +292,19 @@ def _check_relations(cfg: Config) -> None:
         if not isinstance(fs.get("rootdir"), str) or not fs["rootdir"]:
             raise ConfigError("processor.filestorage.rootdir: required for filesystem storage")
     elif kind == "s3":
-        if not isinstance(fs.get("bucket"), str) or not fs["bucket"]:
-            raise ConfigError("processor.filestorage.bucket: required for s3 storage")
+        # rootdir is tolerated: the default mapping carries it, and GDL_PROCESSOR_FILESTORAGE_TYPE=s3
+        # amends that default rather than replacing it.
+        for name in fs:
+            if name not in ("type", "bucket", "region", "endpoint_url", "rootdir"):
+                raise ConfigError(f"processor.filestorage.{name}: unknown key for s3 storage")
+        for name in ("bucket", "region"):
+            if not isinstance(fs.get(name), str) or not fs[name]:
+                raise ConfigError(f"processor.filestorage.{name}: required for s3 storage")
+        endpoint = fs.get("endpoint_url")
+        if endpoint is not None and endpoint != "" and (
+                not isinstance(endpoint, str) or urlsplit(endpoint).scheme not in ("http", "https")
+                or not urlsplit(endpoint).hostname):
+            raise ConfigError(f"processor.filestorage.endpoint_url: must be an http(s) URL (got {endpoint!r})")
     else:
         raise ConfigError(f"processor.filestorage.type: must be filesystem or s3 (got {kind!r})")
     if urlsplit(cfg.processor.download_url).scheme not in ("http", "https"):

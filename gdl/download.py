@@ -8,6 +8,11 @@ reading the image size at the end. It returns a :class:`Fetched` or raises a
 :class:`~gdl.errors.DownloadError` subclass; on every failure the temp file is
 gone. Where the file goes next is :mod:`gdl.filestorage`'s business; this
 module knows nothing of Redis.
+
+Redirects are followed here, hop by hop, not by requests: each hop's scheme
+is checked (http and https only), its connection goes through the
+:class:`~gdl.netguard.AddressGuard` when one is given, a redirect's body is
+dropped after at most a few KiB, and ``max_redirects`` hops are followed.
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ import email.utils
 import http.cookiejar
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
 
 import gevent
 import requests
 import urllib3.exceptions
+from requests.cookies import RequestsCookieJar, extract_cookies_to_jar
 from requests.structures import CaseInsensitiveDict
+from requests.utils import requote_uri
 from urllib3.util import SKIP_HEADER
 
-from gdl import mime
+from gdl import diskio, mime
 from gdl.errors import (
+    BlockedAddress,
     ConnectionFailed,
     DownloadError,
     DownloadTimeout,
@@ -42,6 +50,7 @@ from gdl.errors import (
     TruncatedBody,
 )
 from gdl.job import Job
+from gdl.netguard import AddressGuard, HopSession, discard_body, mount_adapters
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +78,23 @@ class _Attempt:
 
 
 class Downloader:
-    """Downloads jobs of one aggregation through one keep-alive session."""
+    """Downloads jobs of one aggregation through one keep-alive session.
+
+    With a ``guard``, every connection (the URL's host, each redirect hop's,
+    the proxy's) is checked by it, and a target reached through the proxy is
+    checked as far as its URL shows.
+    """
 
     def __init__(self, *, proxy: str, default_headers: dict[str, str], storage_dir: str, chunk_size: int,
-                 max_bytes: int = 0, max_redirects: int = 10):
+                 max_bytes: int = 0, max_redirects: int = 10, guard: AddressGuard | None = None,
+                 pool_size: int = 10):
         self.storage_dir = storage_dir
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
-        self.session = _make_session(proxy, default_headers, max_redirects)
+        self.max_redirects = max_redirects
+        self.proxy = proxy
+        self.guard = guard
+        self.session = _make_session(proxy, default_headers, guard, pool_size)
 
     def close(self) -> None:
         self.session.close()
@@ -122,16 +140,53 @@ class Downloader:
 
     def _request(self, job: Job, timeout: float) -> requests.Response:
         """Send the GET and follow redirects; returns with the final response's headers read."""
+        url = job.url
+        headers = CaseInsensitiveDict(job.request_headers)  # overlaid on the session's defaults
+        cookies = RequestsCookieJar()  # cookies set by one hop go to the next ones, as browsers do
+        for hop in range(self.max_redirects + 1):
+            try:
+                response = self._send(url, headers, cookies, timeout)
+            except BlockedAddress as exc:
+                if hop:
+                    raise BlockedAddress(f"{exc}, at redirect {hop} to {url}") from exc
+                raise
+            location = self.session.get_redirect_target(response)
+            if location is None:
+                return response
+            extract_cookies_to_jar(cookies, response.request, response.raw)
+            discard_body(response)
+            if hop == self.max_redirects:
+                raise TooManyRedirects(f"more than {self.max_redirects} redirects (security.max_redirects)",
+                                       response_code=response.status_code)
+            next_url = redirect_url(response.url, location)
+            if self.session.should_strip_auth(url, next_url):
+                headers.pop("Authorization", None)
+            headers.pop("Cookie", None)  # from here on, cookies come from the jar only (as in requests)
+            url = next_url
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _send(self, url: str, headers: CaseInsensitiveDict, cookies: RequestsCookieJar,
+              timeout: float) -> requests.Response:
+        """One GET, no redirect followed."""
+        self._check_url(url)
         try:
-            return self.session.get(
-                job.url,
-                headers=job.request_headers,  # overlaid on the session's defaults, case-insensitively
-                stream=True,
-                allow_redirects=True,
-                timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout),
-            )
+            return self.session.get(url, headers=headers, cookies=cookies, stream=True, allow_redirects=False,
+                                    timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout))
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise request_error(exc) from exc
+
+    def _check_url(self, url: str) -> None:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError as exc:
+            raise InvalidURL(f"invalid URL {url!r}: {exc}") from exc
+        if parts.scheme.lower() not in ("http", "https"):
+            raise InvalidURL(f"invalid URL {url!r}: only http and https URLs are fetched")
+        if not host:
+            raise InvalidURL(f"invalid URL {url!r}: no host")
+        if self.guard is not None and self.proxy:
+            self.guard.check_proxied_target(host)
 
     def _check_declared_length(self, response: requests.Response) -> None:
         declared = content_length(response)
@@ -174,15 +229,16 @@ class Downloader:
         return found_mime
 
 
-def _make_session(proxy: str, default_headers: dict[str, str], max_redirects: int) -> requests.Session:
-    session = requests.Session()
+def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGuard | None,
+                  pool_size: int) -> requests.Session:
+    session = HopSession()
     # Only the configured headers: no requests defaults (Accept-Encoding: gzip
     # would ask for bytes other than the resource's). SKIP_HEADER keeps
     # http.client from adding its own "Accept-Encoding: identity".
     headers = CaseInsensitiveDict(default_headers)
     headers.setdefault("Accept-Encoding", SKIP_HEADER)
     session.headers = headers
-    session.max_redirects = max_redirects
+    mount_adapters(session, guard, pool_size=pool_size)
     if proxy:
         session.proxies = {"http": proxy, "https": proxy}
     # The environment must not pick proxies or send .netrc credentials to the
@@ -216,6 +272,15 @@ def check_mime(head: bytes, expected: str, patterns: mime.MimePatterns | None, r
     return found
 
 
+def redirect_url(current: str, location: str) -> str:
+    """Where a redirect from ``current`` to ``location`` leads, resolved as requests does."""
+    if location.startswith("//"):  # scheme-relative (RFC 1808)
+        location = f"{urlsplit(current).scheme}:{location}"
+    if not urlsplit(location).netloc:
+        return urljoin(current, requote_uri(location))
+    return requote_uri(location)
+
+
 def content_length(response: requests.Response) -> int | None:
     """The declared body length, or None when absent or unreadable."""
     value = response.headers.get("Content-Length")
@@ -246,16 +311,11 @@ def request_error(exc: Exception) -> DownloadError:
     # Order matters: SSLError, ProxyError and ConnectTimeout are ConnectionErrors.
     if isinstance(exc, requests.exceptions.SSLError):
         return TLSError(f"TLS error: {text}")
-    if isinstance(exc, requests.exceptions.TooManyRedirects):
-        return TooManyRedirects(text)
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                         requests.exceptions.InvalidSchema, requests.exceptions.URLRequired)):
         return InvalidURL(f"invalid URL: {text}")
     if isinstance(exc, requests.exceptions.ReadTimeout):
         return DownloadTimeout(f"no response in time: {text}")
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
-        # Raised while requests drains a redirect's body.
-        return TruncatedBody(text)
     return ConnectionFailed(f"connection failed: {text}")
 
 
@@ -270,7 +330,7 @@ class _TempFile:
     @classmethod
     def create(cls, directory: str, *, prefix: str) -> _TempFile:
         try:
-            fd, path = tempfile.mkstemp(dir=directory, prefix=prefix)
+            fd, path = diskio.mkstemp(directory, prefix)
         except OSError as exc:
             raise StorageError(f"cannot create a temp file in {directory}: {exc.strerror}") from exc
         return cls(path, os.fdopen(fd, "wb"))
@@ -286,7 +346,7 @@ class _TempFile:
         """Flush to disk and close: the file survives a crash from here on."""
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            diskio.fsync(self.file.fileno())
             self.file.close()
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc

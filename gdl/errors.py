@@ -160,3 +160,27 @@ class UndefinedBackend(CallbackError):
 
     def __init__(self, name: str):
         super().__init__(f"callback backend {name!r} is not configured", retriable=False)
+
+
+class S3StorageError(StorageError):
+    """Storing in, or deleting from, S3 failed.
+
+    ``retriable`` follows the nature of the failure: throttling, a 5xx answer,
+    a dropped or refused connection may pass; access denied, no such bucket or
+    any other 4xx will not. ``internal`` says whose bucket it is: ours
+    (``processor.filestorage``), so a retry is not counted as an attempt, or
+    the caller's (the job's ``s3_bucket``), whose failures count like the
+    remote server's.
+    """
+
+    def __init__(self, message: str, *, retriable: bool, internal: bool):
+        super().__init__(message)
+        self.retriable = retriable
+        self.internal = internal
+
+
+class UnknownTopic(CallbackError):
+    """Kafka: the callback's topic, or its partition, does not exist. Not retried."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retriable=False)

@@ -54,6 +54,12 @@ class _Snapshot:
             callbacks.add_metric([outcome], notifier.get(outcome, 0))
         yield callbacks
         yield CounterMetricFamily("gdl_reaped", "Files deleted by the reaper", value=processor.get("reaper_deleted", 0))
+        yield _gauge("gdl_disk_used_percent", "Storage filesystem usage, highest over processors",
+                     {(): max((r.get("disk_used_percent", 0) for r in self.reports.get("processor", [])), default=0)})
+        errors = CounterMetricFamily("gdl_redis_errors", "Failed Redis calls", labels=["component"])
+        errors.add_metric(["processor"], processor.get("redis_errors", 0))
+        errors.add_metric(["notifier"], notifier.get("redis_errors", 0))
+        yield errors
 
 
 def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | None = None) -> GaugeMetricFamily:

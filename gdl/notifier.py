@@ -25,7 +25,8 @@ import gevent.event
 from gdl import callback, sentry
 from gdl.backends import Backend
 from gdl.config import Config
-from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend
+from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend, UnknownTopic
+from gdl.filestorage import Storages
 from gdl.job import Job
 from gdl.lease import Keeper
 from gdl.pool import TakingPool
@@ -39,11 +40,11 @@ class Notifier(TakingPool):
     kind = CALLBACKS
 
     def __init__(self, store: Store, cfg: Config, keeper: Keeper, backends: dict[str, Backend], *,
-                 stats: NotifierStats, clock: Callable[[], int] = now_ms):
+                 stats: NotifierStats, storages: Storages | None = None, clock: Callable[[], int] = now_ms):
         super().__init__(size=cfg.notifier.concurrency, keeper=keeper, clock=clock, logger=log)
         self.store = store
         self.cfg = cfg.notifier
-        self.download_base = cfg.processor.download_url
+        self.storages = storages or Storages.from_config(cfg)  # the stored files' URLs
         self.sweep_interval = cfg.processor.scan_interval
         self.backends = backends
         self.stats = stats
@@ -89,7 +90,8 @@ class Notifier(TakingPool):
         backend = self.backends.get(job.callback_type)
         if backend is None:
             raise UndefinedBackend(job.callback_type)
-        body = callback.encode(callback.payload(job, download_base=self.download_base))
+        url = self.storages.url_for(job) if job.succeeded else ""
+        body = callback.encode(callback.payload(job, download_url=url))
         return backend.notify(job.callback_dst, body)
 
     def _delivered(self, job: Job, status: int, started: float) -> None:
@@ -110,6 +112,8 @@ class Notifier(TakingPool):
         entry = _log_entry("retry", now, attempts, started, status=err.status, error=str(err))
         if isinstance(err, UndefinedBackend):
             self.stats.incr("undefined_backend")
+        elif isinstance(err, UnknownTopic):
+            self.stats.incr("kafka_unknown_topic")
         if err.retriable and attempts <= self.cfg.max_retries:
             due = now + int(attempts * self.cfg.retry_backoff * 1000)
             log.info("job %s: %s; retry %d of %d", job.id, err, attempts, self.cfg.max_retries)

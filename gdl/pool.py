@@ -30,9 +30,10 @@ from gdl import sentry
 from gdl.config import Config
 from gdl.download import Downloader, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
-from gdl.filestorage import FileStorage
+from gdl.filestorage import Storages
 from gdl.job import Job
 from gdl.lease import Keeper
+from gdl.netguard import AddressGuard
 from gdl.stats import Stats
 from gdl.store import DOWNLOADS, Store, Taken
 
@@ -174,19 +175,21 @@ class AggregationPool(TakingPool):
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storage: FileStorage, stats: Stats, gate: gevent.event.Event | None,
+                 storages: Storages, stats: Stats, gate: gevent.event.Event | None,
                  clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
         self.aggr_id = aggr_id
         self.store = store
         self.cfg = cfg.processor
-        self.storage = storage
+        self.deletion_interval = cfg.notifier.deletion_interval
+        self.storages = storages
         self.stats = stats
         self.downloader = Downloader(
             proxy=proxy, default_headers=cfg.processor.request_headers, storage_dir=cfg.processor.storage_dir,
             chunk_size=cfg.processor.chunk_size, max_bytes=cfg.security.max_download_bytes,
-            max_redirects=cfg.security.max_redirects,
+            max_redirects=cfg.security.max_redirects, guard=AddressGuard.from_config(cfg.security),
+            pool_size=limit,
         )
 
     def run(self) -> None:
@@ -205,7 +208,7 @@ class AggregationPool(TakingPool):
         try:
             fetched = self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
             try:
-                self.storage.store(fetched.path, job)
+                self.storages.for_job(job).store(fetched.path, job)
             except BaseException:
                 _remove_quietly(fetched.path)
                 raise
@@ -232,7 +235,8 @@ class AggregationPool(TakingPool):
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
         self.settle("success", job, lambda: self.store.finish_download(
-            job, self.keeper.owner, now=now, log_entry=entry, state="succeeded", attempts=attempts, error="",
+            job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
+            state="succeeded", attempts=attempts, error="",
             response_code=fetched.response_code, bytes=fetched.size, image_size=fetched.image_size,
             mime=fetched.mime, finished_at=now))
 
@@ -246,6 +250,7 @@ class AggregationPool(TakingPool):
             self.log.warning("job %s: internal error: %s", job.id, err)
             sentry.report(err, component="processor", aggr_id=self.aggr_id, job_id=job.id)
         self.stats.download_finished(outcome, err.response_code, 0, time.monotonic() - started)
+        self.stats.download_failed(job, err, outcome, now)
         entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)
         if retry:
@@ -261,8 +266,13 @@ class AggregationPool(TakingPool):
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             self.settle("failure", job, lambda: self.store.finish_download(
-                job, self.keeper.owner, now=now, log_entry=entry, state="failed", attempts=attempts,
+                job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
+                state="failed", attempts=attempts,
                 error=str(err), response_code=err.response_code, finished_at=now))
+
+    def _forget_at(self, now: int) -> int:
+        """When a job with no callback is forgotten: as long after as a delivered one."""
+        return now + int(self.deletion_interval * 60_000)
 
     def _put_back(self, job: Job) -> None:
         """Interrupted by shutdown: due now again, no attempt counted."""

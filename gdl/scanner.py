@@ -30,7 +30,7 @@ import gevent.pool
 
 from gdl.config import Config
 from gdl.errors import StoreUnavailable
-from gdl.filestorage import FileStorage
+from gdl.filestorage import Storages
 from gdl.lease import Keeper
 from gdl.pool import AggregationPool
 from gdl.stats import ProcessorStats
@@ -40,12 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class Scanner:
-    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, storage: FileStorage,
+    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, storages: Storages,
                  stats: ProcessorStats, healthy: gevent.event.Event, clock: Callable[[], int] = now_ms):
         self.store = store
         self.cfg = cfg
         self.keeper = keeper
-        self.storage = storage
+        self.storages = storages
         self.stats = stats
         self.healthy = healthy
         self.clock = clock
@@ -134,8 +134,9 @@ class Scanner:
             self.store.release_lease(aggr_id, self.keeper.owner)
             return
         limit, proxy = aggregation
+        self.store.mark_active(aggr_id, self.keeper.owner)
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
-                               storage=self.storage, stats=self.stats, gate=self.healthy, clock=self.clock)
+                               storages=self.storages, stats=self.stats, gate=self.healthy, clock=self.clock)
         self.keeper.leases.add(aggr_id)
         self.pools[aggr_id] = pool
         self.stats.incr("spawned")
@@ -158,6 +159,7 @@ class Scanner:
         if aggr_id in self.keeper.leases:
             self.keeper.leases.discard(aggr_id)
             try:
+                self.store.unmark_active(aggr_id, self.keeper.owner)
                 self.store.release_lease(aggr_id, self.keeper.owner)
             except StoreUnavailable:
                 pass  # it expires by itself within lease_ttl

@@ -33,8 +33,7 @@ from gdl.backends import from_config as backends_from_config
 from gdl.config import Config
 from gdl.diskcheck import DiskChecker
 from gdl.errors import StartupError, StoreUnavailable
-from gdl.filestorage import FileStorage
-from gdl.filestorage import from_config as storage_from_config
+from gdl.filestorage import FileStorage, Storages
 from gdl.lease import Keeper
 from gdl.notifier import Notifier
 from gdl.reaper import Reaper
@@ -98,48 +97,56 @@ class Service:
             assert storage is not None
             stats.append(self._start_processor(keeper, wakeup, storage))
         if "notifier" in self.roles:
-            stats.append(self._start_notifier(keeper, wakeup))
-        reporter = Reporter(self.store, self.token, cfg.processor.stats_interval, stats)
+            stats.append(self._start_notifier(keeper, wakeup, storage))
+        for component in stats:
+            component.gauge("redis_errors", lambda: self.store.health.errors if self.store else 0)
+        reporter = Reporter(self.store, self.token, cfg.processor.stats_interval, stats, roles=self.roles,
+                            clock=self.clock)
         self.helpers += [keeper, wakeup, reporter]
         self._spawn("keeper", keeper.run)
         self._spawn("reporter", reporter.run)
         if wakeup.has_handlers:
             self._spawn("wakeup", wakeup.run)
         if "api" in self.roles:
-            self._start_api(storage)
+            self._start_api(storage.default)
         log.info("gdl %s: started %s as %s (config %s)", __version__, ", ".join(self.roles), self.token, cfg.source)
 
-    def _storage(self) -> FileStorage | None:
+    def _storage(self) -> Storages:
         if "processor" in self.roles:
             check_writable("processor.storage_dir", self.cfg.processor.storage_dir)
         if self.cfg.processor.filestorage.get("type") == "filesystem" and {"processor", "api"} & set(self.roles):
             check_writable("processor.filestorage.rootdir", self.cfg.processor.filestorage["rootdir"])
-        return storage_from_config(self.cfg)
+        storages = Storages.from_config(self.cfg)
+        if "processor" in self.roles:
+            storages.default.check()
+        return storages
 
     def _connect(self) -> Store:
         url = self.cfg.redis.url
-        if url == "embedded":
+        if url == "embedded" and not self.cfg.redis.sentinel:
             self.embedded = EmbeddedRedis(self.cfg.redis.embedded_dir)
             url = self.embedded.start()
         store = Store.connect(url, sentinel=self.cfg.redis.sentinel, master_name=self.cfg.redis.master_name,
-                              client_name=self.client_name)
+                              client_name=self.client_name, wait_replicas=self.cfg.redis.wait_replicas)
         try:
             store.ping()
         except StoreUnavailable as exc:
-            where = "redis.sentinel" if self.cfg.redis.sentinel else "redis.url"
-            raise StartupError(f"{where}: cannot reach redis at {_redacted(url)}: {exc}") from exc
+            if self.cfg.redis.sentinel:
+                where = f"master {self.cfg.redis.master_name!r} via {', '.join(self.cfg.redis.sentinel)}"
+                raise StartupError(f"redis.sentinel: cannot reach redis {where}: {exc}") from exc
+            raise StartupError(f"redis.url: cannot reach redis at {_redacted(url)}: {exc}") from exc
         store.health.watch()
         return store
 
-    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storage: FileStorage) -> Stats:
+    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
         cfg, store = self.cfg, self.store
         assert store is not None
         stats = ProcessorStats()
         disk = DiskChecker(cfg.processor.storage_dir, high=cfg.processor.disk.high, low=cfg.processor.disk.low,
                            interval=cfg.processor.disk.interval, stats=stats)
-        self.scanner = Scanner(store, cfg, keeper, storage=storage, stats=stats, healthy=disk.healthy,
+        self.scanner = Scanner(store, cfg, keeper, storages=storages, stats=stats, healthy=disk.healthy,
                                clock=self.clock)
-        reaper = Reaper(store, storage, stats, interval=REAPER_INTERVAL, clock=self.clock)
+        reaper = Reaper(store, storages, stats, interval=REAPER_INTERVAL, clock=self.clock)
         wakeup.on(WAKE_AGGR, self.scanner.on_wake)
         disk.check_once()
         self.helpers += [disk, reaper]
@@ -148,16 +155,16 @@ class Service:
         self._spawn("scanner", self.scanner.run)
         return stats
 
-    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup) -> Stats:
+    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
         assert self.store is not None
         stats = NotifierStats()
         self.notifier = Notifier(self.store, self.cfg, keeper, backends_from_config(self.cfg), stats=stats,
-                                 clock=self.clock)
+                                 storages=storages, clock=self.clock)
         wakeup.on(WAKE_CALLBACKS, self.notifier.on_wake)
         self._spawn("notifier", self.notifier.run)
         return stats
 
-    def _start_api(self, storage: FileStorage | None) -> None:
+    def _start_api(self, storage: FileStorage) -> None:
         assert self.store is not None
         app = API(self.cfg, self.store, storage, clock=self.clock)
         address = (self.cfg.api.host, self.cfg.api.port)

@@ -6,19 +6,30 @@ reporter greenlet writes a snapshot every ``processor.stats_interval``
 seconds; the API sums the live processes' snapshots. The names follow the Go
 service's stats (workers, pools, spawned, max, failures, response codes by
 class; successful, failed, undefined backend for the notifier).
+
+The same flush writes the operator view (:mod:`gdl.dashboard`): the
+process's heartbeat (roles, host, pid, version, start time and every
+component's snapshot), the counters' increase since the previous flush added
+into the current 10-second throughput bucket, and the failed download
+attempts recorded since then. So every process contributes to the dashboard
+with one pipelined round trip per interval, and none on a job's path.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import gevent.event
 
+from gdl import __version__
 from gdl.errors import StoreUnavailable
-from gdl.store import Store, now_ms
+from gdl.store import FAILURES_KEPT, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +37,14 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Reports older than this many intervals belong to dead processes.
 STALE_AFTER_INTERVALS = 3
+# Longest error text kept in a failure record.
+MAX_ERROR_LENGTH = 500
+# Throughput fields, each the increase of some counters of one component.
+THROUGHPUT: dict[str, dict[str, tuple[str, ...]]] = {
+    "processor": {"downloads": ("downloads_succeeded",), "bytes": ("bytes",),
+                  "failures": ("downloads_failed", "downloads_retry")},
+    "notifier": {"callbacks": ("successful",), "callback_failures": ("failed", "retried")},
+}
 
 
 class Stats:
@@ -52,6 +71,16 @@ class ProcessorStats(Stats):
         super().__init__("processor")
         self.workers = 0
         self.gauge("workers", lambda: self.workers)
+        # Failed attempts since the last flush, for the dashboard's "latest failures".
+        self.failures: deque[dict] = deque(maxlen=FAILURES_KEPT)
+
+    def download_failed(self, job: Any, err: Exception, outcome: str, at: int) -> None:
+        """Remember a failed attempt (``outcome`` retry or failed) until the reporter's next flush."""
+        self.failures.append({
+            "job_id": job.id, "aggr_id": job.aggr_id, "url": job.url, "outcome": outcome, "at": at,
+            "error": str(err)[:MAX_ERROR_LENGTH], "response_code": getattr(err, "response_code", 0),
+            "phase": getattr(err, "phase", ""),
+        })
 
     def worker_started(self) -> None:
         self.workers += 1
@@ -82,13 +111,20 @@ class NotifierStats(Stats):
 
 
 class Reporter:
-    """Writes every component's snapshot to Redis every ``interval`` seconds."""
+    """Writes every component's snapshot, and this process's heartbeat, throughput
+    and failures, to Redis every ``interval`` seconds."""
 
-    def __init__(self, store: Store, process: str, interval: float, stats: list[Stats]):
+    def __init__(self, store: Store, process: str, interval: float, stats: list[Stats], *,
+                 roles: Iterable[str] = (), clock: Callable[[], int] = now_ms):
         self.store = store
         self.process = process
         self.interval = interval
         self.stats = stats
+        self.clock = clock
+        self.info = {"roles": list(roles) or [s.component for s in stats], "host": socket.gethostname(),
+                     "pid": os.getpid(), "version": __version__, "started_at": clock(),
+                     "interval_ms": int(interval * 1000)}
+        self._flushed: dict[str, Counter[str]] = {s.component: Counter() for s in stats}
         self._stopping = gevent.event.Event()
 
     def stop(self) -> None:
@@ -100,14 +136,44 @@ class Reporter:
             self.report_once()
             next_at += self.interval
             self._stopping.wait(max(0.0, next_at - time.monotonic()))
-        self.report_once()
+        self.report_once(state="stopped")
 
-    def report_once(self) -> None:
+    def report_once(self, state: str = "running") -> None:
+        now = self.clock()
+        snapshots = {stats.component: stats.snapshot() for stats in self.stats}
+        taken = {stats.component: _drain(stats) for stats in self.stats}
+        failures = [f for batch in taken.values() for f in batch]  # oldest first: LPUSH leaves the newest on top
         try:
-            for stats in self.stats:
-                self.store.report(stats.component, self.process, stats.snapshot(), now=now_ms())
+            for component, snapshot in snapshots.items():
+                self.store.report(component, self.process, snapshot, now=now)
+            self.store.heartbeat(self.process, {**self.info, "state": state, "components": snapshots}, now=now,
+                                 throughput=self._increase(snapshots), failures=failures)
         except StoreUnavailable:
-            pass  # the keeper and the pools already log the outage; the next report catches up
+            for stats in self.stats:  # the next flush carries them
+                getattr(stats, "failures", deque()).extendleft(reversed(taken[stats.component]))
+            return  # the store logs the outage
+        for component, snapshot in snapshots.items():
+            self._flushed[component] = Counter({k: v for k, v in snapshot.items() if isinstance(v, int)})
+
+    def _increase(self, snapshots: dict[str, dict]) -> dict[str, int]:
+        """Each throughput field's increase since the last successful flush."""
+        out: dict[str, int] = {}
+        for component, fields in THROUGHPUT.items():
+            if component not in snapshots:
+                continue
+            now, then = snapshots[component], self._flushed[component]
+            for name, counters in fields.items():
+                out[name] = sum(max(0, int(now.get(c, 0)) - then.get(c, 0)) for c in counters)
+        return out
+
+
+def _drain(stats: Stats) -> list[dict]:
+    pending = getattr(stats, "failures", None)
+    if not pending:
+        return []
+    batch = list(pending)
+    pending.clear()
+    return batch
 
 
 def summed(reports: list[dict]) -> dict[str, float]:

@@ -53,9 +53,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 class RedisServer:
     """A real redis-server on a free TCP port, with a data dir of its own."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, aof: bool = False, extra: tuple[str, ...] = ()):
         self.dir = data_dir
         self.port = free_port()
+        self.aof = aof
+        self.extra = extra
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,7 +68,8 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+             "--save", "", "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
+             "--daemonize", "no", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         store = Store.connect(self.url)
@@ -137,7 +140,8 @@ def make_config(tmp: Path, redis_url: str, **sections: dict) -> config.Config:
 
 
 @pytest.fixture
-def make_cfg(tmp_path: Path, redis_server: RedisServer) -> Callable[..., config.Config]:
+def make_cfg(tmp_path: Path, redis_server: RedisServer, store: Store) -> Callable[..., config.Config]:
+    """Configs on this test's directories and on an emptied test Redis."""
     return lambda **sections: make_config(tmp_path, redis_server.url, **sections)
 
 

@@ -115,6 +115,12 @@ def test_from_config_filesystem(tmp_path) -> None:
     assert storage.rootdir == str(tmp_path)
 
 
-def test_from_config_s3_is_not_available_yet() -> None:
-    with pytest.raises(ConfigError, match=r"^processor\.filestorage\.type: s3 storage is not available yet$"):
+def test_from_config_s3_needs_a_region() -> None:
+    with pytest.raises(ConfigError, match=r"^processor\.filestorage\.region: required for s3 storage$"):
         filestorage.from_config(with_filestorage({"type": "s3", "bucket": "b"}))
+
+
+def test_from_config_s3() -> None:
+    storage = filestorage.from_config(with_filestorage({"type": "s3", "bucket": "b", "region": "eu-west-1"}))
+    assert isinstance(storage, filestorage.S3Storage)
+    assert (storage.bucket, storage.region) == ("b", "eu-west-1")

@@ -7,6 +7,7 @@ from gdl.store import CALLBACKS, DOWNLOADS
 NOW = 1_700_000_000_000
 OWNER = "host:1:abc"
 OTHER = "host:2:def"
+LATER = NOW + 99_000  # when jobs without a callback are forgotten
 
 
 def make_job(aggr: str = "shop", **fields) -> Job:
@@ -65,7 +66,7 @@ def test_take_leaves_future_jobs(store):
 def test_finish_queues_the_callback_in_one_step(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
-    assert store.finish_download(held, OWNER, now=NOW + 7, log_entry={"outcome": "succeeded"},
+    assert store.finish_download(held, OWNER, now=NOW + 7, forget_at=LATER, log_entry={"outcome": "succeeded"},
                                  state="succeeded", attempts=1, bytes=10)
     record = store.get_job(job.id)
     assert (record.status.state, record.status.callback_state, record.status.bytes) == ("succeeded", "queued", 10)
@@ -78,9 +79,10 @@ def test_finish_queues_the_callback_in_one_step(store):
 def test_finish_without_callback_needs_no_notifier(store):
     job = store.enqueue(make_job(callback_type="", callback_dst="", s3_bucket="b", s3_region="eu-west-1"), now=NOW)
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
-    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.get_job(job.id).status.callback_state == "none"
     assert store.redis.zcard(keys.CALLBACK_QUEUE) == 0
+    assert store.redis.zscore(keys.DELETIONS, job.id) == LATER
 
 
 def test_settle_refuses_a_job_that_is_no_longer_ours(store):
@@ -88,10 +90,10 @@ def test_settle_refuses_a_job_that_is_no_longer_ours(store):
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
     [again] = store.take_downloads("shop", OTHER, now=NOW + 102, count=1, deadline=NOW + 5000).jobs
-    assert not store.finish_download(held, OWNER, now=NOW + 103, log_entry={}, state="succeeded")
+    assert not store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.get_job(job.id).status.state == "in_flight"
     assert store.redis.hget(keys.job_key(job.id), "owner") == OTHER
-    assert store.finish_download(again, OTHER, now=NOW + 104, log_entry={}, state="failed")
+    assert store.finish_download(again, OTHER, now=NOW + 104, forget_at=LATER, log_entry={}, state="failed")
 
 
 def test_retry_reschedules_and_lowers_the_index(store):
@@ -133,7 +135,7 @@ def test_renew_extends_deadlines_and_reports_lost_leases(store):
 def test_callback_cycle_delivered_then_forgotten(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
     assert cb.status.callback_state == "in_flight"
     assert store.callback_delivered(cb, OWNER, delete_at=NOW + 60_000, log_entry={"outcome": "delivered"},
@@ -149,7 +151,7 @@ def test_callback_cycle_delivered_then_forgotten(store):
 def test_failed_callback_can_be_retried_once_failed(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.retry_failed_callback(job.id, now=NOW) == -1
     assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
@@ -163,7 +165,7 @@ def test_failed_callback_can_be_retried_once_failed(store):
 def test_callback_sweep(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100)
     assert store.sweep(CALLBACKS, now=NOW + 100) == [job.id]
     assert store.get_job(job.id).status.callback_state == "queued"

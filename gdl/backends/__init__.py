@@ -1,8 +1,12 @@
 """Callback backends: how a payload reaches a client.
 
 A backend is named by a job's ``callback_type``. The notifier only knows
-this interface; adding a transport (Kafka, a queue) means adding a module
-here and a line in :func:`from_config`, nothing in the notifier loop.
+this interface; adding a transport means adding a module here and a line in
+:func:`from_config`, nothing in the notifier loop.
+
+- ``http`` (:mod:`gdl.backends.http`): always on; ``backends.http``.
+- ``kafka`` (:mod:`gdl.backends.kafka`): on when ``backends.kafka`` holds
+  librdkafka settings (at least ``bootstrap.servers``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ class Backend(Protocol):
 def from_config(cfg: Config) -> dict[str, Backend]:
     """The backends this configuration enables, by callback type."""
     from gdl.backends.http import HTTPBackend
+    from gdl.netguard import AddressGuard
 
-    backends: dict[str, Backend] = {"http": HTTPBackend(timeout=cfg.http_callback_timeout)}
+    http = HTTPBackend(timeout=cfg.http_callback_timeout, guard=AddressGuard.from_config(cfg.security),
+                       pool_size=cfg.notifier.concurrency)
+    backends: dict[str, Backend] = {"http": http}
+    if cfg.backends.kafka:
+        from gdl.backends.kafka import KafkaBackend
+
+        backends["kafka"] = KafkaBackend(cfg.backends.kafka)
     return backends

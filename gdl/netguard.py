@@ -1,0 +1,320 @@
+"""Outgoing HTTP that clients aim: the address guard and hostile-server hygiene.
+
+gdl GETs URLs and POSTs callbacks to URLs that its clients name. Unchecked,
+that makes it a proxy into the network it runs in. :class:`AddressGuard`
+(on while ``security.block_private_networks`` is true) refuses to connect to
+any address that is not public unicast: loopback, private, link-local
+(169.254.0.0/16, cloud metadata included), shared/CGNAT (100.64.0.0/10),
+multicast, unspecified, reserved, IPv4 and IPv6, and IPv4 addresses inside
+IPv6 ones (IPv4-mapped, 6to4, NAT64). ``security.allowed_networks`` exempts
+CIDRs.
+
+The check sits where the socket is made, in the urllib3 connection's
+``_new_conn``: the host is resolved once, every address is checked, and the
+socket connects to a checked address, so there is no second lookup for DNS
+rebinding to slip through, and every spelling the resolver accepts
+(``2130706433``, ``0x7f.1``, ``017700000001``) is judged by the address it
+resolves to. TLS still sends SNI for, and verifies the certificate against,
+the URL's hostname. Every redirect hop and every proxy goes through the same
+connection code. Through a proxy, the proxy resolves the target, so only
+what the URL itself shows can be checked: literal addresses in any spelling
+and ``localhost`` names (:meth:`AddressGuard.check_proxied_target`). A SOCKS
+proxy connects outside urllib3's connection classes, so it is refused while
+the guard is on.
+
+Two more pieces are shared by downloads and callbacks: :class:`HopSession`,
+a ``requests.Session`` that never follows or reads a redirect itself, and
+:func:`discard_body`, which drops at most a few KiB of a body nobody wants.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import requests
+import urllib3.exceptions
+import urllib3.util.connection
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from gdl.errors import BlockedAddress
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[..., list]  # socket.getaddrinfo's signature
+
+SETTING = "security.block_private_networks"
+# The most bytes read from a body that is thrown away (a redirect's, a callback answer's);
+# a longer one closes the connection instead.
+DISCARD_LIMIT = 64 * 1024
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# What inet_aton may read as an IPv4 address: 2130706433, 0x7f.1, 017700000001, 127.1.
+_NUMERIC_HOST = re.compile(r"^[0-9a-fx.]+$")
+
+
+def describe(ip: IPAddress) -> str | None:
+    """Why ``ip`` is refused ("a loopback address"), or None for a public unicast address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner, how = _embedded_ipv4(ip)
+        if inner is not None:
+            what = describe(inner)
+            return f"{what} ({how} {inner})" if what else None
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip in _CGNAT:
+        return "a shared (CGNAT) address"
+    if any(ip in net for net in _PRIVATE):
+        return "a private address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "a site-local address"
+    if ip.is_reserved:
+        return "a reserved address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address | None, str]:
+    """The IPv4 address a packet to ``ip`` really goes to, for mapped, 6to4 and NAT64 forms."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, "IPv4-mapped"
+    if ip.sixtofour is not None:
+        return ip.sixtofour, "6to4"
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
+    return None, ""
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """``host`` read as an address the way resolvers do (IPv6, dotted, decimal, octal, hex), else None."""
+    name = host.strip("[]").lower()
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.match(name):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return None
+    return None
+
+
+class AddressGuard:
+    """Refuses connections to non-public addresses outside ``allowed_networks``.
+
+    ``resolve`` is ``socket.getaddrinfo`` by default (gevent's cooperative
+    one once patched), looked up at each call; tests pass their own.
+    """
+
+    def __init__(self, allowed_networks: list[str] | tuple[str, ...] = (), *, resolve: Resolver | None = None):
+        self.allowed = tuple(ipaddress.ip_network(str(n), strict=False) for n in allowed_networks)
+        self._resolve = resolve
+        self._pool_classes: dict[str, type] | None = None
+
+    @classmethod
+    def from_config(cls, security: Any, *, resolve: Resolver | None = None) -> AddressGuard | None:
+        """The guard for a ``SecurityConfig``; None while ``block_private_networks`` is off."""
+        if not security.block_private_networks:
+            return None
+        return cls(security.allowed_networks, resolve=resolve)
+
+    # ------------------------------------------------------------------ the policy
+
+    def refusal(self, ip: IPAddress | str) -> str | None:
+        """Why a connection to ``ip`` is refused, or None when it is allowed."""
+        if isinstance(ip, str):
+            ip = ipaddress.ip_address(ip.split("%", 1)[0])
+        candidates: list[IPAddress] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        if any(c in net for c in candidates for net in self.allowed):
+            return None
+        return describe(ip)
+
+    def resolve(self, host: str, port: int, *, role: str = "") -> list[str]:
+        """The addresses of ``host`` that may be connected to; BlockedAddress when none may.
+
+        ``role`` ("proxy ") goes into the message.
+        """
+        name = host.strip("[]")
+        resolve = self._resolve or socket.getaddrinfo
+        infos = resolve(name, port, urllib3.util.connection.allowed_gai_family(), socket.SOCK_STREAM)
+        allowed: list[str] = []
+        refused: tuple[str, str] | None = None
+        for *_, sockaddr in infos:
+            address = sockaddr[0]
+            reason = self.refusal(address)
+            if reason is None:
+                if address not in allowed:
+                    allowed.append(address)
+            elif refused is None:
+                refused = (address, reason)
+        if allowed:
+            return allowed
+        if refused is None:
+            raise OSError(f"{name}: getaddrinfo returned no address")
+        raise BlockedAddress(_message(host, *refused, role=role))
+
+    def check_proxied_target(self, host: str) -> None:
+        """What can be checked of a target a proxy will resolve: its literal address, ``localhost``."""
+        name = host.strip("[]").rstrip(".").lower()
+        if name == "localhost" or name.endswith(".localhost"):
+            raise BlockedAddress(f"refused: {host} names the loopback interface ({SETTING})")
+        ip = literal_address(name)
+        if ip is not None:
+            reason = self.refusal(ip)
+            if reason is not None:
+                raise BlockedAddress(_message(host, str(ip), reason))
+
+    # ------------------------------------------------------------------ the connection
+
+    def create_connection(self, address: tuple[str, int], timeout: Any, *, role: str = "",
+                          **options: Any) -> socket.socket:
+        """Resolve ``address`` once and connect to the first allowed address that answers."""
+        host, port = address
+        error: OSError | None = None
+        for ip in self.resolve(host, port, role=role):
+            try:
+                return urllib3.util.connection.create_connection((ip, port), timeout, **options)
+            except OSError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def mount(self, session: requests.Session, *, pool_size: int = 10) -> None:
+        """Route ``session``'s http and https requests through guarded connections."""
+        adapter = GuardedAdapter(self, pool_maxsize=pool_size)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+
+    @property
+    def pool_classes(self) -> dict[str, type]:
+        """urllib3 pool classes by scheme whose connections call this guard."""
+        if self._pool_classes is None:
+            attrs = {"guard": self}
+            http = type("GuardedHTTPConnection", (_GuardedConnection, HTTPConnection), attrs)
+            https = type("GuardedHTTPSConnection", (_GuardedConnection, HTTPSConnection), attrs)
+            self._pool_classes = {
+                "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+                "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+            }
+        return self._pool_classes
+
+
+def _message(host: str, address: str, reason: str, *, role: str = "") -> str:
+    verb = "is" if _same_address(host, address) else f"resolves to {address},"
+    return f"refused: {role}{host} {verb} {reason} ({SETTING})"
+
+
+def _same_address(host: str, address: str) -> bool:
+    """Whether ``host`` is ``address`` written in standard notation (not a decimal or hex spelling)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")) == ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+
+
+class _GuardedConnection:
+    """Mixed into urllib3's connections: ``_new_conn`` connects through the guard.
+
+    The same translation of OS errors as urllib3's own ``_new_conn``;
+    BlockedAddress passes through urllib3 and requests untouched.
+    """
+
+    guard: AddressGuard
+    host: str
+    port: int
+    timeout: Any
+    source_address: Any
+    socket_options: Any
+    proxy: Any
+    _dns_host: str
+
+    def _new_conn(self) -> socket.socket:
+        role = "proxy " if self.proxy is not None else ""
+        try:
+            sock = self.guard.create_connection((self._dns_host, self.port), self.timeout, role=role,
+                                                source_address=self.source_address,
+                                                socket_options=self.socket_options)
+        except socket.gaierror as exc:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(
+                self, f"Failed to establish a new connection: {exc}") from exc  # type: ignore[arg-type]
+        sys.audit("http.client.connect", self, self.host, self.port)
+        return sock
+
+
+class GuardedAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` whose pools, direct and through an http(s) proxy, use guarded connections."""
+
+    def __init__(self, guard: AddressGuard, **kwargs: Any):
+        self.guard = guard  # before super().__init__, which builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.guard.pool_classes
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        if proxy.lower().startswith("socks"):
+            host = urllib3.util.parse_url(proxy).host
+            raise BlockedAddress(f"refused: socks proxy {host}: its connections cannot be checked ({SETTING})")
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = self.guard.pool_classes
+        return manager
+
+
+class HopSession(requests.Session):
+    """A session that leaves redirects to its caller, one hop at a time.
+
+    Even with ``allow_redirects=False``, ``Session.send`` reads a 30x's whole
+    body (decoded: a gzip bomb expands in memory) to prepare
+    ``Response.next``; here nothing is resolved, so nothing is read.
+    """
+
+    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+        return iter(())
+
+
+def discard_body(response: requests.Response, limit: int = DISCARD_LIMIT) -> None:
+    """Drop a body nobody wants: read at most ``limit`` raw bytes (the connection is then
+    reused), else close the connection unread."""
+    try:
+        declared = response.headers.get("Content-Length", "")
+        if not declared.isdigit() or int(declared) <= limit:
+            response.raw.read(limit + 1, decode_content=False)
+    except (urllib3.exceptions.HTTPError, OSError):
+        pass  # the body is being thrown away; closing below settles the connection
+    finally:
+        response.close()
+
+
+def mount_adapters(session: requests.Session, guard: AddressGuard | None, *, pool_size: int) -> None:
+    """Keep up to ``pool_size`` idle connections per host (requests keeps 10:
+    a pool of 50 greenlets would otherwise reconnect for most requests),
+    through guarded connections when there is a guard."""
+    if guard is not None:
+        guard.mount(session, pool_size=pool_size)
+        return
+    adapter = HTTPAdapter(pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
