@@ -10,6 +10,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import dataclasses  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -28,6 +29,8 @@ import yaml  # noqa: E402
 from gdl import config  # noqa: E402
 from gdl.redis_server import find_binary  # noqa: E402
 from gdl.store import Store  # noqa: E402
+from tests.httpserver import LoopbackServer  # noqa: E402
+from tests.servers import CallbackReceiver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +76,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         store = Store.connect(self.url)
-        wait_until(lambda: _pings(store), timeout=10)
+        wait_until(lambda: pings(store), timeout=10)
         store.close()
         return self
 
@@ -83,7 +86,7 @@ class RedisServer:
             self.process.wait(timeout=10)
 
 
-def _pings(store: Store) -> bool:
+def pings(store: Store) -> bool:
     try:
         store.ping()
         return True
@@ -94,6 +97,21 @@ def _pings(store: Store) -> bool:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def files() -> Iterator[LoopbackServer]:
+    """A loopback file server; routes are added by the test."""
+    with LoopbackServer() as server:
+        yield server
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    """A loopback callback receiver (200 unless scripted otherwise)."""
+    server = CallbackReceiver()
     yield server
     server.stop()
 
@@ -166,6 +184,17 @@ class Running:
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.http.get(self.url(path), **kwargs)
+
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, bytes]:
+        """One request with ``path`` sent exactly as given (no client-side normalising)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.service.server.server_port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
 
     def enqueue(self, **fields: Any) -> str:
         response = self.post("/download", fields)

@@ -1,7 +1,6 @@
 """The HTTP API over real loopback HTTP, on the test Redis: every route, every
 kind of refusal, and that a refused request leaves Redis untouched."""
 
-import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,18 +27,6 @@ ONE_MIB = 1 << 20
 def api(run_service, store: Store):
     """An API-only service on the (emptied) test Redis."""
     return run_service(roles=("api",))
-
-
-def raw(running, method: str, path: str, body: bytes | None = None,
-        headers: dict | None = None) -> tuple[int, bytes]:
-    """One request with ``path`` sent exactly as given (no client-side normalising)."""
-    conn = http.client.HTTPConnection("127.0.0.1", running.service.server.server_port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def nothing_enqueued(store: Store) -> bool:
@@ -288,7 +275,7 @@ def test_path_traversal_is_404(api, path: str) -> None:
     rootdir = Path(api.service.cfg.processor.filestorage["rootdir"])
     (rootdir.parent / "secret").write_bytes(b"TOP SECRET")
     write_file(api, "Fil3Abcdefghij", b"x")
-    status, body = raw(api, "GET", path)
+    status, body = api.raw("GET", path)
     assert status == 404
     assert b"TOP SECRET" not in body
     assert "error" in json.loads(body)

@@ -51,13 +51,6 @@ def heartbeat(port: int) -> int:
 
 
 @pytest.fixture
-def receiver():
-    server = CallbackReceiver()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def cfg_path(tmp_path: Path, redis_server, store: Store) -> Path:
     """A config file on the (emptied) test Redis."""
     return config_file(tmp_path, make_config(tmp_path, redis_server.url), name="cli.yaml")

@@ -239,13 +239,6 @@ def slow_server():
     server.stop()
 
 
-@pytest.fixture
-def receiver():
-    server = CallbackReceiver()
-    yield server
-    server.stop()
-
-
 def cell(page, row: str, column: str) -> str:
     return page.inner_text(f"{row} td.{column}").strip()
 

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import wait_until
-from tests.httpserver import LoopbackServer
 from tests.samples import image_bytes
-from tests.servers import CallbackReceiver
 
 BASE = "http://files.test/files"  # processor.download_url in make_config
-
-
-@pytest.fixture
-def files():
-    with LoopbackServer() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver():
-    server = CallbackReceiver()
-    yield server
-    server.stop()
 
 
 def callback_done(running, job_id: str) -> dict:

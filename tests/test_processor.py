@@ -15,18 +15,11 @@ import pytest
 from gdl.diskcheck import DiskChecker
 from gdl.stats import ProcessorStats
 from tests.conftest import wait_until
-from tests.httpserver import LoopbackServer
 from tests.samples import image_bytes, tiny_pdf
 from tests.servers import HoldServer
 
 ROLES = ("api", "processor")
 CALLBACK = "http://127.0.0.1:9/cb"  # never called: no notifier in these tests
-
-
-@pytest.fixture
-def files():
-    with LoopbackServer() as server:
-        yield server
 
 
 def finished(running, job_id: str) -> dict:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import gevent
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,13 +26,6 @@ from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver, HoldServer, _Server
 
 FAST = {"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1}
-
-
-@pytest.fixture
-def receiver():
-    server = CallbackReceiver()
-    yield server
-    server.stop()
 
 
 def serve_cfg(tmp: Path, redis_url: str, **sections):

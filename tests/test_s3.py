@@ -21,8 +21,6 @@ from gdl.filestorage import S3_MULTIPART_CHUNKSIZE, FilesystemStorage, Storages
 from gdl.job import Job
 from tests.brokers import REGION, MotoServer
 from tests.conftest import config_file, wait_until
-from tests.httpserver import LoopbackServer
-from tests.servers import CallbackReceiver
 
 BUCKET = "gdl-files"
 DEFAULT_DOWNLOAD_URL = "http://localhost:8000/files"  # processor.download_url's default: S3 URLs in callbacks
@@ -46,19 +44,6 @@ def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
         monkeypatch.delenv(name, raising=False)
     moto_server.reset()
     return moto_server
-
-
-@pytest.fixture
-def files():
-    with LoopbackServer() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver():
-    server = CallbackReceiver()
-    yield server
-    server.stop()
 
 
 def our_bucket(s3: MotoServer, bucket: str = BUCKET) -> dict[str, Any]:

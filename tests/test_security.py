@@ -10,7 +10,6 @@ rest of the suite; here it is on.
 from __future__ import annotations
 
 import functools
-import http.client
 import ipaddress
 import os
 import socket
@@ -33,7 +32,7 @@ from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
 from gdl.redis_server import find_binary
 from gdl.store import Store
-from tests.conftest import config_file, free_port, make_config, wait_until
+from tests.conftest import config_file, free_port, make_config, pings, wait_until
 from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver
 
@@ -612,17 +611,6 @@ JOB = {"url": "http://example.com/a.png", "aggr_id": "shop1", "aggr_limit": 3, "
        "callback_dst": "http://cb.example.com/done"}
 
 
-def raw_request(running, method: str, path: str, body: bytes | None = None,
-                headers: dict | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", running.service.server.server_port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("headers", [
     {"X-A": "a\nInjected: 1"},
     {"X-A": "a\rb"},
@@ -659,7 +647,7 @@ def test_header_injection_is_refused(run_service, store: Store, headers: dict) -
 ])
 def test_traversal_to_etc_passwd_is_refused(run_service, path: str, status: int) -> None:
     running = run_service(roles=("api",))
-    code, body = raw_request(running, "GET" if not path.startswith("/retry") else "POST", path)
+    code, body = running.raw("GET" if not path.startswith("/retry") else "POST", path)
     assert code == status
     assert b"root:" not in body
 
@@ -693,20 +681,12 @@ def locked_redis(tmp_path: Path) -> Iterator[int]:
     )
     probe = Store.connect(f"redis://:default-pw@127.0.0.1:{port}/0")
     try:
-        wait_until(lambda: _pings(probe), timeout=10)
+        wait_until(lambda: pings(probe), timeout=10)
         yield port
     finally:
         probe.close()
         process.terminate()
         process.wait(timeout=10)
-
-
-def _pings(store: Store) -> bool:
-    try:
-        store.ping()
-        return True
-    except Exception:
-        return False
 
 
 def test_gdl_connects_with_an_acl_user_and_password(run_service, locked_redis: int, tmp_path: Path) -> None:
