@@ -144,8 +144,6 @@ class Reporter:
         taken = {stats.component: _drain(stats) for stats in self.stats}
         failures = [f for batch in taken.values() for f in batch]  # oldest first: LPUSH leaves the newest on top
         try:
-            for component, snapshot in snapshots.items():
-                self.store.report(component, self.process, snapshot, now=now)
             self.store.heartbeat(self.process, {**self.info, "state": state, "components": snapshots}, now=now,
                                  throughput=self._increase(snapshots), failures=failures)
         except StoreUnavailable:

@@ -23,13 +23,12 @@ Layout (``gdl:`` prefix)::
     callbacks                  zset    job id -> due ms                settle, api (retry)  notifier
     callbacks:inflight         zset    job id -> deadline ms           notifier, keeper     sweep
     deletions                  zset    job id -> delete-at ms          notifier             reaper
-    stats:<component>          hash    process token -> JSON report    every process        api
-    processes                  zset    process token -> last seen ms   every process        api
     callbacks:failed           zset    job id -> failed at ms (failed  settle (callback     api, cli
                                        callbacks: the retry list)      failed), retry       (retry-failed)
-    heartbeats                 hash    process token -> JSON: roles,   every process's      api, cli
-                                       host, pid, version, start,      reporter             (status)
-                                       components' snapshots, at
+    heartbeats                 hash    process token -> JSON: roles,   every process's      api (stats,
+                                       host, pid, version, start,      reporter             metrics,
+                                       components' snapshots, at                            dashboard),
+                                                                                            cli (status)
     active                     hash    aggr id -> owner token of the   scanner (claim,      api, cli
                                        lease its pool holds (pools     pool end), readers
                                        whose queue may be empty)       (prune stale)
@@ -98,15 +97,10 @@ def lease_key(aggr_id: str) -> str:
     return f"{PREFIX}lease:{aggr_id}"
 
 
-def stats_key(component: str) -> str:
-    return f"{PREFIX}stats:{component}"
-
-
 DUE_INDEX = PREFIX + "due"
 INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
 CALLBACK_QUEUE = PREFIX + "callbacks"
 DELETIONS = PREFIX + "deletions"
-PROCESSES = PREFIX + "processes"
 FAILED_CALLBACKS = PREFIX + "callbacks:failed"
 # The operator view (gdl/dashboard.py, gdl/commands/): written off the hot path.
 HEARTBEATS = PREFIX + "heartbeats"
@@ -486,25 +480,15 @@ class Store:
     # ---------------------------------------------------------------- processes and stats
 
     @_translated
-    def report(self, component: str, process: str, counters: dict, *, now: int) -> None:
-        body = json.dumps({**counters, "process": process, "at": now}, separators=(",", ":"))
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(stats_key(component), process, body)
-            pipe.zadd(PROCESSES, {process: now})
-            pipe.execute()
-
-    @_translated
     def reports(self, component: str, *, newer_than: int) -> list[dict]:
-        """Live processes' reports of ``component``; stale ones are pruned."""
-        out, stale = [], []
-        for process, body in self.redis.hgetall(stats_key(component)).items():
-            report = json.loads(body)
-            if report.get("at", 0) >= newer_than:
-                out.append(report)
-            else:
-                stale.append(process)
-        if stale:
-            self.redis.hdel(stats_key(component), *stale)
+        """``component``'s counters from each process whose heartbeat is newer
+        than ``newer_than`` (what ``/stats`` and ``/metrics`` add up)."""
+        out = []
+        for body in self.redis.hvals(HEARTBEATS):
+            beat = json.loads(body)
+            snapshot = beat.get("components", {}).get(component)
+            if snapshot is not None and beat.get("at", 0) >= newer_than:
+                out.append(snapshot)
         return out
 
     # ---------------------------------------------------------------- wake-ups
@@ -538,7 +522,6 @@ class Store:
         deltas = {name: int(n) for name, n in (throughput or {}).items() if n}
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(HEARTBEATS, process, body)
-            pipe.zadd(PROCESSES, {process: now})
             if deltas:
                 key = tput_key(now // TPUT_BUCKET_MS)
                 for name, n in deltas.items():
@@ -561,10 +544,7 @@ class Store:
             else:
                 gone.append(process)
         if gone:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(HEARTBEATS, *gone)
-                pipe.zrem(PROCESSES, *gone)
-                pipe.execute()
+            self.redis.hdel(HEARTBEATS, *gone)
         return sorted(beats, key=lambda b: (b.get("started_at", 0), b.get("process", "")))
 
     @_translated

@@ -66,7 +66,8 @@ def test_reporter_writes_heartbeat_with_roles_host_pid_version_and_start(store: 
     assert beat["host"] and beat["interval_ms"] == 500 and beat["state"] == "running"
     assert beat["components"]["processor"]["workers"] == 1
     assert beat["components"]["notifier"]["in_flight"] == 0
-    assert store.redis.zscore(keys.PROCESSES, "host:1:abc") == NOW + 1500
+    assert store.reports("processor", newer_than=NOW + 1500) == [beat["components"]["processor"]]
+    assert store.reports("processor", newer_than=NOW + 1501) == []
     reporter.stop()
     reporter.run()  # returns at once, with a last report marked stopped
     [beat] = store.heartbeats(forget_before=0)
@@ -150,7 +151,6 @@ def test_overview_lists_dead_processes_then_forgets_them(store: Store) -> None:
     view = overview(store, NOW + PROCESS_FORGET_AFTER_MS + 1)
     assert [p["process"] for p in view["processes"]] == ["new"]
     assert store.redis.hkeys(keys.HEARTBEATS) == ["new"]
-    assert store.redis.zscore(keys.PROCESSES, "old") is None
 
 
 def test_throughput_is_fifteen_minutes_of_ten_second_buckets(store: Store) -> None:
