@@ -231,8 +231,8 @@ class Gdl:
                 raise SystemExit(f"bench: gdl {name} exited with {proc.returncode}:\n"
                                  + self.log_path(name).read_text())
         subscribers = dict(client.pubsub_numsub("gdl:wake:aggr", "gdl:wake:callbacks"))
-        return (client.hlen("gdl:stats:processor") >= 1 and client.hlen("gdl:stats:notifier") >= 1
-                and all(n >= 1 for n in subscribers.values()))
+        reporting = {c for body in client.hvals("gdl:heartbeats") for c in json.loads(body).get("components", {})}
+        return {"processor", "notifier"} <= reporting and all(n >= 1 for n in subscribers.values())
 
     @property
     def processor_pid(self) -> int:

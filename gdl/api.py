@@ -150,8 +150,8 @@ class API:
                 return _json(err.status, {"error": str(err)})
             except ValidationError as err:
                 return _json(400, {"error": str(err)})
-            except StoreUnavailable as err:
-                log.warning("api: %s %s: redis unavailable: %s", method, path, err)
+            except StoreUnavailable as err:  # the store logs the outage once; each refusal is a detail
+                log.debug("api: %s %s: redis unavailable: %s", method, path, err)
                 return _json(503, {"error": "storage unavailable, try again"})
             except Exception as exc:
                 log.exception("api: %s %s: unexpected error", method, path)

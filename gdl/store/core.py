@@ -1,50 +1,8 @@
-"""The store: the only module that talks to Redis.
+"""The store's core: jobs, queues, leases and in-flight records.
 
-Every key name is built here and every atomic step is one Lua script in
-``gdl/lua/`` (each opens with a comment on its KEYS and ARGV). Times are
-milliseconds since the epoch, passed in by the caller (no script reads the
-clock, so tests drive time and processes may sit on different hosts).
-
-Layout (``gdl:`` prefix)::
-
-    key                        type    holds                          written by          read by
-    job:<id>                   hash    job spec + Status fields       api, pool, notifier  everyone
-                                       + owner (holder while in flight)
-    job:<id>:log               list    JSON line per attempt           pool, notifier       api, cli
-    aggr:<aggr>                hash    limit, proxy (latest enqueue)   api                  scanner
-    queue:<aggr>               zset    job id -> due ms                api, pool, sweep     pool
-    due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
-                                       its queue (the aggregation        queue:<aggr>
-                                       index: no SCAN to find work)
-    lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner
-                                                                       keeper (renew),
-                                                                       pool (release)
-    inflight                   zset    job id -> deadline ms           take/settle, keeper  sweep
-    callbacks                  zset    job id -> due ms                settle, api (retry)  notifier
-    callbacks:inflight         zset    job id -> deadline ms           notifier, keeper     sweep
-    deletions                  zset    job id -> delete-at ms          notifier             reaper
-    callbacks:failed           zset    job id -> failed at ms (failed  settle (callback     api, cli
-                                       callbacks: the retry list)      failed), retry       (retry-failed)
-    heartbeats                 hash    process token -> JSON: roles,   every process's      api (stats,
-                                       host, pid, version, start,      reporter             metrics,
-                                       components' snapshots, at                            dashboard),
-                                                                                            cli (status)
-    active                     hash    aggr id -> owner token of the   scanner (claim,      api, cli
-                                       lease its pool holds (pools     pool end), readers
-                                       whose queue may be empty)       (prune stale)
-    tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
-                                       callbacks, callback_failures    reporter (HINCRBY
-                                       (EXPIRE 16 min)                 of its deltas)
-    failures                   list    JSON per failed download        every process's      api, cli
-                                       attempt, newest first (LTRIM)   reporter
-
-    channels  wake:aggr       message: aggr id with new due work   (enqueue, retry, sweep)
-              wake:callbacks  message: job id with a due callback  (settle, retry, sweep)
-
-A job is in exactly one of queue:<aggr>, inflight, callbacks, callbacks:inflight,
-deletions, callbacks:failed, or none (finished with no callback), and every
-move between them is one script, so a crash at any instant loses nothing:
-anything left in an in-flight set past its deadline is put back by the sweep.
+Every method is one Redis call or one script (``gdl/lua/``); Redis errors
+that mean "not now" become :class:`~gdl.errors.StoreUnavailable`, and
+:class:`Health` logs each outage once.
 """
 
 from __future__ import annotations
@@ -64,58 +22,28 @@ from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id, status_fields
+from gdl.store.layout import (
+    CALLBACK_QUEUE,
+    CALLBACKS,
+    DELETIONS,
+    DOWNLOADS,
+    DUE_INDEX,
+    FAILED_CALLBACKS,
+    HEARTBEATS,
+    INFLIGHT,
+    LOG_SUFFIX,
+    STATE_FIELD,
+    WAKE_AGGR,
+    WAKE_CALLBACKS,
+    aggr_key,
+    job_key,
+    lease_key,
+    log_key,
+    queue_key,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gdl.store")
 
-PREFIX = "gdl:"
-WAKE_AGGR = PREFIX + "wake:aggr"
-WAKE_CALLBACKS = PREFIX + "wake:callbacks"
-DOWNLOADS = "downloads"
-CALLBACKS = "callbacks"
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def log_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}{LOG_SUFFIX}"
-
-
-LOG_SUFFIX = ":log"
-
-
-def aggr_key(aggr_id: str) -> str:
-    return f"{PREFIX}aggr:{aggr_id}"
-
-
-def queue_key(aggr_id: str) -> str:
-    return f"{PREFIX}queue:{aggr_id}"
-
-
-def lease_key(aggr_id: str) -> str:
-    return f"{PREFIX}lease:{aggr_id}"
-
-
-DUE_INDEX = PREFIX + "due"
-INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
-CALLBACK_QUEUE = PREFIX + "callbacks"
-DELETIONS = PREFIX + "deletions"
-FAILED_CALLBACKS = PREFIX + "callbacks:failed"
-# The operator view (gdl/dashboard.py, gdl/commands/): written off the hot path.
-HEARTBEATS = PREFIX + "heartbeats"
-ACTIVE = PREFIX + "active"
-FAILURES = PREFIX + "failures"
-FAILURES_KEPT = 100  # failed download attempts kept in ``failures``
-TPUT_BUCKET_MS = 10_000  # width of a throughput bucket
-TPUT_TTL_S = 16 * 60  # life of a bucket: the dashboard shows the last 15 minutes
-INFLIGHT_READ_MAX = 20_000  # in-flight downloads read to count them per aggregation
-
-
-def tput_key(bucket: int) -> str:
-    """The throughput hash of 10-second bucket number ``bucket`` (ms // TPUT_BUCKET_MS)."""
-    return f"{PREFIX}tput:{bucket}"
-STATE_FIELD = {DOWNLOADS: "state", CALLBACKS: "callback_state"}
 
 # Redis failures that mean "not now" rather than "wrong": translated to StoreUnavailable.
 # (A ReadOnlyError is a master demoted by a failover: the next connection finds the new one.)
@@ -167,7 +95,7 @@ class Health:
 
 def _translated(fn: F) -> F:
     @functools.wraps(fn)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: JobStore, *args: Any, **kwargs: Any) -> Any:
         try:
             result = fn(self, *args, **kwargs)
         except _UNAVAILABLE as exc:
@@ -193,8 +121,8 @@ class Taken:
     limit: int | None = None
 
 
-class Store:
-    """Typed operations on gdl's Redis layout."""
+class JobStore:
+    """Typed operations on gdl's Redis layout: the data flow of a job."""
 
     def __init__(self, client: redis.Redis, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
         self.redis = client
@@ -207,7 +135,7 @@ class Store:
 
     @classmethod
     def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
-                client_name: str = "gdl-tool", wait_replicas: int = 0) -> Store:
+                client_name: str = "gdl-tool", wait_replicas: int = 0) -> JobStore:
         """A store on ``url`` (or on the Sentinel-managed master)."""
         if sentinel:
             hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
@@ -509,192 +437,6 @@ class Store:
         return msg["channel"], msg["data"]
 
 
-    # ---------------------------------------------------------------- operator view
-    # Heartbeats, throughput, failures and aggregations for the dashboard and
-    # the operator commands. Written by the reporter (one pipeline per flush)
-    # and the scanner (claim, pool end), never on a job's path.
-
-    @_translated
-    def heartbeat(self, process: str, info: dict, *, now: int, throughput: dict[str, int] | None = None,
-                  failures: list[dict] | None = None) -> None:
-        """A process's heartbeat, its throughput since the last one and its new failures: one round trip."""
-        body = json.dumps({**info, "process": process, "at": now}, separators=(",", ":"))
-        deltas = {name: int(n) for name, n in (throughput or {}).items() if n}
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(HEARTBEATS, process, body)
-            if deltas:
-                key = tput_key(now // TPUT_BUCKET_MS)
-                for name, n in deltas.items():
-                    pipe.hincrby(key, name, n)
-                pipe.expire(key, TPUT_TTL_S)
-            if failures:
-                pipe.lpush(FAILURES, *(json.dumps(f, separators=(",", ":")) for f in failures))
-                pipe.ltrim(FAILURES, 0, FAILURES_KEPT - 1)
-            pipe.execute()
-
-    @_translated
-    def heartbeats(self, *, forget_before: int) -> list[dict]:
-        """Every process's last heartbeat, oldest process first; those last seen before
-        ``forget_before`` are dropped for good."""
-        beats, gone = [], []
-        for process, body in self.redis.hgetall(HEARTBEATS).items():
-            beat = json.loads(body)
-            if beat.get("at", 0) >= forget_before:
-                beats.append(beat)
-            else:
-                gone.append(process)
-        if gone:
-            self.redis.hdel(HEARTBEATS, *gone)
-        return sorted(beats, key=lambda b: (b.get("started_at", 0), b.get("process", "")))
-
-    @_translated
-    def throughput(self, *, now: int, buckets: int) -> list[tuple[int, dict[str, int]]]:
-        """The ``buckets`` 10-second buckets up to the one holding ``now``, oldest first:
-        (bucket start ms, counts); a bucket nobody wrote is empty."""
-        last = now // TPUT_BUCKET_MS
-        numbers = range(last - buckets + 1, last + 1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for number in numbers:
-                pipe.hgetall(tput_key(number))
-            found = pipe.execute()
-        return [(n * TPUT_BUCKET_MS, {k: int(v) for k, v in data.items()}) for n, data in zip(numbers, found)]
-
-    @_translated
-    def recent_failures(self, limit: int = FAILURES_KEPT) -> list[dict]:
-        """The latest failed download attempts, newest first."""
-        return [json.loads(line) for line in self.redis.lrange(FAILURES, 0, limit - 1)]
-
-    @_translated
-    def failed_callbacks(self, limit: int | None = None, batch: int = 1000) -> list[tuple[Job, int]]:
-        """Jobs whose callback failed, newest first, with when it failed (ms)."""
-        entries = self.redis.zrevrange(FAILED_CALLBACKS, 0, -1 if limit is None else limit - 1, withscores=True)
-        out = []
-        for start in range(0, len(entries), batch):
-            chunk = entries[start:start + batch]
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in chunk:
-                    pipe.hgetall(job_key(job_id))
-                records = pipe.execute()
-            out += [(Job.from_hash(data), int(score)) for (_, score), data in zip(chunk, records) if data]
-        return out
-
-    @_translated
-    def failed_callback_count(self) -> int:
-        return int(self.redis.zcard(FAILED_CALLBACKS))
-
-    @_translated
-    def mark_active(self, aggr_id: str, owner: str) -> None:
-        """The scanner runs a pool for ``aggr_id`` (called once it holds the lease)."""
-        self.redis.hset(ACTIVE, aggr_id, owner)
-
-    @_translated
-    def unmark_active(self, aggr_id: str, owner: str) -> None:
-        """The pool ended (called before its lease is released)."""
-        self._run("active", [ACTIVE, lease_key(aggr_id)], [aggr_id, owner])
-
-    @_translated
-    def inflight_by_aggregation(self) -> dict[str, int]:
-        """Downloads in flight per aggregation (the first INFLIGHT_READ_MAX of them)."""
-        ids = self.redis.zrange(INFLIGHT[DOWNLOADS], 0, INFLIGHT_READ_MAX - 1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(job_key(job_id), "aggr_id")
-            aggrs = pipe.execute()
-        counts: dict[str, int] = {}
-        for aggr in aggrs:
-            if aggr is not None:
-                counts[aggr] = counts.get(aggr, 0) + 1
-        return counts
-
-    @_translated
-    def aggregations_view(self, *, now: int, limit: int = 500) -> tuple[list[dict], int]:
-        """Aggregations with queued or in-flight work (queued ones earliest due first, at most
-        ``limit``), and how many have queued work in all. From the due index and the
-        active pools; no SCAN."""
-        due = self.redis.zrange(DUE_INDEX, 0, limit - 1, withscores=True)
-        total = int(self.redis.zcard(DUE_INDEX))
-        active = self.redis.hgetall(ACTIVE)
-        oldest = {aggr: int(score) for aggr, score in due}
-        names = list(oldest) + sorted(set(active) - set(oldest))
-        with self.redis.pipeline(transaction=False) as pipe:
-            for aggr in names:
-                pipe.zcard(queue_key(aggr))
-                pipe.zcount(queue_key(aggr), "-inf", now)
-                pipe.hgetall(aggr_key(aggr))
-                pipe.get(lease_key(aggr))
-            replies = pipe.execute()
-        in_flight = self.inflight_by_aggregation()
-        rows = []
-        for i, aggr in enumerate(names):
-            pending, due_now, spec, holder = replies[4 * i:4 * i + 4]
-            if aggr not in oldest and active.get(aggr) != holder:
-                self._run("active", [ACTIVE, lease_key(aggr)], [aggr, ""])  # its process died
-                if not in_flight.get(aggr):
-                    continue
-            rows.append({"aggr_id": aggr, "pending": int(pending), "due_now": int(due_now),
-                         "in_flight": in_flight.get(aggr, 0), "limit": int(spec.get("limit", 0) or 0),
-                         "proxy": bool(spec.get("proxy")), "lease_holder": holder or "",
-                         "oldest_due": oldest.get(aggr)})
-        return rows, total
-
-    # fsck: the one reader that walks the keyspace (SCAN), an operator's occasional check.
-
-    @_translated
-    def scan_page(self, cursor: int, match: str, count: int = 1000) -> tuple[int, list[str]]:
-        """One SCAN step over keys matching ``match`` (a pattern built from this module's helpers)."""
-        cursor, keys = self.redis.scan(cursor=cursor, match=match, count=count)
-        return int(cursor), list(keys)
-
-    def scan_keys(self, match: str) -> Iterable[str]:
-        cursor = 0
-        while True:
-            cursor, keys = self.scan_page(cursor, match)
-            yield from keys
-            if cursor == 0:
-                return
-
-    def job_ids(self) -> Iterable[str]:
-        """Every job id in Redis (SCAN of ``job:*``)."""
-        prefix = job_key("")
-        for key in self.scan_keys(prefix + "*"):
-            if not key.endswith(LOG_SUFFIX):
-                yield key[len(prefix):]
-
-    def queued_aggregations(self) -> set[str]:
-        """Aggregations with a queue key or a due index entry (SCAN of ``queue:*``)."""
-        prefix = queue_key("")
-        found = {key[len(prefix):] for key in self.scan_keys(prefix + "*")}
-        return found | set(self.redis.zrange(DUE_INDEX, 0, -1))
-
-    @_translated
-    def job_fields(self, job_ids: list[str], *names: str) -> list[dict[str, str] | None]:
-        """``names`` of each job, None for a job that does not exist."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.exists(job_key(job_id))
-                pipe.hmget(job_key(job_id), *names)
-            replies = pipe.execute()
-        return [dict(zip(names, (v or "" for v in values))) if exists else None
-                for exists, values in zip(replies[::2], replies[1::2])]
-
-    @_translated
-    def zset_entries(self, key: str) -> list[tuple[str, int]]:
-        """Members and scores of one of this module's sorted sets (fsck)."""
-        return [(m, int(s)) for m, s in self.redis.zrange(key, 0, -1, withscores=True)]
-
-    @_translated
-    def drop_dangling(self, key: str, job_ids: list[str], *, aggr_id: str | None = None) -> int:
-        """Remove from ``key`` those of ``job_ids`` whose job is gone; for an aggregation queue,
-        also set its due index entry to the queue's head (or remove it)."""
-        keys = [key, DUE_INDEX] if aggr_id is not None else [key]
-        return int(self._run("drop_dangling", keys, [job_key(""), aggr_id or "", *job_ids]))
-
-    @_translated
-    def reconcile_failed_callback(self, job_id: str, *, failed_at: int) -> int:
-        """List a failed callback in the retry list or unlist one that is not: 1 added, -1 removed, 0 right."""
-        return int(self._run("reconcile_failed", [job_key(job_id), FAILED_CALLBACKS], [job_id, failed_at]))
-
-
 def _taken(reply: list) -> Taken:
     next_due = int(float(reply[0])) if reply[0] != "" else None
     limit = int(reply[1]) if reply[1] != "" else None
@@ -705,10 +447,9 @@ def _taken(reply: list) -> Taken:
     return Taken(jobs, next_due, limit)
 
 
-_SCRIPTS = ("enqueue", "take", "settle", "sweep", "renew_leases", "release_lease", "retry_callback", "forget")
-_SCRIPTS += ("active", "drop_dangling", "reconcile_failed")  # operator view
+_SCRIPTS = ("enqueue", "take", "settle", "sweep", "renew_leases", "release_lease", "retry_callback", "forget",
+            "active", "drop_dangling", "reconcile_failed")  # the last three: the operator view's
 
 
 def _lua(name: str) -> str:
     return resources.files("gdl").joinpath("lua", f"{name}.lua").read_text()
-

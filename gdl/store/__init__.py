@@ -1,0 +1,60 @@
+"""The store: the only module that talks to Redis.
+
+Every key name is built here and every atomic step is one Lua script in
+``gdl/lua/`` (each opens with a comment on its KEYS and ARGV). Times are
+milliseconds since the epoch, passed in by the caller (no script reads the
+clock, so tests drive time and processes may sit on different hosts).
+
+Layout (``gdl:`` prefix)::
+
+    key                        type    holds                          written by          read by
+    job:<id>                   hash    job spec + Status fields       api, pool, notifier  everyone
+                                       + owner (holder while in flight)
+    job:<id>:log               list    JSON line per attempt           pool, notifier       api, cli
+    aggr:<aggr>                hash    limit, proxy (latest enqueue)   api                  scanner
+    queue:<aggr>               zset    job id -> due ms                api, pool, sweep     pool
+    due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
+                                       its queue (the aggregation        queue:<aggr>
+                                       index: no SCAN to find work)
+    lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner
+                                                                       keeper (renew),
+                                                                       pool (release)
+    inflight                   zset    job id -> deadline ms           take/settle, keeper  sweep
+    callbacks                  zset    job id -> due ms                settle, api (retry)  notifier
+    callbacks:inflight         zset    job id -> deadline ms           notifier, keeper     sweep
+    deletions                  zset    job id -> delete-at ms          notifier             reaper
+    callbacks:failed           zset    job id -> failed at ms (failed  settle (callback     api, cli
+                                       callbacks: the retry list)      failed), retry       (retry-failed)
+    heartbeats                 hash    process token -> JSON: roles,   every process's      api (stats,
+                                       host, pid, version, start,      reporter             metrics,
+                                       components' snapshots, at                            dashboard),
+                                                                                            cli (status)
+    active                     hash    aggr id -> owner token of the   scanner (claim,      api, cli
+                                       lease its pool holds (pools     pool end), readers
+                                       whose queue may be empty)       (prune stale)
+    tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
+                                       callbacks, callback_failures    reporter (HINCRBY
+                                       (EXPIRE 16 min)                 of its deltas)
+    failures                   list    JSON per failed download        every process's      api, cli
+                                       attempt, newest first (LTRIM)   reporter
+
+    channels  wake:aggr       message: aggr id with new due work   (enqueue, retry, sweep)
+              wake:callbacks  message: job id with a due callback  (settle, retry, sweep)
+
+A job is in exactly one of queue:<aggr>, inflight, callbacks, callbacks:inflight,
+deletions, callbacks:failed, or none (finished with no callback), and every
+move between them is one script, so a crash at any instant loses nothing:
+anything left in an in-flight set past its deadline is put back by the sweep.
+"""
+
+from gdl.store.core import Health, JobStore, Taken, now_ms
+from gdl.store.layout import *  # noqa: F403
+from gdl.store.layout import __all__ as _layout_names
+from gdl.store.operator import OperatorView
+
+
+class Store(OperatorView):
+    """Typed operations on gdl's Redis layout (see the table above)."""
+
+
+__all__ = ["Health", "JobStore", "Store", "Taken", "now_ms", *_layout_names]

@@ -1,0 +1,86 @@
+"""Every Redis key and channel name gdl uses, built in one place.
+
+The table of what each key holds, who writes it and who reads it is in
+:mod:`gdl.store`'s docstring.
+"""
+
+from __future__ import annotations
+
+PREFIX = "gdl:"
+WAKE_AGGR = PREFIX + "wake:aggr"
+WAKE_CALLBACKS = PREFIX + "wake:callbacks"
+DOWNLOADS = "downloads"
+CALLBACKS = "callbacks"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def log_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}{LOG_SUFFIX}"
+
+
+LOG_SUFFIX = ":log"
+
+
+def aggr_key(aggr_id: str) -> str:
+    return f"{PREFIX}aggr:{aggr_id}"
+
+
+def queue_key(aggr_id: str) -> str:
+    return f"{PREFIX}queue:{aggr_id}"
+
+
+def lease_key(aggr_id: str) -> str:
+    return f"{PREFIX}lease:{aggr_id}"
+
+
+DUE_INDEX = PREFIX + "due"
+INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
+CALLBACK_QUEUE = PREFIX + "callbacks"
+DELETIONS = PREFIX + "deletions"
+FAILED_CALLBACKS = PREFIX + "callbacks:failed"
+# The operator view (gdl/dashboard.py, gdl/commands/): written off the hot path.
+HEARTBEATS = PREFIX + "heartbeats"
+ACTIVE = PREFIX + "active"
+FAILURES = PREFIX + "failures"
+FAILURES_KEPT = 100  # failed download attempts kept in ``failures``
+TPUT_BUCKET_MS = 10_000  # width of a throughput bucket
+TPUT_TTL_S = 16 * 60  # life of a bucket: the dashboard shows the last 15 minutes
+INFLIGHT_READ_MAX = 20_000  # in-flight downloads read to count them per aggregation
+
+
+def tput_key(bucket: int) -> str:
+    """The throughput hash of 10-second bucket number ``bucket`` (ms // TPUT_BUCKET_MS)."""
+    return f"{PREFIX}tput:{bucket}"
+STATE_FIELD = {DOWNLOADS: "state", CALLBACKS: "callback_state"}
+
+
+__all__ = [
+    "PREFIX",
+    "WAKE_AGGR",
+    "WAKE_CALLBACKS",
+    "DOWNLOADS",
+    "CALLBACKS",
+    "LOG_SUFFIX",
+    "DUE_INDEX",
+    "INFLIGHT",
+    "CALLBACK_QUEUE",
+    "DELETIONS",
+    "FAILED_CALLBACKS",
+    "HEARTBEATS",
+    "ACTIVE",
+    "FAILURES",
+    "FAILURES_KEPT",
+    "TPUT_BUCKET_MS",
+    "TPUT_TTL_S",
+    "INFLIGHT_READ_MAX",
+    "STATE_FIELD",
+    "job_key",
+    "log_key",
+    "aggr_key",
+    "queue_key",
+    "lease_key",
+    "tput_key",
+]
