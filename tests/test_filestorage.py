@@ -70,7 +70,7 @@ def test_store_across_filesystems_copies_then_renames(storage, tmp_path, monkeyp
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(filestorage.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     temp = write_temp(tmp_path, b"x" * 100_000)
     storage.store(temp, make_job())
 

@@ -1,0 +1,102 @@
+"""Files on a local (or shared) filesystem: ``<rootdir>/<id[0:3]>/<id>``.
+
+Moved into place atomically and fsynced (the new directory too), served by
+the API at ``processor.download_url``. Disk calls that may wait run off the
+hub (:mod:`gdl.diskio`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from typing import BinaryIO
+
+from gdl import diskio
+from gdl.errors import StorageError
+from gdl.filestorage.base import PREFIX_LENGTH, SAFE_ID_RE, FileStorage, _remove_quietly
+from gdl.job import Job
+
+log = logging.getLogger("gdl.filestorage")
+
+
+class FilesystemStorage(FileStorage):
+    """Files under ``rootdir`` at ``<id[0:3]>/<id>``."""
+
+    def __init__(self, rootdir: str):
+        self.rootdir = rootdir
+
+    def path_for(self, job_id: str) -> str:
+        """``<rootdir>/<id[0:3]>/<id>``; ValueError for an id unsafe as a file name."""
+        if not SAFE_ID_RE.fullmatch(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return os.path.join(self.rootdir, job_id[:PREFIX_LENGTH], job_id)
+
+    def store(self, temp_path: str, job: Job) -> None:
+        final = self.path_for(job.id)
+        try:
+            self._ensure_dir(os.path.dirname(final))
+            diskio.off_hub(_move, temp_path, final)
+            diskio.fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            _remove_quietly(temp_path)
+            raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
+        log.debug("job %s: stored at %s", job.id, final)
+
+    def delete(self, job_id: str) -> bool:
+        if not SAFE_ID_RE.fullmatch(job_id):
+            return False
+        path = self.path_for(job_id)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot delete {path}: {exc.strerror}") from exc
+        log.debug("job %s: deleted %s", job_id, path)
+        return True
+
+    def exists(self, job_id: str) -> bool:
+        return SAFE_ID_RE.fullmatch(job_id) is not None and os.path.isfile(self.path_for(job_id))
+
+    def open(self, job_id: str) -> BinaryIO | None:
+        if not SAFE_ID_RE.fullmatch(job_id):
+            return None
+        path = self.path_for(job_id)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+
+    def _ensure_dir(self, directory: str) -> None:
+        if os.path.isdir(directory):
+            return
+        diskio.makedirs(directory)
+        # The new directory's entry in rootdir must reach the disk too.
+        diskio.fsync_dir(self.rootdir)
+
+
+def _move(source: str, target: str) -> None:
+    """Put ``source`` at ``target`` atomically; readers never see a partial file."""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    # Another filesystem: copy next to the target, fsync, then rename into place.
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=os.path.basename(target) + ".")
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        _remove_quietly(partial)
+        raise
+    _remove_quietly(source)
