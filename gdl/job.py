@@ -128,7 +128,7 @@ class Job:
             if f.name == "status" or f.name not in data:
                 continue
             kwargs[f.name] = _from_field(f.name, data[f.name])
-        status = Status(**{
+        status = Status(**{  # type: ignore[arg-type]  # each field gets its own type, which mypy cannot follow
             f.name: (int(data[f.name] or 0) if isinstance(f.default, int) else data[f.name])
             for f in fields(Status) if f.name in data
         })

@@ -71,5 +71,5 @@ def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | 
 
 def exposition(reports: dict[str, list[dict]], depths: dict[str, int]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(reports, depths))  # type: ignore[arg-type]
+    registry.register(_Snapshot(reports, depths))
     return generate_latest(registry)

@@ -157,7 +157,7 @@ class AddressGuard:
         allowed: list[str] = []
         refused: tuple[str, str] | None = None
         for *_, sockaddr in infos:
-            address = sockaddr[0]
+            address = str(sockaddr[0])
             reason = self.refusal(address)
             if reason is None:
                 if address not in allowed:
@@ -291,7 +291,7 @@ class HopSession(requests.Session):
     ``Response.next``; here nothing is resolved, so nothing is read.
     """
 
-    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         return iter(())
 
 

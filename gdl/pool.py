@@ -34,7 +34,7 @@ from gdl.filestorage import Storages
 from gdl.job import Job
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
-from gdl.stats import Stats
+from gdl.stats import ProcessorStats
 from gdl.store import DOWNLOADS, Store, Taken
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class AggrLog(logging.LoggerAdapter):
     """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
 
     def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
-        return f"aggr {self.extra['aggr_id']}: {msg}", kwargs
+        return f"aggr {(self.extra or {})['aggr_id']}: {msg}", kwargs
 
 
 class TakingPool:
@@ -175,7 +175,7 @@ class AggregationPool(TakingPool):
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storages: Storages, stats: Stats, gate: gevent.event.Event | None,
+                 storages: Storages, stats: ProcessorStats, gate: gevent.event.Event | None,
                  clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))

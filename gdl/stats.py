@@ -176,11 +176,12 @@ def _drain(stats: Stats) -> list[dict]:
 
 def summed(reports: list[dict]) -> dict[str, float]:
     """Processes' reports added up (the ``/stats`` view of a component)."""
-    total: Counter[str] = Counter()
+    total: dict[str, float] = {}
     for report in reports:
         for name, value in report.items():
             if isinstance(value, (int, float)) and name != "at":
-                total[name] = max(total[name], value) if name == "max" else total[name] + value
-    out: dict[str, float] = dict(total)
+                before = total.get(name, 0)
+                total[name] = max(before, value) if name == "max" else before + value
+    out = dict(total)
     out["processes"] = len(reports)
     return out

@@ -33,7 +33,7 @@ class HTTPBackend:
     def start(self) -> None:
         self.session = HopSession()
         self.session.headers = {"Content-Type": "application/json", "User-Agent": f"gdl/{__version__}",
-                                "Accept": "*/*"}  # type: ignore[assignment]
+                                "Accept": "*/*"}
         self.session.trust_env = False  # no proxy or .netrc credentials picked from the environment
         mount_adapters(self.session, self.guard, pool_size=self.pool_size)
 

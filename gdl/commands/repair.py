@@ -104,8 +104,9 @@ def fsck(store: Store, cfg: Config, *, fix: bool, verbose: bool = False) -> int:
     )}
 
     # Sets of job ids, read first: a job created after this read is not misjudged below.
-    sets = {keys.INFLIGHT[DOWNLOADS]: None, keys.INFLIGHT[CALLBACKS]: None, keys.CALLBACK_QUEUE: None,
-            keys.DELETIONS: None, keys.FAILED_CALLBACKS: None}
+    # (key -> the aggregation whose queue it is, or None)
+    sets: dict[str, str | None] = {keys.INFLIGHT[DOWNLOADS]: None, keys.INFLIGHT[CALLBACKS]: None,
+                                   keys.CALLBACK_QUEUE: None, keys.DELETIONS: None, keys.FAILED_CALLBACKS: None}
     aggrs = sorted(store.queued_aggregations())
     for aggr in aggrs:
         sets[keys.queue_key(aggr)] = aggr
@@ -139,16 +140,16 @@ def fsck(store: Store, cfg: Config, *, fix: bool, verbose: bool = False) -> int:
         checks["orphan files"].note = "skipped: not filesystem storage"
 
     # Set entries.
-    for key, aggr in sets.items():
+    for key, queue_of in sets.items():
         ids = [member for member, _ in entries[key]]
         gone = {i for i, r in zip(ids, store.job_fields(ids, "state")) if r is None} if ids else set()
         checks["dangling entries"].found += [f"{key[len(keys.PREFIX):]} {i}" for i in sorted(gone)]
         if fix and gone:
-            checks["dangling entries"].fixed += store.drop_dangling(key, sorted(gone), aggr_id=aggr)
-        if aggr is not None and not ids:
-            checks["stale due index"].found.append(aggr)
+            checks["dangling entries"].fixed += store.drop_dangling(key, sorted(gone), aggr_id=queue_of)
+        if queue_of is not None and not ids:
+            checks["stale due index"].found.append(queue_of)
             if fix:
-                store.drop_dangling(key, [], aggr_id=aggr)
+                store.drop_dangling(key, [], aggr_id=queue_of)
                 checks["stale due index"].fixed += 1
     for kind in (DOWNLOADS, CALLBACKS):
         expired = [i for i, deadline in entries[keys.INFLIGHT[kind]] if deadline < now]

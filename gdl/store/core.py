@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis
 import redis.exceptions
@@ -125,7 +125,8 @@ class JobStore:
     """Typed operations on gdl's Redis layout: the data flow of a job."""
 
     def __init__(self, client: redis.Redis, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
-        self.redis = client
+        # Any: redis-py's types cannot say that decode_responses makes every reply a str.
+        self.redis: Any = client
         self.health = Health()
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
@@ -135,7 +136,7 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
-                client_name: str = "gdl-tool", wait_replicas: int = 0) -> JobStore:
+                client_name: str = "gdl-tool", wait_replicas: int = 0) -> Self:
         """A store on ``url`` (or on the Sentinel-managed master)."""
         if sentinel:
             hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
