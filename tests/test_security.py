@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -24,7 +25,6 @@ from pathlib import Path
 import gevent
 import gevent.server
 import pytest
-from gevent import monkey
 
 from gdl.download import Downloader, Fetched
 from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
@@ -35,9 +35,6 @@ from gdl.store import Store
 from tests.conftest import config_file, free_port, make_config, pings, wait_until
 from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver
-
-needs_gevent = pytest.mark.skipif(not monkey.is_module_patched("socket"),
-                                  reason="the deadline interrupts reads only under gevent monkey patching")
 
 SETTING = "(security.block_private_networks)"
 HEADERS = {"User-Agent": "gdl-test/1", "Accept": "*/*"}
@@ -425,9 +422,8 @@ def test_a_socks_proxy_is_refused_while_the_guard_is_on(make_downloader) -> None
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for public.example (and only that name)."""
-    openssl = subprocess.run(["which", "openssl"], capture_output=True, text=True).stdout.strip()
-    if not openssl:
-        pytest.skip("the openssl command is needed to make a test certificate")
+    openssl = shutil.which("openssl")
+    assert openssl, "the openssl command (Debian's openssl package) is needed to make a test certificate"
     where = tmp_path_factory.mktemp("tls")
     key, cert = str(where / "key.pem"), str(where / "cert.pem")
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
@@ -504,7 +500,6 @@ def test_a_body_longer_than_its_content_length_is_read_to_the_length_only(server
     assert read(downloader.fetch(job(server.url("/next")), timeout=5)) == b"clean"
 
 
-@needs_gevent
 def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, storage_dir) -> None:
     server.add_drip("/drip", b"x" * 100, interval=1.0)
     started = time.monotonic()
