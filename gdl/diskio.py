@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import gevent
 
@@ -24,15 +24,21 @@ def off_hub(fn: Callable[..., T], *args: object) -> T:
     return gevent.get_hub().threadpool.apply(fn, args)
 
 
-def fsync(fd: int) -> None:
-    off_hub(os.fsync, fd)
+def flush_sync_close(file: BinaryIO) -> None:
+    """Flush ``file``, fsync it and close it, in one trip to the threadpool."""
+    off_hub(_flush_sync_close, file)
 
 
-def fsync_dir(directory: str) -> None:
-    off_hub(_fsync_dir, directory)
+def _flush_sync_close(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
 
 
-def _fsync_dir(directory: str) -> None:
+def sync_directory(directory: str) -> None:
+    """fsync a directory, so that entries created or renamed in it are on disk.
+
+    Blocking: call it through :func:`off_hub` (or from a function that is)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,12 +47,5 @@ def _fsync_dir(directory: str) -> None:
 
 
 def mkstemp(directory: str, prefix: str) -> tuple[int, str]:
+    """A new temp file's descriptor and path (creating a file can wait on the disk)."""
     return off_hub(tempfile.mkstemp, "", prefix, directory)
-
-
-def makedirs(directory: str) -> None:
-    off_hub(os.makedirs, directory, 0o777, True)
-
-
-def replace(source: str, target: str) -> None:
-    off_hub(os.replace, source, target)

@@ -345,9 +345,7 @@ class _TempFile:
     def finish(self) -> None:
         """Flush to disk and close: the file survives a crash from here on."""
         try:
-            self.file.flush()
-            diskio.fsync(self.file.fileno())
-            self.file.close()
+            diskio.flush_sync_close(self.file)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
 

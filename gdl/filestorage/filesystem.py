@@ -37,9 +37,8 @@ class FilesystemStorage(FileStorage):
     def store(self, temp_path: str, job: Job) -> None:
         final = self.path_for(job.id)
         try:
-            self._ensure_dir(os.path.dirname(final))
-            diskio.off_hub(_move, temp_path, final)
-            diskio.fsync_dir(os.path.dirname(final))
+            # One trip to the threadpool for the directory, the rename and their fsyncs.
+            diskio.off_hub(_place, temp_path, final, self.rootdir)
         except OSError as exc:
             _remove_quietly(temp_path)
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
@@ -72,12 +71,16 @@ class FilesystemStorage(FileStorage):
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
 
-    def _ensure_dir(self, directory: str) -> None:
-        if os.path.isdir(directory):
-            return
-        diskio.makedirs(directory)
-        # The new directory's entry in rootdir must reach the disk too.
-        diskio.fsync_dir(self.rootdir)
+
+
+def _place(source: str, target: str, rootdir: str) -> None:
+    """Move ``source`` to ``target`` durably (blocking: run off the hub)."""
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, exist_ok=True)
+        diskio.sync_directory(rootdir)  # the new directory's entry must reach the disk too
+    _move(source, target)
+    diskio.sync_directory(directory)
 
 
 def _move(source: str, target: str) -> None:
