@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return commands.run(command, args, cfg)
         return run_service(cfg, args.command)
     except (ConfigError, StartupError, StoreUnavailable) as exc:
-        print(f"gdl: {exc}", file=sys.stderr)  # the one line an operator reads; logging may not be set up
+        print(f"gdl: {exc}", file=sys.stderr)  # the one line an operator reads: no timestamp, no logger name
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C in a command (the service handles SIGINT itself)
         return 130
