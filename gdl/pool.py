@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ import gevent.event
 import gevent.pool
 
 from gdl import sentry
+from gdl.backoff import Backoff
 from gdl.config import Config
 from gdl.download import Downloader, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
@@ -40,9 +40,6 @@ from gdl.store import DOWNLOADS, Store, Taken
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 5.0  # longest sleep between looks at the queue when nothing wakes us
-# Waits between tries while Redis is away (doubling, with jitter).
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
 
 
 class AggrLog(logging.LoggerAdapter):
@@ -95,7 +92,7 @@ class TakingPool:
 
     def run(self) -> None:
         idle_since: float | None = None
-        backoff = BACKOFF_MIN
+        backoff = Backoff()
         while not self.stopping:
             if self.gate is not None and not self.gate.is_set():
                 self._wait_for_gate()
@@ -108,10 +105,9 @@ class TakingPool:
             try:
                 taken = self.take(now, self.pool.free_count())
             except StoreUnavailable:  # logged once per outage by the store
-                self._wake.wait(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._wake.wait(backoff.next())
                 continue
-            backoff = BACKOFF_MIN
+            backoff.reset()
             if taken.limit is not None and taken.limit != self.size:
                 self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
                               self.size, taken.limit)
@@ -155,7 +151,7 @@ class TakingPool:
 
     def settle(self, what: str, job: Job, write: Callable[[], bool]) -> None:
         """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
-        backoff = BACKOFF_MIN
+        backoff = Backoff()
         while True:
             try:
                 if not write():
@@ -165,8 +161,7 @@ class TakingPool:
                 if self.stopping:
                     self.log.warning("job %s: %s left to the sweep, redis unavailable", job.id, what)
                     return
-                gevent.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                gevent.sleep(backoff.next())
 
 
 class AggregationPool(TakingPool):

@@ -52,6 +52,8 @@ class Stats:
         self.component = component
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, Callable[[], float]] = {}
+        # Failed attempts since the last flush, for the dashboard's "latest failures".
+        self.failures: deque[dict] = deque(maxlen=FAILURES_KEPT)
 
     def incr(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -71,8 +73,6 @@ class ProcessorStats(Stats):
         super().__init__("processor")
         self.workers = 0
         self.gauge("workers", lambda: self.workers)
-        # Failed attempts since the last flush, for the dashboard's "latest failures".
-        self.failures: deque[dict] = deque(maxlen=FAILURES_KEPT)
 
     def download_failed(self, job: Any, err: Exception, outcome: str, at: int) -> None:
         """Remember a failed attempt (``outcome`` retry or failed) until the reporter's next flush."""
@@ -148,7 +148,7 @@ class Reporter:
                                  throughput=self._increase(snapshots), failures=failures)
         except StoreUnavailable:
             for stats in self.stats:  # the next flush carries them
-                getattr(stats, "failures", deque()).extendleft(reversed(taken[stats.component]))
+                stats.failures.extendleft(reversed(taken[stats.component]))
             return  # the store logs the outage
         for component, snapshot in snapshots.items():
             self._flushed[component] = Counter({k: v for k, v in snapshot.items() if isinstance(v, int)})
@@ -166,11 +166,8 @@ class Reporter:
 
 
 def _drain(stats: Stats) -> list[dict]:
-    pending = getattr(stats, "failures", None)
-    if not pending:
-        return []
-    batch = list(pending)
-    pending.clear()
+    batch = list(stats.failures)
+    stats.failures.clear()
     return batch
 
 

@@ -14,13 +14,13 @@ is called with ``None``, meaning "something may have changed, look again".
 from __future__ import annotations
 
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Callable
 
 import gevent
 import gevent.event
 
+from gdl.backoff import Backoff
 from gdl.errors import StoreUnavailable
 from gdl.store import Store
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str | None], None]
 POLL_SECONDS = 1.0
-MAX_BACKOFF = 5.0
 
 
 class Wakeup:
@@ -49,18 +48,17 @@ class Wakeup:
         self._stopping.set()
 
     def run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff()
         while not self._stopping.is_set():
             try:
                 pubsub = self.store.subscribe(*self._handlers)
-                backoff = 0.1
+                backoff.reset()
                 self.subscribed.set()
                 self._dispatch_all(None)
                 self._listen(pubsub)
             except StoreUnavailable:  # logged once per outage by the store
                 self.subscribed.clear()
-                self._stopping.wait(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                self._stopping.wait(backoff.next())
 
     def _listen(self, pubsub) -> None:
         try:

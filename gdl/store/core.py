@@ -365,11 +365,6 @@ class JobStore:
         keys = [job_key(job_id), CALLBACK_QUEUE, FAILED_CALLBACKS]
         return int(self._run("retry_callback", keys, [job_id, now, WAKE_CALLBACKS]))
 
-    @_translated
-    def next_callback_due(self) -> int | None:
-        head = self.redis.zrange(CALLBACK_QUEUE, 0, 0, withscores=True)
-        return int(head[0][1]) if head else None
-
     # ---------------------------------------------------------------- shared: settle and sweep
 
     def _settle(self, job: Job, owner: str, kind: str, log_entry: dict | None, status: dict, *,
