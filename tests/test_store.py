@@ -1,5 +1,11 @@
 """The store's scripts against a real Redis: every move of a job is one step."""
 
+import time
+
+import gevent
+import pytest
+import redis.exceptions
+
 from gdl import store as keys
 from gdl.job import Job, new_id
 from gdl.store import CALLBACKS, DOWNLOADS
@@ -170,3 +176,78 @@ def test_callback_sweep(store):
     assert store.sweep(CALLBACKS, now=NOW + 100) == [job.id]
     assert store.get_job(job.id).status.callback_state == "queued"
     assert store.redis.zscore(keys.CALLBACK_QUEUE, job.id) == NOW + 100
+
+
+# ---------------------------------------------------------------- group commit (gdl/store/batch.py)
+
+def test_concurrent_calls_share_pipelines_and_each_gets_its_own_reply(store):
+    jobs = [make_job(aggr=f"a{i % 4}") for i in range(40)]
+    greenlets = [gevent.spawn(store.enqueue, job, now=NOW) for job in jobs]
+    gevent.joinall(greenlets, raise_error=True)
+    assert [g.value.id for g in greenlets] == [j.id for j in jobs]
+    assert store._batcher.calls == 40
+    assert store._batcher.batches < 10  # the first call goes alone, the rest queue behind it
+    assert sum(n for _, n in store.pending_aggregations()) == 40
+
+
+def test_one_failing_call_fails_alone(store):
+    bad = make_job()
+    store.redis.set(keys.queue_key(bad.aggr_id), "not a zset")  # the script's ZADD fails
+    good = [make_job(aggr="other") for _ in range(5)]
+    greenlets = [gevent.spawn(store.enqueue, bad, now=NOW)] + [gevent.spawn(store.enqueue, j, now=NOW) for j in good]
+    gevent.joinall(greenlets)
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        greenlets[0].get()
+    assert [g.get().id for g in greenlets[1:]] == [j.id for j in good]
+    assert store.redis.zcard(keys.queue_key("other")) == 5
+
+
+def test_scripts_forgotten_by_redis_are_loaded_again(store):
+    store.enqueue(make_job(), now=NOW)
+    store.redis.script_flush()  # as after a restart or a failover
+    job = store.enqueue(make_job(), now=NOW)
+    taken = store.take_downloads("shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
+    assert job.id in [j.id for j in taken.jobs] and len(taken.jobs) == 2
+
+
+# ---------------------------------------------------------------- wake-ups only when a queue gains due work
+
+def _published(store, action) -> list[str]:
+    pubsub = store.subscribe(keys.WAKE_AGGR, keys.WAKE_CALLBACKS)
+    try:
+        action()
+        out = []
+        until = time.monotonic() + 0.5  # (subscribe confirmations also read as None)
+        while time.monotonic() < until:
+            message = store.next_message(pubsub, 0.05)
+            if message is not None:
+                out.append(message)
+        return out
+    finally:
+        pubsub.close()
+
+
+def test_enqueue_wakes_only_a_queue_with_nothing_due(store):
+    def three_enqueues():
+        store.enqueue(make_job(), now=NOW)
+        store.enqueue(make_job(), now=NOW)  # the queue has due work: its pool will take this one
+        store.enqueue(make_job(aggr="other"), now=NOW)
+    assert _published(store, three_enqueues) == [(keys.WAKE_AGGR, "shop"), (keys.WAKE_AGGR, "other")]
+
+
+def test_enqueue_wakes_a_queue_whose_jobs_are_all_due_later(store):
+    store.enqueue(make_job(), now=NOW + 60_000)  # a retry waiting for its backoff
+    assert _published(store, lambda: store.enqueue(make_job(), now=NOW)) == [(keys.WAKE_AGGR, "shop")]
+
+
+def test_finished_downloads_wake_the_notifier_once_per_idle_callback_queue(store):
+    for _ in range(3):
+        store.enqueue(make_job(), now=NOW)
+    taken = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000).jobs
+
+    def finish_all():
+        for job in taken:
+            assert store.finish_download(job, OWNER, now=NOW, forget_at=LATER, log_entry={"outcome": "ok"},
+                                         state="succeeded", attempts=1)
+    assert _published(store, finish_all) == [(keys.WAKE_CALLBACKS, taken[0].id)]
+    assert store.redis.zcard(keys.CALLBACK_QUEUE) == 3

@@ -8,6 +8,8 @@
 -- ARGV[4] log entry ('' for none)           ARGV[5] aggregation id
 -- ARGV[6] wake channel ('' for none)        ARGV[7] wake message
 -- ARGV[8..] status fields as field, value pairs
+-- The wake-up is published only when KEYS[4] had nothing due by ARGV[3] (see
+-- enqueue.lua: a queue with due work has a taker already).
 -- Returns 1, or 0 when the job is no longer ours (its deadline passed and the
 -- sweep gave it to someone else): then nothing is written.
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
@@ -23,13 +25,18 @@ end
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[4])
 end
+local wake = ARGV[6] ~= ''
 if KEYS[4] then
+  if wake then
+    local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    wake = not head[2] or tonumber(head[2]) > tonumber(ARGV[3])
+  end
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 end
 if KEYS[5] then
   redis.call('ZADD', KEYS[5], 'LT', ARGV[3], ARGV[5])
 end
-if ARGV[6] ~= '' then
+if wake then
   redis.call('PUBLISH', ARGV[6], ARGV[7])
 end
 return 1

@@ -22,6 +22,7 @@ from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id, status_fields
+from gdl.store.batch import ScriptBatcher
 from gdl.store.layout import (
     CALLBACK_QUEUE,
     CALLBACKS,
@@ -131,6 +132,7 @@ class JobStore:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
+        self._batcher = ScriptBatcher(client)
 
     # ---------------------------------------------------------------- setup
 
@@ -171,6 +173,11 @@ class JobStore:
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return self._scripts[name](keys=keys, args=args)
 
+    def _run_batched(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Like :meth:`_run`, sharing a pipeline with other greenlets' calls (the
+        hot path's scripts: enqueue, take, settle; see :mod:`gdl.store.batch`)."""
+        return self._batcher.run(self._scripts[name], keys, args)
+
     # ---------------------------------------------------------------- enqueue (api)
 
     @_translated
@@ -196,7 +203,7 @@ class JobStore:
         caller gets a 503 and retries (the job may then exist twice).
         """
         if not self.wait_replicas:
-            return int(self._run("enqueue", keys, args))
+            return int(self._run_batched("enqueue", keys, args))
         with self.redis.pipeline(transaction=False) as pipe:
             self._scripts["enqueue"](keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -304,7 +311,7 @@ class JobStore:
     def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id)]
         args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id]
-        return _taken(self._run("take", keys, args))
+        return _taken(self._run_batched("take", keys, args))
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
@@ -338,7 +345,7 @@ class JobStore:
     def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
         args = [now, count, deadline, owner, job_key(""), "callback_state", "in_flight", ""]
-        return _taken(self._run("take", keys, args))
+        return _taken(self._run_batched("take", keys, args))
 
     @_translated
     def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> bool:
@@ -379,7 +386,7 @@ class JobStore:
         entry = json.dumps(log_entry, separators=(",", ":")) if log_entry else ""
         pairs = [x for kv in status_fields(**status).items() for x in kv]
         args = [job.id, owner, score, entry, job.aggr_id, channel, message, *pairs]
-        return self._run("settle", keys, args) == 1
+        return self._run_batched("settle", keys, args) == 1
 
     @_translated
     def sweep(self, kind: str, *, now: int, limit: int = 1000) -> list[str]:
