@@ -35,6 +35,28 @@ def _flush_sync_close(file: BinaryIO) -> None:
     file.close()
 
 
+def write_new_file(directory: str, prefix: str, data: bytes | bytearray) -> str:
+    """Create a temp file in ``directory`` holding ``data``, fsynced and closed,
+    in one trip to the threadpool; returns its path."""
+    return off_hub(_write_new_file, directory, prefix, data)
+
+
+def _write_new_file(directory: str, prefix: str, data: bytes | bytearray) -> str:
+    fd, path = tempfile.mkstemp("", prefix, directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # the write failed first; that is the error to report
+        raise
+    return path
+
+
 def sync_directory(directory: str) -> None:
     """fsync a directory, so that entries created or renamed in it are on disk.
 

@@ -128,7 +128,10 @@ class Downloader:
             attempt.response_code = response.status_code
             check_status(response)
             self._check_declared_length(response)
-            attempt.temp = _TempFile.create(self.storage_dir, prefix=job.id + ".")
+            # A body declared to fit one chunk is kept in memory and written in one go.
+            declared = content_length(response)
+            small = declared is not None and declared <= self.chunk_size
+            attempt.temp = _TempFile(self.storage_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
             found_mime = self._stream_body(job, response, attempt.temp)
             attempt.temp.finish()
         size = attempt.temp.size
@@ -170,8 +173,8 @@ class Downloader:
         """One GET, no redirect followed."""
         self._check_url(url)
         try:
-            return self.session.get(url, headers=headers, cookies=cookies, stream=True, allow_redirects=False,
-                                    timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout))
+            return self.session.send_one("GET", url, headers=headers, cookies=cookies,
+                                         timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout))
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise request_error(exc) from exc
 
@@ -195,12 +198,16 @@ class Downloader:
                            response_code=response.status_code)
 
     def _stream_body(self, job: Job, response: requests.Response, temp: _TempFile) -> str:
-        """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type.
+        """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type
+        ("" when the job has neither ``mime_type`` nor ``extract_image_size``).
 
         The job's mime patterns are checked as soon as :data:`mime.SNIFF_BYTES`
         have arrived (or the body ended), before the rest is read.
         """
         patterns = mime.MimePatterns.parse(job.mime_type) if job.mime_type else None
+        # libmagic costs up to a few hundred microseconds a body (text and random
+        # bytes most): only a job that checks the type or wants an image size pays it.
+        sniffing = patterns is not None or job.extract_image_size
         code = response.status_code
         head = bytearray()
         found_mime = ""
@@ -210,18 +217,18 @@ class Downloader:
                 if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
                     raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
                 temp.write(chunk)
-                if not found_mime:
+                if sniffing:
                     head += chunk
                     if len(head) >= mime.SNIFF_BYTES:
                         found_mime = check_mime(head, job.mime_type, patterns, code)
-                        head = bytearray()
+                        sniffing, head = False, bytearray()
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise DownloadTimeout(f"reading the body timed out: {exc}", response_code=code) from exc
         except urllib3.exceptions.HTTPError as exc:
             # ProtocolError (IncompleteRead, a reset), SSLError mid-body: the body was cut short.
             raise TruncatedBody(f"the body was cut short after {temp.size} bytes: {exc}",
                                 response_code=code) from exc
-        if not found_mime:
+        if sniffing:
             found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
         declared = content_length(response)
         if declared is not None and temp.size != declared:
@@ -230,7 +237,7 @@ class Downloader:
 
 
 def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGuard | None,
-                  pool_size: int) -> requests.Session:
+                  pool_size: int) -> HopSession:
     session = HopSession()
     # Only the configured headers: no requests defaults (Accept-Encoding: gzip
     # would ask for bytes other than the resource's). SKIP_HEADER keeps
@@ -320,40 +327,66 @@ def request_error(exc: Exception) -> DownloadError:
 
 
 class _TempFile:
-    """A temp file being written; OSErrors become :class:`StorageError`."""
+    """A temp file being written; OSErrors become :class:`StorageError`.
 
-    def __init__(self, path: str, file: BinaryIO):
-        self.path = path
-        self.file = file
+    Up to ``in_memory`` bytes stay in memory: a body that fits never
+    touches the disk until :meth:`finish` creates, writes, fsyncs and closes
+    the file in one trip to the threadpool (a small file would otherwise
+    make two: create, then fsync and close). ``path`` is set once the file exists.
+    """
+
+    def __init__(self, directory: str, *, prefix: str, in_memory: int):
+        self.directory = directory
+        self.prefix = prefix
+        self.in_memory = in_memory
+        self.buffer = bytearray()
+        self.path = ""
+        self.file: BinaryIO | None = None
         self.size = 0
 
-    @classmethod
-    def create(cls, directory: str, *, prefix: str) -> _TempFile:
-        try:
-            fd, path = diskio.mkstemp(directory, prefix)
-        except OSError as exc:
-            raise StorageError(f"cannot create a temp file in {directory}: {exc.strerror}") from exc
-        return cls(path, os.fdopen(fd, "wb"))
-
     def write(self, chunk: bytes) -> None:
+        if self.file is None and len(self.buffer) + len(chunk) <= self.in_memory:
+            self.buffer += chunk
+            self.size += len(chunk)
+            return
+        if self.file is None:
+            self.file = self._create()
         try:
+            if self.buffer:
+                self.file.write(self.buffer)
+                self.buffer = bytearray()
             self.file.write(chunk)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
         self.size += len(chunk)
 
+    def _create(self) -> BinaryIO:
+        try:
+            fd, self.path = diskio.mkstemp(self.directory, self.prefix)
+        except OSError as exc:
+            raise StorageError(f"cannot create a temp file in {self.directory}: {exc.strerror}") from exc
+        return os.fdopen(fd, "wb")
+
     def finish(self) -> None:
         """Flush to disk and close: the file survives a crash from here on."""
         try:
-            diskio.flush_sync_close(self.file)
+            if self.file is None:
+                self.path = diskio.write_new_file(self.directory, self.prefix, self.buffer)
+                self.buffer = bytearray()
+            else:
+                diskio.flush_sync_close(self.file)
         except OSError as exc:
-            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+            raise StorageError(f"cannot write {self.path or self.directory}: {exc.strerror}") from exc
 
     def discard(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass  # the data is being thrown away; a failed flush does not matter
+        self.buffer = bytearray()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the data is being thrown away; a failed flush does not matter
+        if not self.path:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -92,15 +92,26 @@ def test_stores_the_exact_bytes(server, downloader, storage_dir) -> None:
     assert read(fetched) == body
     assert fetched.size == 300_000
     assert fetched.response_code == 200
-    assert fetched.mime == "application/octet-stream"
+    assert fetched.mime == ""  # not sniffed: the job asks neither a mime type nor an image size
     assert fetched.image_size == ""
     assert os.path.dirname(fetched.path) == storage_dir
     assert os.path.basename(fetched.path).startswith(job.id + ".")
 
 
+@needs_gevent
+def test_a_body_within_one_chunk_reaches_the_disk_only_when_complete(server, make_downloader, storage_dir) -> None:
+    server.add_drip("/slow", b"x" * 20, interval=0.02)
+    downloader = make_downloader(chunk_size=1024)
+    greenlet = gevent.spawn(downloader.fetch, make_job(server.url("/slow")), timeout=10)
+    gevent.sleep(0.2)
+    assert os.listdir(storage_dir) == []  # mid-body, in memory
+    fetched = greenlet.get(timeout=5)
+    assert (os.listdir(storage_dir), read(fetched)) == ([os.path.basename(fetched.path)], b"x" * 20)
+
+
 def test_empty_body(server, downloader) -> None:
     server.add("/empty", b"")
-    fetched = downloader.fetch(make_job(server.url("/empty")), timeout=5)
+    fetched = downloader.fetch(make_job(server.url("/empty"), mime_type="*/*"), timeout=5)
     assert (fetched.size, read(fetched), fetched.mime) == (0, b"", "application/x-empty")
 
 
@@ -108,7 +119,7 @@ def test_gzip_body_is_stored_compressed(server, downloader) -> None:
     compressed = gzip.compress(b"hello gdl\n" * 500)
     server.add("/page", compressed, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
 
-    fetched = downloader.fetch(make_job(server.url("/page")), timeout=5)
+    fetched = downloader.fetch(make_job(server.url("/page"), mime_type="*/*"), timeout=5)
 
     assert read(fetched) == compressed
     assert fetched.size == len(compressed)
@@ -204,8 +215,9 @@ def test_drip_is_cut_at_the_deadline(server, downloader, storage_dir) -> None:
 
 
 @needs_gevent
-def test_killed_download_removes_its_temp_file(server, downloader, storage_dir) -> None:
+def test_killed_download_removes_its_temp_file(server, make_downloader, storage_dir) -> None:
     server.add_drip("/slow", b"x" * 40, interval=0.05)
+    downloader = make_downloader(chunk_size=4)  # a body declared to fit one chunk stays in memory
     greenlet = gevent.spawn(downloader.fetch, make_job(server.url("/slow")), timeout=10)
     gevent.sleep(0.4)
     assert len(os.listdir(storage_dir)) == 1  # mid-body

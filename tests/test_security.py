@@ -515,8 +515,8 @@ def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_do
 def test_a_gzip_bomb_is_stored_as_sent(server, make_downloader) -> None:
     bomb = gzip_of_zeros(128 << 20)  # 128 MiB of zeros in about 130 KB
     server.add("/bomb", bomb, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
-    fetched = make_downloader(AddressGuard(LOOPBACK), max_bytes=1 << 20).fetch(job(server.url("/bomb")),
-                                                                              timeout=10)
+    fetched = make_downloader(AddressGuard(LOOPBACK), max_bytes=1 << 20).fetch(
+        job(server.url("/bomb"), mime_type="*/*"), timeout=10)
     assert len(bomb) < 1 << 20
     assert fetched.size == len(bomb)
     assert read(fetched) == bomb

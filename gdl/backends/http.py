@@ -28,7 +28,7 @@ class HTTPBackend:
         self.timeout = timeout
         self.guard = guard
         self.pool_size = pool_size
-        self.session: requests.Session | None = None
+        self.session: HopSession | None = None
 
     def start(self) -> None:
         self.session = HopSession()
@@ -44,8 +44,7 @@ class HTTPBackend:
         deadline = gevent.Timeout(self.timeout)
         deadline.start()
         try:
-            response = self.session.post(destination, data=body, timeout=self.timeout, stream=True,
-                                         allow_redirects=False)
+            response = self.session.send_one("POST", destination, body=body, timeout=self.timeout)
             discard_body(response)
         except BlockedAddress as exc:
             raise CallbackError(f"callback to {destination} {exc}", retriable=False) from exc
