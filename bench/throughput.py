@@ -6,17 +6,22 @@ mode runs it), gdl as real processes (``python -m gdl.cli``), and, in this
 gevent-patched process, the callback receiver and a slow origin. Then:
 
 1. small files: N x 16 KiB end to end (enqueue, download, store, callback),
-   next to ``aria2c -j 16`` on the same URLs: jobs/s, CPU ms per job;
+   next to ``aria2c -j 16`` and a plain ``requests`` loop (16 threads) on the
+   same URLs: jobs/s, CPU ms per job, peak RSS of each gdl process;
 2. big files: a few large files, next to curl (+ fsync) and aria2c: MB/s,
-   and the peak RSS of gdl's processor;
+   and the peak RSS of gdl's processes;
 3. pickup latency: a trickle of jobs into an idle gdl, enqueue to callback;
 4. utilisation: 200 ms downloads in aggregations of limits 1..8: the most
    in flight per aggregation (never above its limit) and the share of slots
-   kept busy.
+   kept busy;
+5. many aggregations: 2000 aggregations x 5 small files, limit 2: jobs/s
+   against workload 1's, and the peak RSS of all gdl processes;
+6. scale-out: workload 1 with one processor process, then with two.
 
-    python bench/throughput.py [--quick] [--small-jobs 10000] [--big-mib 256] ...
+    python bench/throughput.py [--quick] [--workloads small,many] [--small-jobs 10000] [--big-mib 256] ...
 
-Progress goes to stderr through ``logging``; the report to stdout. Needs
+Progress goes to stderr through ``logging``; the report to stdout: tables,
+then one JSON object per line for each workload run (``grep '^{'``). Needs
 ``nginx`` and ``aria2c`` on PATH (Debian: ``apt-get install nginx aria2``).
 """
 
@@ -55,6 +60,7 @@ from common import (  # noqa: E402
     free_port,
     machine_busy_seconds,
     proc_status_kib,
+    redis_socket,
     start_gdl,
     start_redis,
     stop_process,
@@ -70,9 +76,13 @@ log = logging.getLogger("bench.throughput")
 SMALL_BYTES = 16 * 1024
 MIB = 1024 * 1024
 MB = 1_000_000
-ROLES = ("api", "processor", "notifier")
-LAYOUTS = {"single": (None,), "split": ROLES}
+LAYOUTS = ("single", "split")
 LAYOUT_NAMES = {"single": "gdl (1 process, all roles)", "split": "gdl (api + processor + notifier)"}
+WORKLOADS = ("small", "big", "latency", "util", "many", "scaleout")
+BENCH_DIR = Path(__file__).resolve().parent
+MANY_RATIO_TARGET = 0.8  # workload 5's jobs/s over workload 1's: within 20%
+MANY_RSS_TARGET_MB = 300  # workload 5: peak RSS of all gdl processes together
+SCALEOUT_TARGET = 1.6  # workload 6: jobs/s with two processor processes over one
 
 
 def now() -> float:
@@ -176,15 +186,39 @@ http {{
 
 # --------------------------------------------------------------------------- gdl
 
-class Gdl:
-    """A redis-server (AOF on) and gdl in one process or one per role, in a temp dir."""
+def gdl_roles(layout: str, processors: int = 1) -> list[tuple[str, str | None]]:
+    """(process name, gdl role) of each gdl process: one with every role, or one per role as in the
+    Procfile with ``processors`` processor processes (``processor``, or ``processor1`` ... when several)."""
+    if layout == "single":
+        return [("all", None)]
+    procs = [("processor", "processor")] if processors == 1 else [(f"processor{i + 1}", "processor")
+                                                                   for i in range(processors)]
+    return [("api", "api"), *procs, ("notifier", "notifier")]
 
-    def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int):
+
+def gdl_name(layout: str, processors: int = 1) -> str:
+    """The row name of a gdl run in the tables."""
+    if layout == "split" and processors != 1:
+        return f"gdl (api + {processors} processors + notifier)"
+    return LAYOUT_NAMES[layout]
+
+
+def gdl_tool(layout: str, processors: int = 1) -> str:
+    """The ``tool`` of a gdl run in the JSON lines: ``gdl split``, ``gdl single``, ``gdl split x2``."""
+    return f"gdl {layout}" + (f" x{processors}" if layout == "split" and processors != 1 else "")
+
+
+class Gdl:
+    """A redis-server (AOF on, on a unix socket) and gdl in one process or one per role, in a temp dir."""
+
+    def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int, processors: int = 1):
         self.dir = workdir
         self.layout = layout
+        self.processors = processors if layout == "split" else 1
         self.log_level = log_level
         self.notifier_concurrency = notifier_concurrency
-        self.redis_port = free_port()
+        self.redis_dir = workdir / "redis"
+        self.redis_path = redis_socket(self.redis_dir)
         self.api_port = free_port()
         self.rootdir = workdir / "files"
         self.redis: subprocess.Popen | None = None
@@ -199,20 +233,19 @@ class Gdl:
 
     def _start(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.redis = start_redis(self.dir / "redis", self.redis_port, appendonly=True)
+        self.redis = start_redis(self.redis_dir, appendonly=True)
         config = write_gdl_config(
-            self.dir, self.redis_port, self.api_port,
+            self.dir, self.redis_path, self.api_port,
             processor={"download_url": f"http://127.0.0.1:{self.api_port}/files"},
             notifier={"concurrency": self.notifier_concurrency, "deletion_interval": 1_000_000},
             security={"block_private_networks": False},
         )
-        for role in LAYOUTS[self.layout]:
-            name = role or "all"
+        for name, role in gdl_roles(self.layout, self.processors):
             self.procs[name] = start_gdl(config, role, self.log_level, self.log_path(name))
         api = self.procs.get("api") or self.procs["all"]
         wait_for("gdl api", lambda: api_answers(self.api_port, api, self.log_path("api" if "api" in self.procs
                                                                                     else "all")))
-        client = redis.Redis(port=self.redis_port)
+        client = redis.Redis(unix_socket_path=str(self.redis_path))
         try:
             wait_for("gdl processor and notifier", lambda: self._ready(client))
         finally:
@@ -225,18 +258,22 @@ class Gdl:
         return self.dir / f"gdl-{name}.log"
 
     def _ready(self, client: redis.Redis) -> bool:
-        """Both roles reported stats and listen for wake-ups: new work is seen at once."""
+        """Every processor and the notifier reported stats and listen for wake-ups: new work is seen at once."""
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise SystemExit(f"bench: gdl {name} exited with {proc.returncode}:\n"
                                  + self.log_path(name).read_text())
         subscribers = dict(client.pubsub_numsub("gdl:wake:aggr", "gdl:wake:callbacks"))
-        reporting = {c for body in client.hvals("gdl:heartbeats") for c in json.loads(body).get("components", {})}
-        return {"processor", "notifier"} <= reporting and all(n >= 1 for n in subscribers.values())
+        beats = [json.loads(body) for body in client.hvals("gdl:heartbeats")]
+        reporting = Counter(c for beat in beats for c in beat.get("components", {}))
+        return (reporting["processor"] >= self.processors and reporting["notifier"] >= 1
+                and subscribers.get(b"gdl:wake:aggr", 0) >= self.processors
+                and subscribers.get(b"gdl:wake:callbacks", 0) >= 1)
 
     @property
     def processor_pid(self) -> int:
-        return (self.procs.get("processor") or self.procs["all"]).pid
+        """The (first) process with the processor role."""
+        return next(p for name, p in self.procs.items() if name.startswith("processor") or name == "all").pid
 
     def gdl_cpu(self) -> float:
         return tree_cpu_seconds([p.pid for p in self.procs.values()])
@@ -251,6 +288,13 @@ class Gdl:
     def redis_cpu(self) -> float:
         assert self.redis is not None
         return tree_cpu_seconds([self.redis.pid])
+
+    def peak_rss_kib(self) -> dict[str, int]:
+        """Peak resident memory so far (VmHWM, KiB) of each gdl process and of the redis-server."""
+        assert self.redis is not None
+        out = {name: proc_status_kib(p.pid, "VmHWM") for name, p in self.procs.items()}
+        out["redis-server"] = proc_status_kib(self.redis.pid, "VmHWM")
+        return out
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
@@ -522,6 +566,12 @@ class Row:
     note: str = ""
     by_process: dict[str, float] = field(default_factory=dict)  # gdl: CPU seconds of each process
     connections: int = 0  # gdl: connections its notifier opened to the callback receiver
+    key: str = ""  # the JSON lines' name: a reference's key, or a gdl run's tool
+    peak_rss: dict[str, int] = field(default_factory=dict)  # peak RSS (VmHWM, KiB) by process
+
+    @property
+    def cpu_ms_per_unit(self) -> float:
+        return self.tool_cpu * 1000 / self.units
 
     @property
     def rate(self) -> float:
@@ -536,8 +586,11 @@ class Row:
 
 @dataclass
 class Report:
-    small: list[Row] = field(default_factory=list)
+    small_refs: list[Row] = field(default_factory=list)  # aria2c, the requests loop
+    small: list[Row] = field(default_factory=list)  # gdl, one row per layout
     small_jobs: int = 0
+    many: Row | None = None
+    scaleout: list[Row] = field(default_factory=list)  # gdl split with 1, then N processors
     big: list[Row] = field(default_factory=list)
     big_desc: str = ""
     big_rss: tuple[int, int] = (0, 0)  # VmRSS at start, VmHWM at end (KiB)
@@ -592,44 +645,87 @@ def small_aria2c(args: argparse.Namespace, nginx: Nginx, names: list[str], workd
     nginx_cpu, machine_cpu, bench_cpu = nginx.cpu(), machine_busy_seconds(), time.process_time()
     seconds, cpu = run_aria2c([nginx.url(n) for n in names], outdir, args.aria2c_jobs)
     row = Row(f"aria2c -j {args.aria2c_jobs}", seconds, len(names), cpu, server_cpu=nginx.cpu() - nginx_cpu,
-              bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu)
+              bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu,
+              key="aria2c")
     check_dir(outdir, len(names), SMALL_BYTES, "aria2c small files")
     shutil.rmtree(outdir)
     return row
 
 
+def run_requests_loop(urls: list[str], outdir: Path, threads: int) -> tuple[float, float, int]:
+    """bench/requests_loop.py on ``urls`` into ``outdir``; returns (its wall seconds, CPU seconds, peak RSS KiB)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    listing = outdir.parent / f"{outdir.name}.urls"
+    listing.write_text("".join(u + "\n" for u in urls))
+    args = [sys.executable, str(BENCH_DIR / "requests_loop.py"), "--urls", str(listing), "--out", str(outdir),
+            "--threads", str(threads)]
+    cpu = children_cpu()
+    done = subprocess.run(args, capture_output=True, timeout=3600)
+    cpu = children_cpu() - cpu
+    if done.returncode != 0:
+        raise SystemExit(f"bench: requests_loop.py exited with {done.returncode}: {done.stderr[-2000:]!r}")
+    result = json.loads(done.stdout)
+    return result["seconds"], cpu, result["max_rss_kib"]
+
+
+def small_requests(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row:
+    outdir = workdir / "requests-small"
+    log.info("small files: requests loop, %d threads, on %d URLs", args.requests_threads, len(names))
+    nginx_cpu, machine_cpu, bench_cpu = nginx.cpu(), machine_busy_seconds(), time.process_time()
+    seconds, cpu, rss = run_requests_loop([nginx.url(n) for n in names], outdir, args.requests_threads)
+    row = Row(f"requests loop, {args.requests_threads} threads", seconds, len(names), cpu,
+              server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
+              machine_cpu=machine_busy_seconds() - machine_cpu, note="seconds: its own, after imports",
+              key="requests_loop", peak_rss={"requests_loop": rss})
+    check_dir(outdir, len(names), SMALL_BYTES, "requests loop small files")
+    shutil.rmtree(outdir)
+    return row
+
+
+def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: CallbackReceiver, jobs: list[Job],
+                what: str, size: int) -> Row:
+    """Enqueue ``jobs`` in one burst and wait for every callback: a row of first enqueue to last callback,
+    the CPU of gdl's processes and redis-server, and their peak RSS at the end; checks that every stored
+    file has ``size`` bytes."""
+    keys = [j.key for j in jobs]
+    receiver.expect(keys)
+    enqueuer = Enqueuer(gdl.api_port, receiver.url)
+    gdl_cpu, redis_cpu, nginx_cpu, bench_cpu = gdl.gdl_cpu(), gdl.redis_cpu(), nginx.cpu(), time.process_time()
+    by_process, peers, machine_cpu = gdl.cpu_by_process(), len(receiver.peers), machine_busy_seconds()
+    started = now()
+    enqueuer.burst(jobs, min(args.connections, len(jobs)))
+    enqueued = now() - started
+    log.info("%s: all enqueued in %.1fs (%.0f/s), %d callbacks so far", what, enqueued, len(jobs) / enqueued,
+             len(jobs) - receiver.missing)
+    await_callbacks(receiver, gdl, what, timeout=max(120.0, len(jobs) / 10))
+    last = max(receiver.arrivals[k][0] for k in keys)
+    first = min(enqueuer.starts.values())
+    row = Row(gdl_name(gdl.layout, gdl.processors), last - first, len(jobs),
+              gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
+              server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
+              note=f"enqueue {enqueued:.1f}s", machine_cpu=machine_busy_seconds() - machine_cpu,
+              by_process={k: v - by_process[k] for k, v in gdl.cpu_by_process().items()},
+              connections=len(receiver.peers) - peers, key=gdl_tool(gdl.layout, gdl.processors),
+              peak_rss=gdl.peak_rss_kib())
+    payloads = check_callbacks(receiver, keys, what)
+    check_files(gdl.rootdir, payloads, size, what)
+    log.info("%s: %d callbacks, all success, all files %d bytes; %d gdl log lines", what, len(payloads), size,
+             gdl.log_lines())
+    if receiver.duplicates:
+        log.warning("%s: %d duplicate callbacks so far", what, receiver.duplicates)
+    return row
+
+
 def small_gdl(args: argparse.Namespace, layout: str, nginx: Nginx, names: list[str], workdir: Path,
-              receiver: CallbackReceiver) -> Row:
-    with Gdl(workdir / f"gdl-small-{layout}", layout, args.gdl_log_level, args.notifier_concurrency) as gdl:
-        jobs = [Job(f"small-{layout}-{i}", nginx.url(name), f"small{i % args.small_aggregations}", args.small_limit)
+              receiver: CallbackReceiver, processors: int = 1, tag: str = "small") -> Row:
+    """Workload 1 for one gdl layout: ``names`` into ``--small-aggregations`` of ``--small-limit``."""
+    run = f"{tag}-{gdl_tool(layout, processors).replace(' ', '-')}"  # small-gdl-split, scaleout-gdl-split-x2
+    with Gdl(workdir / run, layout, args.gdl_log_level, args.notifier_concurrency, processors) as gdl:
+        jobs = [Job(f"{run}-{i}", nginx.url(name), f"small{i % args.small_aggregations}", args.small_limit)
                 for i, name in enumerate(names)]
-        keys = [j.key for j in jobs]
-        receiver.expect(keys)
-        enqueuer = Enqueuer(gdl.api_port, receiver.url)
-        log.info("small files: %s: %d jobs in %d aggregations of limit %d over %d connections", layout, len(jobs),
-                 args.small_aggregations, args.small_limit, args.connections)
-        gdl_cpu, redis_cpu, nginx_cpu, bench_cpu = gdl.gdl_cpu(), gdl.redis_cpu(), nginx.cpu(), time.process_time()
-        by_process, peers, machine_cpu = gdl.cpu_by_process(), len(receiver.peers), machine_busy_seconds()
-        started = now()
-        enqueuer.burst(jobs, args.connections)
-        enqueued = now() - started
-        log.info("small files: %s: all enqueued in %.1fs (%.0f/s), %d callbacks so far", layout, enqueued,
-                 len(jobs) / enqueued, len(jobs) - receiver.missing)
-        await_callbacks(receiver, gdl, f"small files ({layout})", timeout=max(120.0, len(jobs) / 10))
-        last = max(receiver.arrivals[k][0] for k in keys)
-        first = min(enqueuer.starts.values())
-        row = Row(LAYOUT_NAMES[layout], last - first, len(jobs),
-                  gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
-                  server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-                  note=f"enqueue {enqueued:.1f}s", machine_cpu=machine_busy_seconds() - machine_cpu,
-                  by_process={k: v - by_process[k] for k, v in gdl.cpu_by_process().items()},
-                  connections=len(receiver.peers) - peers)
-        payloads = check_callbacks(receiver, keys, f"small files ({layout})")
-        check_files(gdl.rootdir, payloads, SMALL_BYTES, f"small files ({layout})")
-        log.info("small files: %s: %d callbacks, all success, all files %d bytes; %d gdl log lines",
-                 layout, len(payloads), SMALL_BYTES, gdl.log_lines())
-        if receiver.duplicates:
-            log.warning("small files: %d duplicate callbacks so far", receiver.duplicates)
+        log.info("%s: %s: %d jobs in %d aggregations of limit %d over %d connections", tag,
+                 gdl_name(layout, processors), len(jobs), args.small_aggregations, args.small_limit, args.connections)
+        row = measure_gdl(args, gdl, nginx, receiver, jobs, run, SMALL_BYTES)
     discard(gdl.dir, args)
     return row
 
@@ -684,7 +780,7 @@ def big_curl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int
         raise SystemExit(f"bench: curl failed: {failures}")
     row = Row("curl + sync (per file)", seconds, size * len(names), children_cpu() - cpu,
               server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-              machine_cpu=machine_busy_seconds() - machine_cpu)
+              machine_cpu=machine_busy_seconds() - machine_cpu, key="curl_fsync")
     check_dir(outdir, len(names), size, "curl big files")
     shutil.rmtree(outdir)
     return row
@@ -710,15 +806,16 @@ def big_aria2c(args: argparse.Namespace, nginx: Nginx, names: list[str], size: i
     fsync = now() - started
     shutil.rmtree(outdir)
     return [Row(f"aria2c -j {concurrency} (no fsync)", seconds, size * len(names), cpu, server_cpu=server_cpu,
-                bench_cpu=bench_cpu, machine_cpu=machine_cpu),
+                bench_cpu=bench_cpu, machine_cpu=machine_cpu, key="aria2c"),
             Row(f"aria2c -j {concurrency} + fsync after", seconds + fsync, size * len(names), cpu,
-                server_cpu=server_cpu, bench_cpu=bench_cpu, machine_cpu=machine_cpu, note=f"fsync {fsync:.2f}s")]
+                server_cpu=server_cpu, bench_cpu=bench_cpu, machine_cpu=machine_cpu, note=f"fsync {fsync:.2f}s",
+                key="aria2c_fsync")]
 
 
 def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int, workdir: Path,
             receiver: CallbackReceiver, report: Report) -> Row:
     layout = args.layout
-    with Gdl(workdir / "gdl-big", layout, args.gdl_log_level, args.notifier_concurrency) as gdl:
+    with Gdl(workdir / "gdl-big", layout, args.gdl_log_level, args.notifier_concurrency, args.processors) as gdl:
         rss_start = proc_status_kib(gdl.processor_pid, "VmRSS")
         jobs = [Job(f"big-{i}", nginx.url(name), f"big{i % args.big_aggregations}", args.big_limit)
                 for i, name in enumerate(names)]
@@ -733,10 +830,11 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
         await_callbacks(receiver, gdl, "big files", timeout=120 + size * len(names) / (20 * MB))
         last = max(receiver.arrivals[k][0] for k in keys)
         first = min(enqueuer.starts.values())
-        row = Row(LAYOUT_NAMES[layout], last - first, size * len(names),
+        row = Row(gdl_name(layout, gdl.processors), last - first, size * len(names),
                   gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
                   server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-                  machine_cpu=machine_busy_seconds() - machine_cpu)
+                  machine_cpu=machine_busy_seconds() - machine_cpu, key=gdl_tool(layout, gdl.processors),
+                  peak_rss=gdl.peak_rss_kib())
         report.big_rss = (rss_start, proc_status_kib(gdl.processor_pid, "VmHWM"))
         payloads = check_callbacks(receiver, keys, "big files")
         check_files(gdl.rootdir, payloads, size, "big files")
@@ -748,7 +846,8 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
 
 def pickup_latency(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path,
                    receiver: CallbackReceiver) -> dict[str, Any]:
-    with Gdl(workdir / "gdl-latency", args.layout, args.gdl_log_level, args.notifier_concurrency) as gdl:
+    with Gdl(workdir / "gdl-latency", args.layout, args.gdl_log_level, args.notifier_concurrency,
+             args.processors) as gdl:
         enqueuer = Enqueuer(gdl.api_port, receiver.url)
         # Warm up connections and lazy imports in an aggregation of its own, then leave gdl idle.
         warm = [Job(f"warm-{i}", nginx.url(names[i]), "warmup", 8) for i in range(10)]
@@ -792,7 +891,8 @@ def utilisation(args: argparse.Namespace, workdir: Path, receiver: CallbackRecei
     sent: Counter[str] = Counter()
     samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
     try:
-        with Gdl(workdir / "gdl-util", args.layout, args.gdl_log_level, args.notifier_concurrency) as gdl:
+        with Gdl(workdir / "gdl-util", args.layout, args.gdl_log_level, args.notifier_concurrency,
+                 args.processors) as gdl:
             receiver.expect(j.key for j in jobs)
             enqueuer = Enqueuer(gdl.api_port, receiver.url)
             stop = gevent.event.Event()
@@ -849,81 +949,189 @@ def utilisation(args: argparse.Namespace, workdir: Path, receiver: CallbackRecei
             "ratio_b": ratio_b, "samples": len(samples), "elapsed": elapsed, "ideal": ideal, "jobs": len(jobs)}
 
 
+# --------------------------------------------------------------------------- workload 5: many aggregations
+
+def many_aggregations(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path,
+                      receiver: CallbackReceiver) -> Row:
+    """Workload 1's files and measure, spread over ``--many-aggregations`` small aggregations."""
+    count = args.many_aggregations * args.many_jobs_per_aggregation
+    with Gdl(workdir / "gdl-many", args.layout, args.gdl_log_level, args.notifier_concurrency,
+             args.processors) as gdl:
+        jobs = [Job(f"many-{i}", nginx.url(names[i % len(names)]), f"many{i % args.many_aggregations}",
+                    args.many_limit) for i in range(count)]
+        log.info("many aggregations: %s: %d jobs in %d aggregations of limit %d over %d connections",
+                 gdl_name(args.layout, gdl.processors), len(jobs), args.many_aggregations, args.many_limit,
+                 args.connections)
+        row = measure_gdl(args, gdl, nginx, receiver, jobs, "many aggregations", SMALL_BYTES)
+    discard(gdl.dir, args)
+    return row
+
+
+# --------------------------------------------------------------------------- workload 6: scale-out
+
+def scale_out(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path,
+              receiver: CallbackReceiver) -> list[Row]:
+    """Workload 1 in the split layout with one processor process, then with ``--scaleout-processors``."""
+    mine = names[:args.scaleout_jobs]
+    return [small_gdl(args, "split", nginx, mine, workdir, receiver, processors=n, tag="scaleout")
+            for n in (1, args.scaleout_processors)]
+
+
 # --------------------------------------------------------------------------- printing
 
-def print_report(report: Report, args: argparse.Namespace) -> None:
-    rep = LAYOUT_NAMES[args.layout]
+def rss_mb(kib: int) -> float:
+    """KiB (as /proc gives them) in MB (10^6 bytes)."""
+    return kib * 1024 / MB
+
+
+def rss_summary(peak: dict[str, int]) -> dict[str, float]:
+    """Peak RSS in MB by process, and ``gdl_total``: the gdl processes together (the redis-server apart)."""
+    out = {name: rss_mb(kib) for name, kib in peak.items()}
+    out["gdl_total"] = rss_mb(sum(kib for name, kib in peak.items() if name != "redis-server"))
+    return out
+
+
+def processors_cpu(row: Row) -> float:
+    """CPU seconds of all of a gdl row's processes with the processor role."""
+    return sum(v for k, v in row.by_process.items() if k.startswith("processor") or k == "all")
+
+
+def print_jobs_table(rows: list[Row]) -> None:
+    """The jobs/s table of workloads 1, 5 and 6: references (if any) and gdl rows."""
+    print(f"{'':36} {'seconds':>8} {'jobs/s':>8} {'cpu ms/job':>10} {'(redis)':>8} "
+          f"{'nginx cpu':>9} {'bench cpu':>9} {'other cpu':>9}  note")
+    for r in rows:
+        print(f"{r.name:36} {r.seconds:>8.2f} {r.rate:>8.0f} {r.cpu_ms_per_unit:>10.3f} "
+              f"{r.redis_cpu * 1000 / r.units:>8.3f} {r.server_cpu:>8.2f}s {r.bench_cpu:>8.2f}s "
+              f"{r.other_cpu:>8.2f}s  {r.note}")
+
+
+def print_gdl_details(r: Row) -> None:
+    """A gdl row's CPU by process, callback connections and peak RSS by process."""
+    parts = ", ".join(f"{k} {v * 1000 / r.units:.2f}" for k, v in r.by_process.items())
+    several = sum(1 for k in r.by_process if k.startswith("processor")) > 1
+    together = f" (processors together {processors_cpu(r) * 1000 / r.units:.2f})" if several else ""
+    print(f"{r.name}: cpu ms/job by process: {parts}{together}; "
+          f"{r.connections} connections opened for {int(r.units)} callbacks")
+    if r.peak_rss:
+        rss = rss_summary(r.peak_rss)
+        total = rss.pop("gdl_total")
+        print(f"{r.name}: peak RSS (VmHWM) MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
+              + f"; gdl processes together {total:.0f}")
+
+
+def print_small(report: Report, args: argparse.Namespace) -> None:
+    print(f"1. small files: {report.small_jobs} x 16 KiB from nginx, gdl: {args.small_aggregations} "
+          f"aggregations of limit {args.small_limit}, enqueued over {args.connections} connections")
+    print_jobs_table(report.small_refs + report.small)
+    for r in report.small:
+        print_gdl_details(r)
+    for r in report.small:
+        for ref in report.small_refs:
+            print(f"ratio {r.name} / {ref.name}: jobs/s {r.rate / ref.rate:.3f}, "
+                  f"cpu per job {r.tool_cpu / ref.tool_cpu:.1f}x")
     print()
-    print(f"machine: {os.cpu_count()} cores; load average {report.load[0]} at start, {report.load[1]} at end "
-          "(other cpu = machine busy time not spent by the tool, nginx or this process)")
-    if report.small:
-        print(f"1. small files: {report.small_jobs} x 16 KiB from nginx, gdl: {args.small_aggregations} "
-              f"aggregations of limit {args.small_limit}, enqueued over {args.connections} connections")
-        print(f"{'':34} {'seconds':>8} {'jobs/s':>8} {'cpu ms/job':>10} {'(redis)':>8} "
-              f"{'nginx cpu':>9} {'bench cpu':>9} {'other cpu':>9}  note")
-        for r in report.small:
-            print(f"{r.name:34} {r.seconds:>8.2f} {r.rate:>8.0f} {r.tool_cpu * 1000 / r.units:>10.3f} "
-                  f"{r.redis_cpu * 1000 / r.units:>8.3f} {r.server_cpu:>8.2f}s {r.bench_cpu:>8.2f}s "
-                  f"{r.other_cpu:>8.2f}s  {r.note}")
-        for r in report.small[1:]:
-            parts = ", ".join(f"{k} {v * 1000 / r.units:.2f}" for k, v in r.by_process.items())
-            print(f"{r.name}: cpu ms/job by process: {parts}; "
-                  f"{r.connections} connections opened for {int(r.units)} callbacks")
-        aria = report.small[0]
-        for r in report.small[1:]:
-            print(f"ratio {r.name} / {aria.name}: jobs/s {r.rate / aria.rate:.3f}, "
-                  f"cpu per job {r.tool_cpu / aria.tool_cpu:.1f}x")
-        print()
-    if report.big:
-        print(f"2. big files: {report.big_desc}")
-        print(f"{'':34} {'seconds':>8} {'MB/s':>8} {'cpu s':>8} {'nginx cpu':>9} {'other cpu':>9}  note")
-        for r in report.big:
-            print(f"{r.name:34} {r.seconds:>8.2f} {r.rate / MB:>8.0f} {r.tool_cpu:>7.2f}s {r.server_cpu:>8.2f}s "
-                  f"{r.other_cpu:>8.2f}s  {r.note}")
-        gdl = report.big[-1]
-        for r in report.big[:-1]:
-            print(f"ratio gdl / {r.name}: MB/s {gdl.rate / r.rate:.2f}")
-        print(f"gdl processor RSS: {report.big_rss[0] / 1024:.0f} MiB at start, peak (VmHWM) "
-              f"{report.big_rss[1] / 1024:.0f} MiB")
-        print()
-    if report.latency:
-        lat = report.latency
-        print(f"3. pickup latency ({rep}): {lat['jobs']} jobs at {args.trickle_rate:g}/s over {lat['span']:.1f}s into "
-              f"{args.trickle_aggregations} aggregations, enqueue request start -> callback received, ms")
-        print(f"{'':34} {'jobs':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
-        for name, key in (("all jobs", "all"), ("first job of each aggregation", "first"), ("the others", "rest")):
-            values = lat[key]
-            print(f"{name:34} {len(values):>6} {percentile(values, 50):>7.1f} {percentile(values, 90):>7.1f} "
-                  f"{percentile(values, 99):>7.1f} {max(values):>7.1f}")
-        print()
-    if report.util:
-        u = report.util
-        print(f"4. utilisation ({rep}): {u['jobs']} jobs of {args.util_hold * 1000:.0f} ms in "
-              f"{len(u['per_aggr'])} aggregations; {u['elapsed']:.2f}s for an ideal {u['ideal']:.2f}s")
-        print(f"{'aggregation':14} {'limit':>5} {'jobs':>5} {'max in flight':>13} {'busy while queued':>17}")
-        for aggr, (limit, total, peak, busy) in u["per_aggr"].items():
-            flag = "  <-- LIMIT VIOLATED" if peak > limit else ""
-            print(f"{aggr:14} {limit:>5} {total:>5} {peak:>13} {busy:>17.2f}{flag}")
-        print(f"busy-slot ratio while every aggregation had queued work: {u['ratio_a']:.3f} "
-              f"({u['samples_a']} samples of {args.util_sample * 1000:.0f} ms)")
-        print(f"busy-slot ratio over the run, of usable slots: {u['ratio_b']:.3f} ({u['samples']} samples)")
-        print(f"jobs/s: {u['achieved']:.0f} done, {u['demand']:.0f} needed to keep every slot busy")
-        if u["violations"]:
-            print(f"!!! LIMIT VIOLATED {len(u['violations'])} time(s): "
-                  + ", ".join(f"{a} had {n}" for _, a, n in u["violations"][:10]))
-        else:
-            print("limits kept: no aggregation ever had more requests in flight than its limit")
-        print()
+
+
+def print_big(report: Report) -> None:
+    print(f"2. big files: {report.big_desc}")
+    print(f"{'':36} {'seconds':>8} {'MB/s':>8} {'cpu s':>8} {'nginx cpu':>9} {'other cpu':>9}  note")
+    for r in report.big:
+        print(f"{r.name:36} {r.seconds:>8.2f} {r.rate / MB:>8.0f} {r.tool_cpu:>7.2f}s {r.server_cpu:>8.2f}s "
+              f"{r.other_cpu:>8.2f}s  {r.note}")
+    gdl = report.big[-1]
+    for r in report.big[:-1]:
+        print(f"ratio gdl / {r.name}: MB/s {gdl.rate / r.rate:.2f}")
+    print(f"gdl processor RSS: {report.big_rss[0] / 1024:.0f} MiB at start, peak (VmHWM) "
+          f"{report.big_rss[1] / 1024:.0f} MiB")
+    rss = rss_summary(gdl.peak_rss)
+    total = rss.pop("gdl_total")
+    print("gdl peak RSS (VmHWM) MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
+          + f"; gdl processes together {total:.0f}")
+    print()
+
+
+def print_latency(report: Report, args: argparse.Namespace) -> None:
+    lat = report.latency
+    print(f"3. pickup latency ({gdl_name(args.layout, args.processors)}): {lat['jobs']} jobs at "
+          f"{args.trickle_rate:g}/s over {lat['span']:.1f}s into {args.trickle_aggregations} aggregations, "
+          "enqueue request start -> callback received, ms")
+    print(f"{'':36} {'jobs':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
+    for name, key in (("all jobs", "all"), ("first job of each aggregation", "first"), ("the others", "rest")):
+        values = lat[key]
+        print(f"{name:36} {len(values):>6} {percentile(values, 50):>7.1f} {percentile(values, 90):>7.1f} "
+              f"{percentile(values, 99):>7.1f} {max(values):>7.1f}")
+    print()
+
+
+def print_util(report: Report, args: argparse.Namespace) -> None:
+    u = report.util
+    print(f"4. utilisation ({gdl_name(args.layout, args.processors)}): {u['jobs']} jobs of "
+          f"{args.util_hold * 1000:.0f} ms in {len(u['per_aggr'])} aggregations; {u['elapsed']:.2f}s for an ideal "
+          f"{u['ideal']:.2f}s")
+    print(f"{'aggregation':14} {'limit':>5} {'jobs':>5} {'max in flight':>13} {'busy while queued':>17}")
+    for aggr, (limit, total, peak, busy) in u["per_aggr"].items():
+        flag = "  <-- LIMIT VIOLATED" if peak > limit else ""
+        print(f"{aggr:14} {limit:>5} {total:>5} {peak:>13} {busy:>17.2f}{flag}")
+    print(f"busy-slot ratio while every aggregation had queued work: {u['ratio_a']:.3f} "
+          f"({u['samples_a']} samples of {args.util_sample * 1000:.0f} ms)")
+    print(f"busy-slot ratio over the run, of usable slots: {u['ratio_b']:.3f} ({u['samples']} samples)")
+    print(f"jobs/s: {u['achieved']:.0f} done, {u['demand']:.0f} needed to keep every slot busy")
+    if u["violations"]:
+        print(f"!!! LIMIT VIOLATED {len(u['violations'])} time(s): "
+              + ", ".join(f"{a} had {n}" for _, a, n in u["violations"][:10]))
+    else:
+        print("limits kept: no aggregation ever had more requests in flight than its limit")
+    print()
+
+
+def small_match(report: Report, row: Row) -> Row | None:
+    """Workload 1's row of the same gdl layout as ``row``, if workload 1 ran."""
+    return next((r for r in report.small if r.key == row.key), None)
+
+
+def print_many(report: Report, args: argparse.Namespace) -> None:
+    r = report.many
+    assert r is not None
+    print(f"5. many aggregations: {int(r.units)} x 16 KiB from nginx, gdl: {args.many_aggregations} aggregations "
+          f"x {args.many_jobs_per_aggregation} jobs, limit {args.many_limit}, enqueued over {args.connections} "
+          "connections")
+    print_jobs_table([r])
+    print_gdl_details(r)
+    small = small_match(report, r)
+    if small:
+        print(f"ratio many / small files ({r.name}): jobs/s {r.rate / small.rate:.3f} "
+              f"(target >= {MANY_RATIO_TARGET}), cpu per job {r.cpu_ms_per_unit / small.cpu_ms_per_unit:.2f}x")
+    else:
+        print("ratio many / small files: not measured (workload 1 with the same layout did not run)")
+    total = rss_summary(r.peak_rss)["gdl_total"]
+    print(f"gdl processes' peak RSS together: {total:.0f} MB (target <= {MANY_RSS_TARGET_MB})")
+    print()
+
+
+def print_scaleout(report: Report, args: argparse.Namespace) -> None:
+    one, more = report.scaleout
+    print(f"6. scale-out: {int(one.units)} x 16 KiB from nginx, gdl split layout with 1, then "
+          f"{args.scaleout_processors} processor processes; {args.small_aggregations} aggregations of limit "
+          f"{args.small_limit}; {os.cpu_count()} cores")
+    print_jobs_table(report.scaleout)
+    for r in report.scaleout:
+        print_gdl_details(r)
+    print(f"ratio {args.scaleout_processors} processors / 1: jobs/s {more.rate / one.rate:.3f} "
+          f"(target >= {SCALEOUT_TARGET})")
+    print()
+
+
+def print_summary(report: Report, args: argparse.Namespace) -> None:
     print("summary")
-    if report.small:
-        aria = report.small[0]
-        for r in report.small[1:]:
-            print(f"  small files  {r.name:34} / aria2c  jobs/s {r.rate / aria.rate:6.3f}   "
-                  f"cpu ms/job {r.tool_cpu * 1000 / r.units:.2f} vs {aria.tool_cpu * 1000 / aria.units:.3f}")
+    for r in report.small:
+        for ref in report.small_refs:
+            print(f"  small files  {r.name:36} / {ref.key:13}  jobs/s {r.rate / ref.rate:6.3f}   "
+                  f"cpu ms/job {r.cpu_ms_per_unit:.2f} vs {ref.cpu_ms_per_unit:.3f}")
     if report.big:
         gdl = report.big[-1]
         for r in report.big[:-1]:
-            print(f"  big files    gdl / {r.name:34}  MB/s {gdl.rate / r.rate:6.2f}")
+            print(f"  big files    gdl / {r.name:36}  MB/s {gdl.rate / r.rate:6.2f}")
     if report.latency:
         lat = report.latency["all"]
         print(f"  latency      p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
@@ -932,8 +1140,157 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
         u = report.util
         print(f"  utilisation  busy-slot ratio {u['ratio_a']:.3f} (all queued), {u['ratio_b']:.3f} (usable); "
               f"elapsed/ideal {u['elapsed'] / u['ideal']:.2f}; limit violations: {len(u['violations'])}")
+    if report.many:
+        r = report.many
+        small = small_match(report, r)
+        ratio = (f"{r.rate / small.rate:.3f} of small files' (target >= {MANY_RATIO_TARGET})" if small
+                 else "no ratio (small files not run)")
+        print(f"  many aggrs   jobs/s {r.rate:.0f}, {ratio}; gdl peak RSS "
+              f"{rss_summary(r.peak_rss)['gdl_total']:.0f} MB (target <= {MANY_RSS_TARGET_MB})")
+    if report.scaleout:
+        one, more = report.scaleout
+        print(f"  scale-out    jobs/s {one.rate:.0f} with 1 processor, {more.rate:.0f} with "
+              f"{args.scaleout_processors}: {more.rate / one.rate:.3f}x (target >= {SCALEOUT_TARGET})")
     for note in report.notes:
         print(f"  note: {note}")
+
+
+def print_report(report: Report, args: argparse.Namespace) -> None:
+    print()
+    print(f"machine: {os.cpu_count()} cores; load average {report.load[0]} at start, {report.load[1]} at end "
+          "(other cpu = machine busy time not spent by the tool, nginx or this process)")
+    if report.small:
+        print_small(report, args)
+    if report.big:
+        print_big(report)
+    if report.latency:
+        print_latency(report, args)
+    if report.util:
+        print_util(report, args)
+    if report.many:
+        print_many(report, args)
+    if report.scaleout:
+        print_scaleout(report, args)
+    print_summary(report, args)
+    print()
+    for record in json_records(report, args):
+        print(json.dumps(rounded(record)))
+
+
+# --------------------------------------------------------------------------- JSON lines
+
+def rounded(value: Any) -> Any:
+    """``value`` with floats rounded to 4 decimals and NaN as null, recursively (valid, short JSON)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return value
+
+
+def jobs_record(r: Row) -> dict[str, Any]:
+    """A jobs/s row (a gdl run or a reference) as JSON: its rate, CPU and, when known, peak RSS."""
+    out: dict[str, Any] = {"tool": r.key, "name": r.name, "jobs": int(r.units), "seconds": r.seconds,
+                           "jobs_per_s": r.rate, "cpu_ms_per_job": r.cpu_ms_per_unit}
+    if r.by_process:
+        out["cpu_ms_per_job_by_process"] = {k: v * 1000 / r.units for k, v in r.by_process.items()}
+        out["callback_connections"] = r.connections
+    if r.peak_rss:
+        out["peak_rss_mb"] = rss_summary(r.peak_rss) if r.by_process else rss_mb(next(iter(r.peak_rss.values())))
+    out["nginx_cpu_s"], out["bench_cpu_s"], out["other_cpu_s"] = r.server_cpu, r.bench_cpu, r.other_cpu
+    return out
+
+
+def small_records(report: Report, args: argparse.Namespace) -> list[dict[str, Any]]:
+    refs = {ref.key: jobs_record(ref) for ref in report.small_refs}
+    out = []
+    for r in report.small:
+        ratio = {}
+        for ref in report.small_refs:
+            ratio[f"jobs_per_s_vs_{ref.key}"] = r.rate / ref.rate
+            ratio[f"cpu_per_job_vs_{ref.key}"] = r.tool_cpu / ref.tool_cpu
+        out.append({"workload": "small", **jobs_record(r), "aggregations": args.small_aggregations,
+                    "limit": args.small_limit, "reference": refs, "ratio": ratio})
+    return out
+
+
+def big_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    gdl = report.big[-1]
+
+    def rates(r: Row) -> dict[str, Any]:
+        return {"seconds": r.seconds, "mb_per_s": r.rate / MB, "cpu_s": r.tool_cpu, "nginx_cpu_s": r.server_cpu,
+                "other_cpu_s": r.other_cpu}
+
+    return {"workload": "big", "tool": gdl.key, "name": gdl.name, "files": args.big_files, "file_mib": args.big_mib,
+            **rates(gdl), "peak_rss_mb": rss_summary(gdl.peak_rss),
+            "processor_rss_mb": {"start": rss_mb(report.big_rss[0]), "peak": rss_mb(report.big_rss[1])},
+            "reference": {r.key: {"tool": r.name, **rates(r)} for r in report.big[:-1]},
+            "ratio": {f"mb_per_s_vs_{r.key}": gdl.rate / r.rate for r in report.big[:-1]}}
+
+
+def latency_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    lat = report.latency
+
+    def percentiles(values: list[float]) -> dict[str, float]:
+        return {"p50_ms": percentile(values, 50), "p90_ms": percentile(values, 90), "p99_ms": percentile(values, 99),
+                "max_ms": max(values)}
+
+    return {"workload": "latency", "tool": gdl_tool(args.layout, args.processors), "jobs": lat["jobs"],
+            "rate_per_s": args.trickle_rate, "aggregations": args.trickle_aggregations, **percentiles(lat["all"]),
+            "first_of_aggregation": percentiles(lat["first"]), "others": percentiles(lat["rest"])}
+
+
+def util_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    u = report.util
+    return {"workload": "util", "tool": gdl_tool(args.layout, args.processors), "jobs": u["jobs"],
+            "aggregations": len(u["per_aggr"]), "hold_ms": args.util_hold * 1000, "seconds": u["elapsed"],
+            "ideal_seconds": u["ideal"], "jobs_per_s": u["achieved"], "jobs_per_s_needed": u["demand"],
+            "busy_ratio_all_queued": u["ratio_a"], "busy_ratio_usable": u["ratio_b"],
+            "limit_violations": len(u["violations"]),
+            "violated": sorted({a for _, a, _ in u["violations"]})}
+
+
+def many_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    r = report.many
+    assert r is not None
+    small = small_match(report, r)
+    ratio = r.rate / small.rate if small else None
+    total = rss_summary(r.peak_rss)["gdl_total"]
+    return {"workload": "many", **jobs_record(r), "aggregations": args.many_aggregations,
+            "jobs_per_aggregation": args.many_jobs_per_aggregation, "limit": args.many_limit,
+            "small_jobs_per_s": small.rate if small else None, "ratio": {"jobs_per_s_vs_small": ratio},
+            "target": {"jobs_per_s_vs_small_min": MANY_RATIO_TARGET, "gdl_peak_rss_mb_max": MANY_RSS_TARGET_MB},
+            "meets_target": {"jobs_per_s": ratio >= MANY_RATIO_TARGET if ratio is not None else None,
+                             "peak_rss": total <= MANY_RSS_TARGET_MB}}
+
+
+def scaleout_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    one, more = report.scaleout
+    ratio = more.rate / one.rate
+    return {"workload": "scaleout", "tool": "gdl split", "jobs": int(one.units), "cores": os.cpu_count(),
+            "processors": [1, args.scaleout_processors], "jobs_per_s": [one.rate, more.rate],
+            "cpu_ms_per_job": [one.cpu_ms_per_unit, more.cpu_ms_per_unit],
+            "ratio": {f"jobs_per_s_{args.scaleout_processors}_vs_1": ratio},
+            "target": {"ratio_min": SCALEOUT_TARGET}, "meets_target": ratio >= SCALEOUT_TARGET,
+            "runs": [jobs_record(one), jobs_record(more)]}
+
+
+def json_records(report: Report, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One JSON object per workload run (per gdl layout in workload 1), in the order of the tables."""
+    out = small_records(report, args)
+    if report.big:
+        out.append(big_record(report, args))
+    if report.latency:
+        out.append(latency_record(report, args))
+    if report.util:
+        out.append(util_record(report, args))
+    if report.many:
+        out.append(many_record(report, args))
+    if report.scaleout:
+        out.append(scaleout_record(report, args))
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -941,18 +1298,30 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smaller sizes: 2000 small files, 8 x 32 MiB, a 5 s trickle, 5 rounds of utilisation")
-    parser.add_argument("--workloads", default="small,big,latency,util",
-                        help="comma-separated subset of small,big,latency,util (default: all)")
-    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="split",
-                        help="gdl processes for workloads 2-4: split = one per role as in the Procfile "
+                        help="smaller sizes: 2000 small files, 8 x 32 MiB, a 5 s trickle, 5 rounds of utilisation, "
+                             "400 x 5 jobs of many aggregations, 2000 jobs of scale-out")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="split",
+                        help="gdl processes for workloads 2-5: split = one per role as in the Procfile "
                              "(default), single = one process with every role")
+    parser.add_argument("--processors", type=int, default=1,
+                        help="processor processes in the split layout (workloads 1-5; default 1)")
     parser.add_argument("--small-layouts", default="single,split",
                         help="gdl layouts measured in workload 1 (default: both)")
     parser.add_argument("--small-jobs", type=int, help="small files (default 10000, quick 2000)")
     parser.add_argument("--small-aggregations", type=int, default=100)
     parser.add_argument("--small-limit", type=int, default=8)
     parser.add_argument("--aria2c-jobs", type=int, default=16, help="aria2c -j for the small files")
+    parser.add_argument("--requests-threads", type=int, default=16,
+                        help="threads (one requests.Session each) of the requests loop for the small files")
+    parser.add_argument("--many-aggregations", type=int, help="aggregations of workload 5 (default 2000, quick 400)")
+    parser.add_argument("--many-jobs-per-aggregation", type=int, default=5)
+    parser.add_argument("--many-limit", type=int, default=2, help="aggr_limit of workload 5")
+    parser.add_argument("--scaleout-jobs", type=int,
+                        help="small files of workload 6, per run (default: --small-jobs; quick 2000)")
+    parser.add_argument("--scaleout-processors", type=int, default=2,
+                        help="processor processes of workload 6's second run (default 2)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections enqueueing jobs")
     parser.add_argument("--big-files", type=int, default=8)
     parser.add_argument("--big-mib", type=int, help="MiB per big file (default 256, quick 32)")
@@ -975,14 +1344,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.big_mib = args.big_mib or (32 if quick else 256)
     args.trickle_seconds = args.trickle_seconds or (5.0 if quick else 10.0)
     args.util_rounds = args.util_rounds or (5 if quick else 10)
+    args.many_aggregations = args.many_aggregations or (400 if quick else 2000)
+    args.scaleout_jobs = args.scaleout_jobs or (2000 if quick else args.small_jobs)
     args.workloads = {w.strip() for w in args.workloads.split(",") if w.strip()}
-    unknown = args.workloads - {"small", "big", "latency", "util"}
+    unknown = args.workloads - set(WORKLOADS)
     if unknown:
         parser.error(f"--workloads: unknown {', '.join(sorted(unknown))}")
+    if args.processors < 1 or args.scaleout_processors < 2:
+        parser.error("--processors must be at least 1, --scaleout-processors at least 2")
     args.small_layouts = [w.strip() for w in args.small_layouts.split(",") if w.strip()]
     if not set(args.small_layouts) <= set(LAYOUTS):
         parser.error("--small-layouts: single and/or split")
     return args
+
+
+def small_files_needed(args: argparse.Namespace) -> int:
+    """How many distinct 16 KiB files the chosen workloads use (latency alone: 200, reused round-robin)."""
+    needs = [0]
+    if "small" in args.workloads:
+        needs.append(args.small_jobs)
+    if "many" in args.workloads:
+        needs.append(args.many_aggregations * args.many_jobs_per_aggregation)
+    if "scaleout" in args.workloads:
+        needs.append(args.scaleout_jobs)
+    if "latency" in args.workloads:
+        needs.append(200)
+    return max(needs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -997,15 +1384,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Nginx(workdir) as nginx:
             names: list[str] = []
-            if {"small", "latency"} & args.workloads:
-                count = args.small_jobs if "small" in args.workloads else 200
+            count = small_files_needed(args)
+            if count:
                 log.info("writing %d files of %d bytes", count, SMALL_BYTES)
                 names = make_small_files(nginx, count)
             if "small" in args.workloads:
-                report.small_jobs = len(names)
-                report.small.append(small_aria2c(args, nginx, names, workdir))
+                mine = names[:args.small_jobs]
+                report.small_jobs = len(mine)
+                report.small_refs.append(small_aria2c(args, nginx, mine, workdir))
+                report.small_refs.append(small_requests(args, nginx, mine, workdir))
                 for layout in args.small_layouts:
-                    report.small.append(small_gdl(args, layout, nginx, names, workdir, receiver))
+                    report.small.append(small_gdl(args, layout, nginx, mine, workdir, receiver, args.processors))
             if "big" in args.workloads:
                 size = args.big_mib * MIB
                 report.big_desc = (f"{args.big_files} x {args.big_mib} MiB from nginx; gdl ({args.layout}): "
@@ -1023,6 +1412,10 @@ def main(argv: list[str] | None = None) -> int:
                 report.latency = pickup_latency(args, nginx, names, workdir, receiver)
             if "util" in args.workloads:
                 report.util = utilisation(args, workdir, receiver)
+            if "many" in args.workloads:
+                report.many = many_aggregations(args, nginx, names, workdir, receiver)
+            if "scaleout" in args.workloads:
+                report.scaleout = scale_out(args, nginx, names, workdir, receiver)
     finally:
         receiver.stop()
         if args.keep:
