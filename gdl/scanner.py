@@ -127,14 +127,10 @@ class Scanner:
                     pass  # gone already, or on another machine's disk
 
     def _claim(self, aggr_id: str) -> None:
-        if not self.store.claim_lease(aggr_id, self.keeper.owner, self.keeper.ttl_ms):
+        claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms)
+        if claimed is None:  # another process runs it, or it has no record: nothing to run
             return
-        aggregation = self.store.aggregation(aggr_id)
-        if aggregation is None:  # queue entries without an aggregation record: nothing to run
-            self.store.release_lease(aggr_id, self.keeper.owner)
-            return
-        limit, proxy = aggregation
-        self.store.mark_active(aggr_id, self.keeper.owner)
+        limit, proxy = claimed
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
                                storages=self.storages, stats=self.stats, gate=self.healthy, clock=self.clock)
         self.keeper.leases.add(aggr_id)
@@ -159,8 +155,7 @@ class Scanner:
         if aggr_id in self.keeper.leases:
             self.keeper.leases.discard(aggr_id)
             try:
-                self.store.unmark_active(aggr_id, self.keeper.owner)
-                self.store.release_lease(aggr_id, self.keeper.owner)
+                self.store.release(aggr_id, self.keeper.owner)
             except StoreUnavailable:
                 pass  # it expires by itself within lease_ttl
         log.info("aggr %s: pool ended", aggr_id)

@@ -126,16 +126,27 @@ def test_sweep_puts_expired_jobs_back_due_now(store):
 def test_renew_extends_deadlines_and_reports_lost_leases(store):
     job = store.enqueue(make_job(), now=NOW)
     store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
-    assert store.claim_lease("shop", OWNER, 60_000)
-    assert not store.claim_lease("shop", OTHER, 60_000)
+    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    assert store.claim("shop", OTHER, 60_000) is None
     store.redis.set(keys.lease_key("other"), OTHER)
     lost = store.renew(OWNER, 3000, now=NOW + 50, leases=["shop", "other"], inflight={DOWNLOADS: [job.id]})
     assert lost == ["other"]
     assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], job.id) == NOW + 3050
     assert 0 < store.redis.pttl(keys.lease_key("shop")) <= 3000
-    assert not store.release_lease("shop", OTHER)
-    assert store.release_lease("shop", OWNER)
+    assert not store.release("shop", OTHER)
+    assert store.release("shop", OWNER)
     assert store.lease_holder("shop") is None
+
+
+def test_claim_takes_the_lease_reads_the_settings_and_marks_the_pool_active(store):
+    store.enqueue(make_job(aggr_proxy="http://proxy:3128"), now=NOW)
+    assert store.claim("shop", OWNER, 60_000) == (3, "http://proxy:3128")
+    assert (store.lease_holder("shop"), store.redis.hget(keys.ACTIVE, "shop")) == (OWNER, OWNER)
+    assert store.claim("nowhere", OWNER, 60_000) is None  # no aggregation record: no lease kept
+    assert store.lease_holder("nowhere") is None and store.redis.hget(keys.ACTIVE, "nowhere") is None
+    store.redis.hset(keys.ACTIVE, "shop", OTHER)  # (a later claim by another process, after a lease expiry)
+    assert store.release("shop", OWNER)
+    assert (store.lease_holder("shop"), store.redis.hget(keys.ACTIVE, "shop")) == (None, OTHER)
 
 
 def test_callback_cycle_delivered_then_forgotten(store):

@@ -24,6 +24,7 @@ from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
 from gdl.store.layout import (
+    ACTIVE,
     CALLBACK_QUEUE,
     CALLBACKS,
     DELETIONS,
@@ -277,16 +278,22 @@ class JobStore:
         return int(data.get("limit", 1)), data.get("proxy", "")
 
     @_translated
-    def claim_lease(self, aggr_id: str, owner: str, ttl_ms: int) -> bool:
-        return bool(self.redis.set(lease_key(aggr_id), owner, nx=True, px=ttl_ms))
+    def claim(self, aggr_id: str, owner: str, ttl_ms: int) -> tuple[int, str] | None:
+        """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
+        or None when another process holds the lease or the aggregation has no record."""
+        reply = self._run("claim", [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE], [owner, ttl_ms, aggr_id])
+        if not isinstance(reply, list):
+            return None
+        return int(reply[0]), reply[1]
 
     @_translated
     def lease_holder(self, aggr_id: str) -> str | None:
         return self.redis.get(lease_key(aggr_id))
 
     @_translated
-    def release_lease(self, aggr_id: str, owner: str) -> bool:
-        return self._run("release_lease", [lease_key(aggr_id)], [owner]) == 1
+    def release(self, aggr_id: str, owner: str) -> bool:
+        """A pool ended: drop its active entry and its lease, if still this owner's."""
+        return self._run("release_lease", [lease_key(aggr_id), ACTIVE], [owner, aggr_id]) == 1
 
     @_translated
     def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
@@ -450,7 +457,7 @@ def _taken(reply: list) -> Taken:
     return Taken(jobs, next_due, limit)
 
 
-_SCRIPTS = ("enqueue", "take", "settle", "sweep", "renew_leases", "release_lease", "retry_callback", "forget",
+_SCRIPTS = ("enqueue", "take", "settle", "sweep", "claim", "renew_leases", "release_lease", "retry_callback", "forget",
             "active", "drop_dangling", "reconcile_failed")  # the last three: the operator view's
 
 
