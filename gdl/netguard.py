@@ -32,11 +32,13 @@ from __future__ import annotations
 import http.cookiejar
 import ipaddress
 import re
+import select
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import gevent.monkey
 import requests
 import urllib3.exceptions
 import urllib3.util.connection
@@ -47,6 +49,9 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from gdl.errors import BlockedAddress
+
+# The unpatched poll: used only with a zero timeout (see _QuickLivenessCheck).
+_original_poll = gevent.monkey.get_original("select", "poll")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., list]  # socket.getaddrinfo's signature
@@ -209,13 +214,7 @@ class AddressGuard:
     def pool_classes(self) -> dict[str, type]:
         """urllib3 pool classes by scheme whose connections call this guard."""
         if self._pool_classes is None:
-            attrs = {"guard": self}
-            http = type("GuardedHTTPConnection", (_GuardedConnection, HTTPConnection), attrs)
-            https = type("GuardedHTTPSConnection", (_GuardedConnection, HTTPSConnection), attrs)
-            self._pool_classes = {
-                "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
-                "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
-            }
+            self._pool_classes = _pool_classes("Guarded", (_GuardedConnection,), {"guard": self})
         return self._pool_classes
 
 
@@ -266,24 +265,73 @@ class _GuardedConnection:
         return sock
 
 
-class GuardedAdapter(HTTPAdapter):
-    """An ``HTTPAdapter`` whose pools, direct and through an http(s) proxy, use guarded connections."""
+class _QuickLivenessCheck:
+    """Mixed into urllib3's connections: a cheaper "did the server close it?".
+
+    Before reusing a kept-alive connection urllib3 polls its socket with a
+    zero timeout. Through gevent's patched ``select.poll`` that sets up and
+    tears down hub watchers, about 30 us a request; the original ``poll``
+    takes 2 us, and with a zero timeout it never blocks the hub.
+    """
+
+    sock: Any
+
+    @property
+    def is_connected(self) -> bool:
+        if self.sock is None:
+            return False
+        poller = _original_poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)  # readable while idle: closed by the server (or junk), not reusable
+
+
+def _pool_classes(prefix: str, mixins: tuple[type, ...], attrs: dict[str, Any]) -> dict[str, type]:
+    """urllib3 pool classes by scheme whose connections have ``mixins`` (and the quick liveness check)."""
+    http = type(f"{prefix}HTTPConnection", (*mixins, _QuickLivenessCheck, HTTPConnection), attrs)
+    https = type(f"{prefix}HTTPSConnection", (*mixins, _QuickLivenessCheck, HTTPSConnection), attrs)
+    return {
+        "http": type(f"{prefix}HTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+        "https": type(f"{prefix}HTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+    }
+
+
+_QUICK_POOL_CLASSES = _pool_classes("Quick", (), {})
+
+
+class KeepAliveAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` whose pools, direct and through an http(s) proxy, use :attr:`pool_classes`."""
+
+    @property
+    def pool_classes(self) -> dict[str, type]:
+        return _QUICK_POOL_CLASSES
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.pool_classes
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if not proxy.lower().startswith("socks"):  # a SOCKS manager has pool classes of its own
+            manager.pool_classes_by_scheme = self.pool_classes
+        return manager
+
+
+class GuardedAdapter(KeepAliveAdapter):
+    """A :class:`KeepAliveAdapter` whose connections, direct and through an http(s) proxy, are guarded."""
 
     def __init__(self, guard: AddressGuard, **kwargs: Any):
         self.guard = guard  # before super().__init__, which builds the pool manager
         super().__init__(**kwargs)
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = self.guard.pool_classes
+    @property
+    def pool_classes(self) -> dict[str, type]:
+        return self.guard.pool_classes
 
     def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
         if proxy.lower().startswith("socks"):
             host = urllib3.util.parse_url(proxy).host
             raise BlockedAddress(f"refused: socks proxy {host}: its connections cannot be checked ({SETTING})")
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = self.guard.pool_classes
-        return manager
+        return super().proxy_manager_for(proxy, **kwargs)
 
 
 class HopSession(requests.Session):
@@ -348,6 +396,6 @@ def mount_adapters(session: requests.Session, guard: AddressGuard | None, *, poo
     if guard is not None:
         guard.mount(session, pool_size=pool_size)
         return
-    adapter = HTTPAdapter(pool_maxsize=pool_size)
+    adapter = KeepAliveAdapter(pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

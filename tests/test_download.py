@@ -135,6 +135,32 @@ def test_keeps_the_connection_alive_between_jobs(server, downloader) -> None:
     assert len(ports) == 1
 
 
+@needs_gevent
+def test_a_kept_connection_the_server_closed_is_not_reused(downloader) -> None:
+    # Each connection answers one request as keep-alive, then the server closes it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+            conn.close()
+
+    server = gevent.spawn(serve)
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x"
+        first = downloader.fetch(make_job(url), timeout=5)
+        gevent.sleep(0.1)  # the close reaches the kept connection
+        second = downloader.fetch(make_job(url), timeout=5)
+    finally:
+        server.kill()
+        listener.close()
+    assert (read(first), read(second), len(accepted)) == (b"ok", b"ok", 2)
+
+
 # ---------------------------------------------------------------------------- status codes
 
 
