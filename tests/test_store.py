@@ -167,6 +167,7 @@ def test_callback_cycle_delivered_then_forgotten(store):
 
 def test_failed_callback_can_be_retried_once_failed(store):
     job = store.enqueue(make_job(), now=NOW)
+    assert store.retry_failed_callback(job.id, now=NOW) == -1  # no callback_state field yet: not failed
     [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.retry_failed_callback(job.id, now=NOW) == -1

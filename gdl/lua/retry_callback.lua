@@ -3,11 +3,10 @@
 -- KEYS[3] optional: the failed-callbacks index the job leaves
 -- ARGV[1] job id     ARGV[2] due (ms)   ARGV[3] wake channel
 -- Returns 1 when queued, 0 for an unknown job, -1 when its callback has not failed.
-local state = redis.call('HGET', KEYS[1], 'callback_state')
-if not state then
+if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-if state ~= 'failed' then
+if redis.call('HGET', KEYS[1], 'callback_state') ~= 'failed' then
   return -1
 end
 redis.call('HSET', KEYS[1], 'callback_state', 'queued', 'callback_attempts', 0, 'callback_error', '')
