@@ -36,12 +36,10 @@ def _flush_sync_close(file: BinaryIO) -> None:
 
 
 def write_new_file(directory: str, prefix: str, data: bytes | bytearray) -> str:
-    """Create a temp file in ``directory`` holding ``data``, fsynced and closed,
-    in one trip to the threadpool; returns its path."""
-    return off_hub(_write_new_file, directory, prefix, data)
+    """Create a temp file in ``directory`` holding ``data``, fsynced and closed;
+    returns its path.
 
-
-def _write_new_file(directory: str, prefix: str, data: bytes | bytearray) -> str:
+    Blocking: call it through :func:`off_hub` (or from a function that is)."""
     fd, path = tempfile.mkstemp("", prefix, directory)
     try:
         with os.fdopen(fd, "wb") as file:

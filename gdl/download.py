@@ -60,13 +60,15 @@ MAX_CONNECT_TIMEOUT = 30.0
 
 @dataclass
 class Fetched:
-    """A complete download, still in its temp file."""
+    """A complete download: in its temp file (``path``), or, when its
+    Content-Length fitted one chunk, in memory (``body``; ``path`` is "")."""
 
     path: str
     size: int
     response_code: int
     mime: str
     image_size: str
+    body: bytes | None = None
 
 
 @dataclass
@@ -128,18 +130,21 @@ class Downloader:
             attempt.response_code = response.status_code
             check_status(response)
             self._check_declared_length(response)
-            # A body declared to fit one chunk is kept in memory and written in one go.
+            # A body declared to fit one chunk stays in memory: the storage then
+            # writes it in one trip to the threadpool, not two.
             declared = content_length(response)
             small = declared is not None and declared <= self.chunk_size
             attempt.temp = _TempFile(self.storage_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
             found_mime = self._stream_body(job, response, attempt.temp)
-            attempt.temp.finish()
+            body = attempt.temp.finish()
         size = attempt.temp.size
-        image_size = mime.image_size(attempt.temp.path, found_mime) if job.extract_image_size else None
+        image_size = None
+        if job.extract_image_size:
+            image_size = mime.image_size(attempt.temp.path if body is None else body, found_mime)
         log.debug("job %s: fetched %d bytes of %s (%d) from %s", job.id, size, found_mime,
                   response.status_code, response.url)
         return Fetched(path=attempt.temp.path, size=size, response_code=response.status_code,
-                       mime=found_mime, image_size=image_size or "")
+                       mime=found_mime, image_size=image_size or "", body=body)
 
     def _request(self, job: Job, timeout: float) -> requests.Response:
         """Send the GET and follow redirects; returns with the final response's headers read."""
@@ -329,10 +334,9 @@ def request_error(exc: Exception) -> DownloadError:
 class _TempFile:
     """A temp file being written; OSErrors become :class:`StorageError`.
 
-    Up to ``in_memory`` bytes stay in memory: a body that fits never
-    touches the disk until :meth:`finish` creates, writes, fsyncs and closes
-    the file in one trip to the threadpool (a small file would otherwise
-    make two: create, then fsync and close). ``path`` is set once the file exists.
+    Up to ``in_memory`` bytes stay in memory, and a body that fits never
+    becomes a file here (:meth:`finish` returns it). ``path`` is set once the
+    file exists.
     """
 
     def __init__(self, directory: str, *, prefix: str, in_memory: int):
@@ -367,16 +371,16 @@ class _TempFile:
             raise StorageError(f"cannot create a temp file in {self.directory}: {exc.strerror}") from exc
         return os.fdopen(fd, "wb")
 
-    def finish(self) -> None:
-        """Flush to disk and close: the file survives a crash from here on."""
+    def finish(self) -> bytes | None:
+        """The body if it stayed in memory; else flush the file to disk and close
+        it (it survives a crash from here on) and return None."""
+        if self.file is None:
+            return bytes(self.buffer)
         try:
-            if self.file is None:
-                self.path = diskio.write_new_file(self.directory, self.prefix, self.buffer)
-                self.buffer = bytearray()
-            else:
-                diskio.flush_sync_close(self.file)
+            diskio.flush_sync_close(self.file)
         except OSError as exc:
-            raise StorageError(f"cannot write {self.path or self.directory}: {exc.strerror}") from exc
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        return None
 
     def discard(self) -> None:
         self.buffer = bytearray()

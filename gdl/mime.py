@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import fnmatch
+import io
 import logging
 import struct
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ def sniff(head: bytes) -> str:
     return media_type(_magic.from_buffer(head))
 
 
-def image_size(path: str, mime: str) -> str | None:
-    """``"WxH"`` of a jpeg, png or gif file, read from its header; None for other types.
+def image_size(source: str | bytes, mime: str) -> str | None:
+    """``"WxH"`` of a jpeg, png or gif file (its path, or its bytes), read from
+    its header; None for other types.
 
     ``mime`` is the sniffed type. A file sniffed as one of the three that Pillow
     cannot parse raises :class:`~gdl.errors.InvalidImage`.
@@ -98,11 +100,14 @@ def image_size(path: str, mime: str) -> str | None:
     plugin = _SIZED_IMAGES.get(media_type(mime))
     if plugin is None:
         return None
+    if isinstance(source, bytes):
+        width, height = _header_size(plugin, io.BytesIO(source), "", mime)
+        return f"{width}x{height}"
     try:
-        with open(path, "rb") as fp:
-            width, height = _header_size(plugin, fp, path, mime)
+        with open(source, "rb") as fp:
+            width, height = _header_size(plugin, fp, source, mime)
     except OSError as exc:  # opening or closing our own file; Pillow's OSErrors are handled inside
-        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
     return f"{width}x{height}"
 
 

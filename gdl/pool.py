@@ -202,11 +202,7 @@ class AggregationPool(TakingPool):
         self.stats.worker_started()
         try:
             fetched = self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
-            try:
-                self.storages.for_job(job).store(fetched.path, job)
-            except BaseException:
-                _remove_quietly(fetched.path)
-                raise
+            self._store(fetched, job)
         except DownloadError as err:
             self._failed(job, err, started)
         except gevent.GreenletExit:
@@ -220,6 +216,17 @@ class AggregationPool(TakingPool):
             self._succeeded(job, fetched, started)
         finally:
             self.stats.worker_finished()
+
+    def _store(self, fetched: Fetched, job: Job) -> None:
+        storage = self.storages.for_job(job)
+        if fetched.body is not None:
+            storage.store_bytes(fetched.body, job)
+            return
+        try:
+            storage.store(fetched.path, job)
+        except BaseException:
+            _remove_quietly(fetched.path)
+            raise
 
     def _succeeded(self, job: Job, fetched: Fetched, started: float) -> None:
         now = self.clock()

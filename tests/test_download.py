@@ -75,6 +75,10 @@ def make_job(url: str, **fields) -> Job:
 
 
 def read(fetched: Fetched) -> bytes:
+    """The body, from memory (a body that fitted one chunk) or from its temp file."""
+    if fetched.body is not None:
+        assert fetched.path == ""
+        return fetched.body
     with open(fetched.path, "rb") as f:
         return f.read()
 
@@ -98,15 +102,14 @@ def test_stores_the_exact_bytes(server, downloader, storage_dir) -> None:
     assert os.path.basename(fetched.path).startswith(job.id + ".")
 
 
-@needs_gevent
-def test_a_body_within_one_chunk_reaches_the_disk_only_when_complete(server, make_downloader, storage_dir) -> None:
-    server.add_drip("/slow", b"x" * 20, interval=0.02)
+def test_a_body_declared_to_fit_one_chunk_stays_in_memory(server, make_downloader, storage_dir) -> None:
+    server.add("/fits", b"x" * 1024)
+    server.add("/over", b"y" * 1025)
     downloader = make_downloader(chunk_size=1024)
-    greenlet = gevent.spawn(downloader.fetch, make_job(server.url("/slow")), timeout=10)
-    gevent.sleep(0.2)
-    assert os.listdir(storage_dir) == []  # mid-body, in memory
-    fetched = greenlet.get(timeout=5)
-    assert (os.listdir(storage_dir), read(fetched)) == ([os.path.basename(fetched.path)], b"x" * 20)
+    fits = downloader.fetch(make_job(server.url("/fits")), timeout=5)
+    assert (fits.body, fits.path, fits.size, os.listdir(storage_dir)) == (b"x" * 1024, "", 1024, [])
+    over = downloader.fetch(make_job(server.url("/over")), timeout=5)
+    assert (over.body, os.listdir(storage_dir), read(over)) == (None, [os.path.basename(over.path)], b"y" * 1025)
 
 
 def test_empty_body(server, downloader) -> None:
@@ -278,7 +281,7 @@ def test_invalid_url(downloader, url) -> None:
 
 
 def test_unwritable_storage_dir_is_a_storage_error(server, make_downloader, tmp_path) -> None:
-    server.add("/a", b"abc")
+    server.add("/a", b"abc" * 1000)  # more than one chunk: written to storage_dir as it arrives
     downloader = make_downloader(storage_dir=str(tmp_path / "does-not-exist"))
     with pytest.raises(StorageError) as info:
         downloader.fetch(make_job(server.url("/a")), timeout=5)

@@ -93,6 +93,29 @@ def test_store_failure_is_a_storage_error_and_consumes_the_temp_file(tmp_path) -
     assert not os.path.exists(temp)
 
 
+def test_store_bytes_writes_through_a_temp_file_in_temp_dir(tmp_path) -> None:
+    (tmp_path / "tmp").mkdir()
+    storage = FilesystemStorage(str(tmp_path / "files"), temp_dir=str(tmp_path / "tmp"))
+    storage.store_bytes(b"in memory", make_job())
+    assert (tmp_path / "files" / "6QE" / "6QEywYsd0jrKAg").read_bytes() == b"in memory"
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_store_bytes_failure_is_a_storage_error_and_leaves_no_temp_file(tmp_path) -> None:
+    (tmp_path / "tmp").mkdir()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    storage = FilesystemStorage(str(blocker), temp_dir=str(tmp_path / "tmp"))
+    with pytest.raises(StorageError) as info:
+        storage.store_bytes(b"in memory", make_job())
+    assert info.value.internal is True
+    assert str(blocker) in str(info.value)
+    assert os.listdir(tmp_path / "tmp") == []
+    missing = FilesystemStorage(str(tmp_path / "files"), temp_dir=str(tmp_path / "no-such-dir"))
+    with pytest.raises(StorageError, match="cannot store"):
+        missing.store_bytes(b"in memory", make_job())
+
+
 def test_delete_is_idempotent(storage, tmp_path) -> None:
     storage.store(write_temp(tmp_path), make_job())
     assert storage.delete("6QEywYsd0jrKAg") is True

@@ -77,6 +77,10 @@ def job(url: str, **fields) -> Job:
 
 
 def read(fetched: Fetched) -> bytes:
+    """The body, from memory (a body that fitted one chunk) or from its temp file."""
+    if fetched.body is not None:
+        assert fetched.path == ""
+        return fetched.body
     with open(fetched.path, "rb") as f:
         return f.read()
 

@@ -88,7 +88,7 @@ def from_config(cfg: Config, *, clients: S3Clients | None = None) -> FileStorage
     settings = cfg.processor.filestorage
     kind = settings.get("type")
     if kind == "filesystem":
-        return FilesystemStorage(settings["rootdir"])
+        return FilesystemStorage(settings["rootdir"], temp_dir=cfg.processor.storage_dir)
     if kind == "s3":
         for name in ("bucket", "region"):
             if not settings.get(name):

@@ -44,6 +44,11 @@ class FileStorage(ABC):
         """
 
     @abstractmethod
+    def store_bytes(self, data: bytes, job: Job) -> None:
+        """Put a complete body held in memory at the job's place
+        (:class:`~gdl.errors.StorageError` on failure)."""
+
+    @abstractmethod
     def delete(self, job_id: str) -> bool:
         """Remove the job's file: True if it was there, False if already absent."""
 

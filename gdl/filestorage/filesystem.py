@@ -25,8 +25,9 @@ log = logging.getLogger("gdl.filestorage")
 class FilesystemStorage(FileStorage):
     """Files under ``rootdir`` at ``<id[0:3]>/<id>``."""
 
-    def __init__(self, rootdir: str):
+    def __init__(self, rootdir: str, temp_dir: str = ""):
         self.rootdir = rootdir
+        self.temp_dir = temp_dir or rootdir  # where store_bytes writes before the rename
 
     def path_for(self, job_id: str) -> str:
         """``<rootdir>/<id[0:3]>/<id>``; ValueError for an id unsafe as a file name."""
@@ -41,6 +42,15 @@ class FilesystemStorage(FileStorage):
             diskio.off_hub(_place, temp_path, final, self.rootdir)
         except OSError as exc:
             _remove_quietly(temp_path)
+            raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
+        log.debug("job %s: stored at %s", job.id, final)
+
+    def store_bytes(self, data: bytes, job: Job) -> None:
+        final = self.path_for(job.id)
+        try:
+            # One trip to the threadpool: the temp file, its fsync, the directory, the rename.
+            diskio.off_hub(_write_and_place, data, self.temp_dir, job.id + ".", final, self.rootdir)
+        except OSError as exc:
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
         log.debug("job %s: stored at %s", job.id, final)
 
@@ -71,6 +81,18 @@ class FilesystemStorage(FileStorage):
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
 
+
+
+def _write_and_place(data: bytes, temp_dir: str, prefix: str, target: str, rootdir: str) -> None:
+    """Write ``data`` to a temp file named ``<prefix>*`` in ``temp_dir`` (so that
+    the sweep of a dead process's jobs finds it), then move it to ``target``
+    durably (blocking: run off the hub)."""
+    temp = diskio.write_new_file(temp_dir, prefix, data)
+    try:
+        _place(temp, target, rootdir)
+    except BaseException:
+        _remove_quietly(temp)
+        raise
 
 
 def _place(source: str, target: str, rootdir: str) -> None:

@@ -9,10 +9,12 @@ streamed from the temp file. Failures become
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from gdl import __version__
@@ -106,16 +108,24 @@ class S3Storage(FileStorage):
         return self.clients.get(self.region, self.endpoint_url)
 
     def store(self, temp_path: str, job: Job) -> None:
+        try:
+            self._upload(job, lambda key, extra_args: self.client.upload_file(
+                temp_path, self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config()))
+        finally:
+            _remove_quietly(temp_path)
+
+    def store_bytes(self, data: bytes, job: Job) -> None:
+        self._upload(job, lambda key, extra_args: self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config()))
+
+    def _upload(self, job: Job, upload: Callable[[str, dict], None]) -> None:
         key = path_for_id(job.id)
         try:
-            extra_args = {"Metadata": self.metadata(job)} if self.caller else {}
-            self.client.upload_file(temp_path, self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config())
+            upload(key, {"Metadata": self.metadata(job)} if self.caller else {})
         except S3StorageError:
             raise
         except Exception as exc:
             raise self._error(f"cannot store s3://{self.bucket}/{key}", exc) from exc
-        finally:
-            _remove_quietly(temp_path)
         log.debug("job %s: stored as s3://%s/%s", job.id, self.bucket, key)
 
     def metadata(self, job: Job) -> dict[str, str]:
