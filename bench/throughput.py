@@ -40,6 +40,7 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -68,6 +69,7 @@ from common import (  # noqa: E402
     wait_for,
     write_gdl_config,
 )
+from gevent.server import StreamServer  # noqa: E402
 
 from gdl.api import make_server  # noqa: E402
 
@@ -318,17 +320,51 @@ class Gdl:
 
 # --------------------------------------------------------------------------- bench-side servers
 
+def content_length(head: bytes) -> int:
+    """The Content-Length (any case) of an HTTP head (start line and headers, without the blank line),
+    -1 without one."""
+    lowered = head.lower()
+    start = lowered.find(b"\r\ncontent-length:")
+    if start < 0:
+        return -1
+    start += 17
+    end = lowered.find(b"\r\n", start)
+    return int(head[start:end] if end >= 0 else head[start:])  # int() strips the spaces around
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)``, in one send() when the kernel takes it whole, as it does a small message:
+    gevent's sendall costs a getsockopt() call and some bookkeeping more each time."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
 class CallbackReceiver:
-    """Records when each job's callback arrives, keyed by the job's ``extra``."""
+    """Records when each job's callback arrives and its body, keyed by the job's ``extra``.
+
+    The harness shares the machine with gdl, so the receiver is lean: a StreamServer reading HTTP/1.1 by
+    hand on keep-alive connections (the request line, Content-Length, the body; any number of requests
+    per recv), answering every request with a fixed 200. A body is kept raw with its arrival time; only
+    :meth:`settle` parses them (JSON, the ``extra`` key) and fills :attr:`arrivals`, after the measured
+    window. Until then :meth:`wait` counts bodies: it wakes once as many arrived as callbacks were still
+    missing at the last :meth:`expect` or :meth:`settle`.
+    """
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
     def __init__(self) -> None:
         self.arrivals: dict[str, tuple[float, dict]] = {}
         self.duplicates = 0
         self.bad = 0
-        self.peers: set[tuple[str, str]] = set()  # client (address, port): connections gdl opened
+        self.peers: set[tuple[str, int]] = set()  # client (address, port): connections gdl opened
+        self._raw: list[tuple[float, bytes]] = []  # (arrival, body) not parsed yet
+        self._received = 0  # bodies so far
+        self._target = 0  # _received at which every callback still missing may have arrived
         self._pending: set[str] = set()
         self._done = gevent.event.Event()
-        self.server = make_server(("127.0.0.1", 0), self.app, log=None)
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
 
     def start(self) -> None:
         self.server.start()
@@ -336,40 +372,84 @@ class CallbackReceiver:
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
+        self.settle()
 
-    def app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        at = now()
-        self.peers.add((environ.get("REMOTE_ADDR", ""), environ.get("REMOTE_PORT", "")))
+    def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """One connection: its requests, in order, until the client closes it."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peers.add(address)
+        recv, ok = sock.recv, self.OK
+        buf = b""
         try:
-            payload = json.loads(environ["wsgi.input"].read())
-            key = payload["extra"]
-        except (ValueError, KeyError, TypeError):
-            self.bad += 1
-            start_response("400 Bad Request", [("Content-Length", "0")])
-            return []
-        if key in self.arrivals:
-            self.duplicates += 1
+            while True:
+                data = recv(65536)
+                if not data:
+                    return
+                at = now()  # when the bytes that complete the request(s) below came in
+                buf += data
+                while (end := buf.find(b"\r\n\r\n")) >= 0:
+                    head = buf[:end]
+                    if not head.startswith(b"POST "):
+                        self.bad += 1  # not a callback as gdl sends them (a JSON POST with Content-Length)
+                        send_all(sock, self.BAD)
+                        return
+                    need = end + 4 + max(content_length(head), 0)
+                    if len(buf) < need:
+                        break  # the rest of the body is still on its way
+                    self._raw.append((at, buf[end + 4:need]))
+                    buf = buf[need:]
+                    self._received += 1
+                    if self._received == self._target:
+                        self._done.set()
+                    send_all(sock, ok)
+        except ValueError:
+            self.bad += 1  # a Content-Length that is no number: the connection is lost anyway
+        except OSError:
+            pass  # reset by the client: nothing more from it
+        finally:
+            sock.close()
+
+    def settle(self) -> int:
+        """Parses the bodies received so far into :attr:`arrivals`; returns how many expected callbacks are
+        still missing, and has :meth:`wait` wait for that many more bodies."""
+        raw, self._raw = self._raw, []
+        for at, body in raw:
+            try:
+                payload = json.loads(body)
+                key = payload["extra"]
+                known = key in self.arrivals
+            except (ValueError, KeyError, TypeError):
+                self.bad += 1
+                continue
+            if known:
+                self.duplicates += 1
+            else:
+                self.arrivals[key] = (at, payload)
+                self._pending.discard(key)
+        self._arm()
+        return len(self._pending)
+
+    def _arm(self) -> None:
+        self._target = self._received + len(self._pending)
+        if self._pending:
+            self._done.clear()
         else:
-            self.arrivals[key] = (at, payload)
-            self._pending.discard(key)
-            if not self._pending:
-                self._done.set()
-        start_response("200 OK", [("Content-Length", "0")])
-        return []
+            self._done.set()
 
     def expect(self, keys: Iterable[str]) -> None:
-        """Call before enqueueing: :meth:`wait` returns once all of ``keys`` arrived."""
+        """Call before enqueueing: :meth:`wait` returns once as many bodies as ``keys`` not arrived yet came
+        in; :meth:`settle` then says whether they were those."""
+        self.settle()
         self._pending = set(keys) - self.arrivals.keys()
-        self._done.clear()
-        if not self._pending:
-            self._done.set()
+        self._arm()
 
     def wait(self, timeout: float) -> bool:
         return self._done.wait(timeout)
 
     @property
     def missing(self) -> int:
-        return len(self._pending)
+        """Expected callbacks not arrived (counted in bodies until :meth:`settle`)."""
+        return max(0, self._target - self._received)
 
 
 class _Release:
@@ -456,73 +536,156 @@ class Job:
                            "callback_url": callback_url, "extra": self.key}).encode()
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection to gdl's API, lean as the harness shares the cores with gdl: a
+    request goes out whole in one write, and of the response only the status line, Content-Length and
+    the body are read. No socket timeout (gevent would arm a timer for every wait): the
+    :class:`Enqueuer` watches over its connections as a whole."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""  # received, not yet consumed
+
+    def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Sends ``request`` (connecting first if need be); returns the response's status and body."""
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port))
+        send_all(self.sock, request)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head = buf[:end]
+        status = int(head.split(b" ", 2)[1])
+        length = content_length(head)
+        if length < 0:
+            raise RuntimeError(f"bench: a response without Content-Length: {head[:200]!r}")
+        need = end + 4 + length
+        while len(buf) < need:
+            buf += self._recv()
+        self.buf = buf[need:]
+        return status, buf[end + 4:need]
+
+    def _recv(self) -> bytes:
+        assert self.sock is not None
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"gdl's API on port {self.port} closed the connection")
+        return data
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+Prepared = tuple[Job, bytes]  # a job and its whole POST /download request
+
+
 class Enqueuer:
     """POST /download over keep-alive connections; records when each request started."""
+
+    TIMEOUT = 60.0  # seconds without any answer from gdl's API before enqueueing is given up
 
     def __init__(self, port: int, callback_url: str):
         self.port = port
         self.callback_url = callback_url
         self.starts: dict[str, float] = {}
         self.errors: list[str] = []
+        self.answered = 0
 
-    def _post(self, conn: http.client.HTTPConnection, job: Job, on_start: Callable[[Job], None] | None) -> None:
-        body = job.body(self.callback_url)
+    def prepare(self, jobs: list[Job]) -> list[Prepared]:
+        """Each job with its request (request line, headers, JSON body) as one bytes: built before the
+        measured window."""
+        head = (f"POST /download HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                "Content-Type: application/json\r\nContent-Length: ").encode()
+        out = []
+        for job in jobs:
+            body = job.body(self.callback_url)
+            out.append((job, b"%s%d\r\n\r\n%s" % (head, len(body), body)))
+        return out
+
+    def _post(self, conn: Connection, prepared: Prepared, on_start: Callable[[Job], None] | None) -> None:
+        job, request = prepared
         if on_start is not None:
             on_start(job)
         self.starts[job.key] = now()
-        # A bytes body goes out in the same write as the headers.
-        conn.request("POST", "/download", body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        if response.status != 201:
-            self.errors.append(f"{job.key}: {response.status} {data[:200]!r}")
+        status, data = conn.exchange(request)
+        self.answered += 1
+        if status != 201:
+            self.errors.append(f"{job.key}: {status} {data[:200]!r}")
 
-    def burst(self, jobs: list[Job], connections: int, on_start: Callable[[Job], None] | None = None) -> None:
+    def burst(self, jobs: list[Prepared], connections: int, on_start: Callable[[Job], None] | None = None) -> None:
         """All of ``jobs``, as fast as ``connections`` connections go, in list order per connection."""
-        def client(mine: list[Job]) -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        def client(mine: list[Prepared]) -> None:
+            conn = Connection(self.port)
             try:
-                for job in mine:
-                    self._post(conn, job, on_start)
+                for prepared in mine:
+                    self._post(conn, prepared, on_start)
             finally:
                 conn.close()
 
-        greenlets = [gevent.spawn(client, jobs[i::connections]) for i in range(connections)]
-        gevent.joinall(greenlets, raise_error=True)
+        self._join([gevent.spawn(client, jobs[i::connections]) for i in range(connections)])
         self._check()
 
-    def trickle(self, jobs: list[Job], rate: float, connections: int) -> None:
+    def trickle(self, jobs: list[Prepared], rate: float, connections: int) -> None:
         """One job every 1/``rate`` seconds, each on a free connection of ``connections``."""
         free: gevent.queue.Queue = gevent.queue.Queue()
         for _ in range(connections):
-            free.put(http.client.HTTPConnection("127.0.0.1", self.port, timeout=60))
+            free.put(Connection(self.port))
 
-        def send(job: Job) -> None:
+        def send(prepared: Prepared) -> None:
             conn = free.get()
             try:
-                self._post(conn, job, None)
+                self._post(conn, prepared, None)
             finally:
                 free.put(conn)
 
-        group = gevent.pool.Group()
+        sends = []
         started = now()
         for i, job in enumerate(jobs):
             gevent.sleep(max(0.0, started + i / rate - now()))
-            group.spawn(send, job)
-        group.join(raise_error=True)
+            sends.append(gevent.spawn(send, job))
+        self._join(sends)
         while not free.empty():
             free.get().close()
         self._check()
+
+    def _join(self, greenlets: list[gevent.Greenlet]) -> None:
+        """Waits for ``greenlets``, raising the first error; gives up when gdl's API answered nothing for
+        :attr:`TIMEOUT` seconds meanwhile (one watch over all connections instead of a timer per wait)."""
+        while True:
+            answered = self.answered
+            if len(gevent.joinall(greenlets, timeout=self.TIMEOUT, raise_error=True)) == len(greenlets):
+                return
+            if self.answered == answered:
+                gevent.killall(greenlets)
+                raise SystemExit(f"bench: gdl's API answered no request for {self.TIMEOUT:.0f}s")
 
     def _check(self) -> None:
         if self.errors:
             raise SystemExit(f"bench: {len(self.errors)} enqueue(s) refused, first: {self.errors[0]}")
 
 
-def await_callbacks(receiver: CallbackReceiver, gdl: Gdl, what: str, timeout: float) -> None:
-    if not receiver.wait(timeout):
-        raise SystemExit(f"bench: {what}: {receiver.missing} callback(s) missing after {timeout:.0f}s\n"
-                         + gdl.log_tail())
+def await_callbacks(receiver: CallbackReceiver, gdl: Gdl, what: str, timeout: float,
+                    at_count: Callable[[], Any] | None = None) -> Any:
+    """Waits until every expected callback arrived, :meth:`CallbackReceiver.settle` done.
+
+    Each time as many bodies as callbacks were missing came in, ``at_count`` (if given) runs before
+    they are parsed: the end of the measured window. Returns its last result, or None.
+    """
+    deadline = now() + timeout
+    reading = None
+    while True:
+        if not receiver.wait(max(0.0, deadline - now())):
+            raise SystemExit(f"bench: {what}: {receiver.settle()} callback(s) missing after {timeout:.0f}s\n"
+                             + gdl.log_tail())
+        if at_count is not None:
+            reading = at_count()
+        if not receiver.settle():
+            return reading
+        log.warning("%s: %d callback(s) still missing, %d duplicate(s) so far", what, receiver.missing,
+                    receiver.duplicates)
 
 
 def check_callbacks(receiver: CallbackReceiver, keys: list[str], what: str) -> list[dict]:
@@ -682,6 +845,29 @@ def small_requests(args: argparse.Namespace, nginx: Nginx, names: list[str], wor
     return row
 
 
+@dataclass
+class Readings:
+    """CPU seconds so far of each gdl process and the redis-server, of nginx, of the machine's cores and of
+    this process; and the connections the callback receiver accepted so far."""
+
+    by_process: dict[str, float]
+    nginx: float
+    machine: float
+    bench: float
+    peers: int
+
+    @classmethod
+    def take(cls, gdl: Gdl, nginx: Nginx, receiver: CallbackReceiver, end: bool = False) -> Self:
+        """At the start of a window (``end`` False) this process's and the machine's CPU are read last, at
+        its end first: the reading of /proc is no part of either."""
+        if end:
+            bench, machine = time.process_time(), machine_busy_seconds()
+            return cls(gdl.cpu_by_process(), nginx.cpu(), machine, bench, len(receiver.peers))
+        by_process, nginx_cpu, peers = gdl.cpu_by_process(), nginx.cpu(), len(receiver.peers)
+        machine = machine_busy_seconds()
+        return cls(by_process, nginx_cpu, machine, time.process_time(), peers)
+
+
 def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: CallbackReceiver, jobs: list[Job],
                 what: str, size: int) -> Row:
     """Enqueue ``jobs`` in one burst and wait for every callback: a row of first enqueue to last callback,
@@ -690,23 +876,23 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
     keys = [j.key for j in jobs]
     receiver.expect(keys)
     enqueuer = Enqueuer(gdl.api_port, receiver.url)
-    gdl_cpu, redis_cpu, nginx_cpu, bench_cpu = gdl.gdl_cpu(), gdl.redis_cpu(), nginx.cpu(), time.process_time()
-    by_process, peers, machine_cpu = gdl.cpu_by_process(), len(receiver.peers), machine_busy_seconds()
+    prepared = enqueuer.prepare(jobs)
+    start = Readings.take(gdl, nginx, receiver)
     started = now()
-    enqueuer.burst(jobs, min(args.connections, len(jobs)))
+    enqueuer.burst(prepared, min(args.connections, len(jobs)))
     enqueued = now() - started
     log.info("%s: all enqueued in %.1fs (%.0f/s), %d callbacks so far", what, enqueued, len(jobs) / enqueued,
              len(jobs) - receiver.missing)
-    await_callbacks(receiver, gdl, what, timeout=max(120.0, len(jobs) / 10))
+    end = await_callbacks(receiver, gdl, what, timeout=max(120.0, len(jobs) / 10),
+                          at_count=lambda: Readings.take(gdl, nginx, receiver, end=True))
     last = max(receiver.arrivals[k][0] for k in keys)
     first = min(enqueuer.starts.values())
-    row = Row(gdl_name(gdl.layout, gdl.processors), last - first, len(jobs),
-              gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
-              server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-              note=f"enqueue {enqueued:.1f}s", machine_cpu=machine_busy_seconds() - machine_cpu,
-              by_process={k: v - by_process[k] for k, v in gdl.cpu_by_process().items()},
-              connections=len(receiver.peers) - peers, key=gdl_tool(gdl.layout, gdl.processors),
-              peak_rss=gdl.peak_rss_kib())
+    by_process = {k: v - start.by_process[k] for k, v in end.by_process.items()}
+    row = Row(gdl_name(gdl.layout, gdl.processors), last - first, len(jobs), sum(by_process.values()),
+              redis_cpu=by_process["redis-server"], server_cpu=end.nginx - start.nginx,
+              bench_cpu=end.bench - start.bench, note=f"enqueue {enqueued:.1f}s",
+              machine_cpu=end.machine - start.machine, by_process=by_process, connections=end.peers - start.peers,
+              key=gdl_tool(gdl.layout, gdl.processors), peak_rss=gdl.peak_rss_kib())
     payloads = check_callbacks(receiver, keys, what)
     check_files(gdl.rootdir, payloads, size, what)
     log.info("%s: %d callbacks, all success, all files %d bytes; %d gdl log lines", what, len(payloads), size,
@@ -822,11 +1008,12 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
         keys = [j.key for j in jobs]
         receiver.expect(keys)
         enqueuer = Enqueuer(gdl.api_port, receiver.url)
+        prepared = enqueuer.prepare(jobs)
         log.info("big files: gdl (%s): %d jobs in %d aggregations of limit %d", layout, len(jobs),
                  args.big_aggregations, args.big_limit)
         gdl_cpu, redis_cpu, nginx_cpu, bench_cpu = gdl.gdl_cpu(), gdl.redis_cpu(), nginx.cpu(), time.process_time()
         machine_cpu = machine_busy_seconds()
-        enqueuer.burst(jobs, min(args.connections, len(jobs)))
+        enqueuer.burst(prepared, min(args.connections, len(jobs)))
         await_callbacks(receiver, gdl, "big files", timeout=120 + size * len(names) / (20 * MB))
         last = max(receiver.arrivals[k][0] for k in keys)
         first = min(enqueuer.starts.values())
@@ -852,7 +1039,7 @@ def pickup_latency(args: argparse.Namespace, nginx: Nginx, names: list[str], wor
         # Warm up connections and lazy imports in an aggregation of its own, then leave gdl idle.
         warm = [Job(f"warm-{i}", nginx.url(names[i]), "warmup", 8) for i in range(10)]
         receiver.expect(j.key for j in warm)
-        enqueuer.burst(warm, 2)
+        enqueuer.burst(enqueuer.prepare(warm), 2)
         await_callbacks(receiver, gdl, "latency warm-up", timeout=60)
         log.info("pickup latency: warmed up; idle for %.0fs", args.idle_seconds)
         gevent.sleep(args.idle_seconds)
@@ -863,7 +1050,7 @@ def pickup_latency(args: argparse.Namespace, nginx: Nginx, names: list[str], wor
         receiver.expect(keys)
         log.info("pickup latency: %d jobs at %g/s into %d aggregations", count, args.trickle_rate,
                  args.trickle_aggregations)
-        enqueuer.trickle(jobs, args.trickle_rate, connections=4)
+        enqueuer.trickle(enqueuer.prepare(jobs), args.trickle_rate, connections=4)
         await_callbacks(receiver, gdl, "pickup latency", timeout=60)
         check_callbacks(receiver, keys, "pickup latency")
     discard(gdl.dir, args)
@@ -895,6 +1082,7 @@ def utilisation(args: argparse.Namespace, workdir: Path, receiver: CallbackRecei
                  args.processors) as gdl:
             receiver.expect(j.key for j in jobs)
             enqueuer = Enqueuer(gdl.api_port, receiver.url)
+            prepared = enqueuer.prepare(jobs)
             stop = gevent.event.Event()
 
             def sample() -> None:
@@ -914,9 +1102,9 @@ def utilisation(args: argparse.Namespace, workdir: Path, receiver: CallbackRecei
                 sent[job.aggr] += 1
 
             started = now()
-            enqueuer.burst(jobs, args.connections, on_start)
-            await_callbacks(receiver, gdl, "utilisation", timeout=120 + len(jobs) * args.util_hold)
-            elapsed = now() - started
+            enqueuer.burst(prepared, args.connections, on_start)
+            elapsed = await_callbacks(receiver, gdl, "utilisation", timeout=120 + len(jobs) * args.util_hold,
+                                      at_count=now) - started
             stop.set()
             sampler.join()
             check_callbacks(receiver, [j.key for j in jobs], "utilisation")
