@@ -166,16 +166,16 @@ def test_throughput_is_fifteen_minutes_of_ten_second_buckets(store: Store) -> No
 
 
 def test_aggregations_view_drops_an_active_pool_whose_process_died(store: Store) -> None:
-    store.mark_active("ghost", "dead-process")  # no lease, no queue: its process died
-    store.redis.set(keys.lease_key("live"), "p1")
-    store.mark_active("live", "p1")
+    store.redis.hset(keys.ACTIVE, "ghost", "dead-process")  # no lease, no queue: its process died
+    store.redis.hset(keys.aggr_key("live"), mapping={"limit": 2, "proxy": ""})
+    assert store.claim("live", "p1", 60_000) == (2, "")
     rows, queued = store.aggregations_view(now=NOW)
     assert [r["aggr_id"] for r in rows] == ["live"]
     assert rows[0]["lease_holder"] == "p1" and queued == 0
     assert store.redis.hgetall(keys.ACTIVE) == {"live": "p1"}
-    store.unmark_active("live", "someone-else")
+    store.release("live", "someone-else")
     assert store.redis.hgetall(keys.ACTIVE) == {"live": "p1"}
-    store.unmark_active("live", "p1")
+    store.release("live", "p1")
     assert store.redis.hgetall(keys.ACTIVE) == {}
 
 

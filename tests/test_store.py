@@ -26,7 +26,7 @@ def make_job(aggr: str = "shop", **fields) -> Job:
 def test_enqueue_writes_job_aggregation_queue_and_index_together(store):
     job = store.enqueue(make_job(aggr_proxy="http://proxy:3128"), now=NOW)
     assert store.get_job(job.id).url == "http://example.com/a.png"
-    assert store.aggregation("shop") == (3, "http://proxy:3128")
+    assert store.redis.hgetall(keys.aggr_key("shop")) == {"limit": "3", "proxy": "http://proxy:3128"}
     assert store.redis.zscore(keys.queue_key("shop"), job.id) == NOW
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW
     assert store.pending_aggregations() == [("shop", 1)]

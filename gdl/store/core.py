@@ -271,13 +271,6 @@ class JobStore:
         return int(head[0][1]) if head else None
 
     @_translated
-    def aggregation(self, aggr_id: str) -> tuple[int, str] | None:
-        data = self.redis.hgetall(aggr_key(aggr_id))
-        if not data:
-            return None
-        return int(data.get("limit", 1)), data.get("proxy", "")
-
-    @_translated
     def claim(self, aggr_id: str, owner: str, ttl_ms: int) -> tuple[int, str] | None:
         """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
         or None when another process holds the lease or the aggregation has no record."""

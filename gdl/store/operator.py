@@ -103,16 +103,6 @@ class OperatorView(JobStore):
         return int(self.redis.zcard(FAILED_CALLBACKS))
 
     @_translated
-    def mark_active(self, aggr_id: str, owner: str) -> None:
-        """The scanner runs a pool for ``aggr_id`` (called once it holds the lease)."""
-        self.redis.hset(ACTIVE, aggr_id, owner)
-
-    @_translated
-    def unmark_active(self, aggr_id: str, owner: str) -> None:
-        """The pool ended (called before its lease is released)."""
-        self._run("active", [ACTIVE, lease_key(aggr_id)], [aggr_id, owner])
-
-    @_translated
     def inflight_by_aggregation(self) -> dict[str, int]:
         """Downloads in flight per aggregation (the first INFLIGHT_READ_MAX of them)."""
         ids = self.redis.zrange(INFLIGHT[DOWNLOADS], 0, INFLIGHT_READ_MAX - 1)
@@ -148,7 +138,7 @@ class OperatorView(JobStore):
         for i, aggr in enumerate(names):
             pending, due_now, spec, holder = replies[4 * i:4 * i + 4]
             if aggr not in oldest and active.get(aggr) != holder:
-                self._run("active", [ACTIVE, lease_key(aggr)], [aggr, ""])  # its process died
+                self._run("active", [ACTIVE, lease_key(aggr)], [aggr])  # its process died
                 if not in_flight.get(aggr):
                     continue
             rows.append({"aggr_id": aggr, "pending": int(pending), "due_now": int(due_now),
