@@ -147,6 +147,21 @@ def test_claim_takes_the_lease_reads_the_settings_and_marks_the_pool_active(stor
     store.redis.hset(keys.ACTIVE, "shop", OTHER)  # (a later claim by another process, after a lease expiry)
     assert store.release("shop", OWNER)
     assert (store.lease_holder("shop"), store.redis.hget(keys.ACTIVE, "shop")) == (None, OTHER)
+    assert store.redis.exists(keys.aggr_key("shop")) == 1  # a job still queued: the record stays
+
+
+def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store):
+    job = store.enqueue(make_job(), now=NOW)
+    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    assert not store.release("shop", OTHER)
+    assert store.redis.exists(keys.aggr_key("shop")) == 1  # not the holder: nothing touched
+    assert store.release("shop", OWNER)
+    assert store.redis.exists(keys.aggr_key("shop")) == 0
+    store.enqueue(make_job(aggr_limit=5), now=NOW)  # the next job brings it back
+    assert store.claim("shop", OWNER, 60_000) == (5, "")
+    assert store.get_job(job.id).status.state == "succeeded"
 
 
 def test_callback_cycle_delivered_then_forgotten(store):

@@ -1,12 +1,19 @@
--- Drop a lease if, and only if, the caller still holds it, and with KEYS[2]
--- the aggregation's entry in the active-pools hash if it is the caller's.
--- KEYS[1] lease key   KEYS[2] optional: active hash
--- ARGV[1] owner token ARGV[2] aggregation id (with KEYS[2])
+-- A pool ended: drop its aggregation's lease if, and only if, the caller still
+-- holds it; its entry in the active-pools hash if it is the caller's; and the
+-- aggregation's record (limit, proxy) once its queue is empty. Only the lease
+-- holder runs an aggregation, so an ended pool has settled all its jobs: none
+-- is in flight, and the next enqueue writes the record again (enqueue.lua).
+-- KEYS[1] lease:<aggr>   KEYS[2] active hash   KEYS[3] queue:<aggr>   KEYS[4] aggr:<aggr>
+-- ARGV[1] owner token    ARGV[2] aggregation id
 -- Returns 1 when the lease was released, 0 when it had passed to another owner.
-if KEYS[2] and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
+if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
   redis.call('HDEL', KEYS[2], ARGV[2])
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1])
+if redis.call('ZCARD', KEYS[3]) == 0 then
+  redis.call('DEL', KEYS[4])
+end
+return 1

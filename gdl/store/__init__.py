@@ -11,7 +11,9 @@ Layout (``gdl:`` prefix)::
     job:<id>                   hash    job spec + Status fields       api, pool, notifier  everyone
                                        + owner (holder while in flight)
     job:<id>:log               list    JSON line per attempt           pool, notifier       api, cli
-    aggr:<aggr>                hash    limit, proxy (latest enqueue)   api                  scanner
+    aggr:<aggr>                hash    limit, proxy (latest enqueue);  api (enqueue),       scanner
+                                       gone once a pool ends on an     scanner (release)
+                                       empty queue
     queue:<aggr>               zset    job id -> due ms                api, pool, sweep     pool
     due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
                                        its queue (the aggregation        queue:<aggr>

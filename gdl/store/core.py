@@ -285,8 +285,11 @@ class JobStore:
 
     @_translated
     def release(self, aggr_id: str, owner: str) -> bool:
-        """A pool ended: drop its active entry and its lease, if still this owner's."""
-        return self._run("release_lease", [lease_key(aggr_id), ACTIVE], [owner, aggr_id]) == 1
+        """A pool ended: drop its active entry and its lease, if still this owner's, and
+        the aggregation's record if nothing is queued (ever-new aggregation ids
+        would otherwise pile up records)."""
+        keys = [lease_key(aggr_id), ACTIVE, queue_key(aggr_id), aggr_key(aggr_id)]
+        return self._run("release_lease", keys, [owner, aggr_id]) == 1
 
     @_translated
     def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
