@@ -175,8 +175,11 @@ class JobStore:
         return self._scripts[name](keys=keys, args=args)
 
     def _run_batched(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Like :meth:`_run`, sharing a pipeline with other greenlets' calls (the
-        hot path's scripts: enqueue, take, settle; see :mod:`gdl.store.batch`)."""
+        """Like :meth:`_run`, sharing a pipeline with other greenlets' calls: the
+        scripts that many greenlets run at once (enqueue, take, settle, and the
+        claim and release of pools, which idle out together), each of which would
+        otherwise hold a connection of redis-py's pool (100 at most) while it
+        waits (see :mod:`gdl.store.batch`)."""
         return self._batcher.run(self._scripts[name], keys, args)
 
     # ---------------------------------------------------------------- enqueue (api)
@@ -274,7 +277,7 @@ class JobStore:
     def claim(self, aggr_id: str, owner: str, ttl_ms: int) -> tuple[int, str] | None:
         """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
         or None when another process holds the lease or the aggregation has no record."""
-        reply = self._run("claim", [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE], [owner, ttl_ms, aggr_id])
+        reply = self._run_batched("claim", [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE], [owner, ttl_ms, aggr_id])
         if not isinstance(reply, list):
             return None
         return int(reply[0]), reply[1]
@@ -289,7 +292,7 @@ class JobStore:
         the aggregation's record if nothing is queued (ever-new aggregation ids
         would otherwise pile up records)."""
         keys = [lease_key(aggr_id), ACTIVE, queue_key(aggr_id), aggr_key(aggr_id)]
-        return self._run("release_lease", keys, [owner, aggr_id]) == 1
+        return self._run_batched("release_lease", keys, [owner, aggr_id]) == 1
 
     @_translated
     def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
