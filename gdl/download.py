@@ -129,13 +129,12 @@ class Downloader:
         with response:
             attempt.response_code = response.status_code
             check_status(response)
-            self._check_declared_length(response)
+            declared = self._check_declared_length(response)
             # A body declared to fit one chunk stays in memory: the storage then
             # writes it in one trip to the threadpool, not two.
-            declared = content_length(response)
             small = declared is not None and declared <= self.chunk_size
             attempt.temp = _TempFile(self.storage_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
-            found_mime = self._stream_body(job, response, attempt.temp)
+            found_mime = self._stream_body(job, response, declared, attempt.temp)
             body = attempt.temp.finish()
         size = attempt.temp.size
         image_size = None
@@ -196,13 +195,15 @@ class Downloader:
         if self.guard is not None and self.proxy:
             self.guard.check_proxied_target(host)
 
-    def _check_declared_length(self, response: requests.Response) -> None:
+    def _check_declared_length(self, response: requests.Response) -> int | None:
+        """The response's Content-Length (None without one), refused when over ``max_bytes``."""
         declared = content_length(response)
         if self.max_bytes and declared is not None and declared > self.max_bytes:
             raise TooLarge(f"Content-Length {declared} exceeds the limit of {self.max_bytes} bytes",
                            response_code=response.status_code)
+        return declared
 
-    def _stream_body(self, job: Job, response: requests.Response, temp: _TempFile) -> str:
+    def _stream_body(self, job: Job, response: requests.Response, declared: int | None, temp: _TempFile) -> str:
         """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type
         ("" when the job has neither ``mime_type`` nor ``extract_image_size``).
 
@@ -235,7 +236,6 @@ class Downloader:
                                 response_code=code) from exc
         if sniffing:
             found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
-        declared = content_length(response)
         if declared is not None and temp.size != declared:
             raise TruncatedBody(f"received {temp.size} of {declared} bytes", response_code=code)
         return found_mime

@@ -102,12 +102,12 @@ def image_size(source: str | bytes, mime: str) -> str | None:
         return None
     if isinstance(source, bytes):
         width, height = _header_size(plugin, io.BytesIO(source), "", mime)
-        return f"{width}x{height}"
-    try:
-        with open(source, "rb") as fp:
-            width, height = _header_size(plugin, fp, source, mime)
-    except OSError as exc:  # opening or closing our own file; Pillow's OSErrors are handled inside
-        raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
+    else:
+        try:
+            with open(source, "rb") as fp:
+                width, height = _header_size(plugin, fp, source, mime)
+        except OSError as exc:  # opening or closing our own file; Pillow's OSErrors are handled inside
+            raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
     return f"{width}x{height}"
 
 
