@@ -1,4 +1,5 @@
-"""Small real files for tests: images made with Pillow, a minimal PDF, broken headers."""
+"""Small real files for tests: images made with Pillow, a minimal PDF, broken headers;
+and the bytes of a finished download."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import struct
 import zlib
 
 from PIL import Image
+
+from gdl.download import Fetched
 
 
 def image_bytes(fmt: str, width: int, height: int) -> bytes:
@@ -52,3 +55,12 @@ def tiny_pdf() -> bytes:
         out += b"%010d 00000 n \n" % offset
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return bytes(out)
+
+
+def fetched_body(fetched: Fetched) -> bytes:
+    """A download's body, from memory (a body that fitted one chunk) or from its temp file."""
+    if fetched.body is not None:
+        assert fetched.path == ""
+        return fetched.body
+    with open(fetched.path, "rb") as f:
+        return f.read()

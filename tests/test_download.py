@@ -12,7 +12,7 @@ import gevent
 import pytest
 from gevent import monkey
 
-from gdl.download import Downloader, Fetched, parse_retry_after
+from gdl.download import Downloader, parse_retry_after
 from gdl.errors import (
     ConnectionFailed,
     DownloadTimeout,
@@ -28,7 +28,7 @@ from gdl.errors import (
 )
 from gdl.job import Job, new_id
 from tests.httpserver import LoopbackServer
-from tests.samples import broken_png, image_bytes, tiny_pdf
+from tests.samples import broken_png, fetched_body, image_bytes, tiny_pdf
 
 needs_gevent = pytest.mark.skipif(not monkey.is_module_patched("socket"),
                                   reason="the deadline interrupts reads only under gevent monkey patching")
@@ -74,15 +74,6 @@ def make_job(url: str, **fields) -> Job:
     return Job(id=new_id(), url=url, aggr_id="aggr", aggr_limit=1, **fields)
 
 
-def read(fetched: Fetched) -> bytes:
-    """The body, from memory (a body that fitted one chunk) or from its temp file."""
-    if fetched.body is not None:
-        assert fetched.path == ""
-        return fetched.body
-    with open(fetched.path, "rb") as f:
-        return f.read()
-
-
 # ---------------------------------------------------------------------------- bytes
 
 
@@ -93,7 +84,7 @@ def test_stores_the_exact_bytes(server, downloader, storage_dir) -> None:
 
     fetched = downloader.fetch(job, timeout=5)
 
-    assert read(fetched) == body
+    assert fetched_body(fetched) == body
     assert fetched.size == 300_000
     assert fetched.response_code == 200
     assert fetched.mime == ""  # not sniffed: the job asks neither a mime type nor an image size
@@ -109,13 +100,14 @@ def test_a_body_declared_to_fit_one_chunk_stays_in_memory(server, make_downloade
     fits = downloader.fetch(make_job(server.url("/fits")), timeout=5)
     assert (fits.body, fits.path, fits.size, os.listdir(storage_dir)) == (b"x" * 1024, "", 1024, [])
     over = downloader.fetch(make_job(server.url("/over")), timeout=5)
-    assert (over.body, os.listdir(storage_dir), read(over)) == (None, [os.path.basename(over.path)], b"y" * 1025)
+    assert (over.body, os.listdir(storage_dir)) == (None, [os.path.basename(over.path)])
+    assert fetched_body(over) == b"y" * 1025
 
 
 def test_empty_body(server, downloader) -> None:
     server.add("/empty", b"")
     fetched = downloader.fetch(make_job(server.url("/empty"), mime_type="*/*"), timeout=5)
-    assert (fetched.size, read(fetched), fetched.mime) == (0, b"", "application/x-empty")
+    assert (fetched.size, fetched_body(fetched), fetched.mime) == (0, b"", "application/x-empty")
 
 
 def test_gzip_body_is_stored_compressed(server, downloader) -> None:
@@ -124,7 +116,7 @@ def test_gzip_body_is_stored_compressed(server, downloader) -> None:
 
     fetched = downloader.fetch(make_job(server.url("/page"), mime_type="*/*"), timeout=5)
 
-    assert read(fetched) == compressed
+    assert fetched_body(fetched) == compressed
     assert fetched.size == len(compressed)
     assert fetched.mime == "application/gzip"
 
@@ -161,7 +153,7 @@ def test_a_kept_connection_the_server_closed_is_not_reused(downloader) -> None:
     finally:
         server.kill()
         listener.close()
-    assert (read(first), read(second), len(accepted)) == (b"ok", b"ok", 2)
+    assert (fetched_body(first), fetched_body(second), len(accepted)) == (b"ok", b"ok", 2)
 
 
 # ---------------------------------------------------------------------------- status codes
@@ -421,7 +413,7 @@ def test_redirects_are_followed(server, downloader) -> None:
     server.add_redirect("/middle", server.url("/new"))
     server.add("/new", b"moved content")
     fetched = downloader.fetch(make_job(server.url("/old")), timeout=5)
-    assert read(fetched) == b"moved content"
+    assert fetched_body(fetched) == b"moved content"
     assert [server.count(p) for p in ("/old", "/middle", "/new")] == [1, 1, 1]
 
 
@@ -439,5 +431,5 @@ def test_proxy_is_used(server, make_downloader) -> None:
     server.add("/proxied", b"via proxy")
     downloader = make_downloader(proxy=server.base_url)
     fetched = downloader.fetch(make_job("http://gdl-test.invalid/proxied?x=1"), timeout=5)
-    assert read(fetched) == b"via proxy"
+    assert fetched_body(fetched) == b"via proxy"
     assert [r.target for r in server.requests_for("/proxied")] == ["http://gdl-test.invalid/proxied?x=1"]

@@ -26,7 +26,7 @@ import gevent
 import gevent.server
 import pytest
 
-from gdl.download import Downloader, Fetched
+from gdl.download import Downloader
 from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
 from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
@@ -34,6 +34,7 @@ from gdl.redis_server import find_binary
 from gdl.store import Store
 from tests.conftest import config_file, free_port, make_config, pings, wait_until
 from tests.httpserver import LoopbackServer
+from tests.samples import fetched_body
 from tests.servers import CallbackReceiver
 
 SETTING = "(security.block_private_networks)"
@@ -74,15 +75,6 @@ def make_downloader(storage_dir: str) -> Iterator[Callable[..., Downloader]]:
 
 def job(url: str, **fields) -> Job:
     return Job(id=new_id(), url=url, aggr_id="aggr", aggr_limit=1, **fields)
-
-
-def read(fetched: Fetched) -> bytes:
-    """The body, from memory (a body that fitted one chunk) or from its temp file."""
-    if fetched.body is not None:
-        assert fetched.path == ""
-        return fetched.body
-    with open(fetched.path, "rb") as f:
-        return f.read()
 
 
 def resolver(names: dict[str, str], calls: list[str] | None = None) -> Callable[..., list]:
@@ -253,7 +245,7 @@ def test_loopback_url_is_refused_by_default(server, make_downloader, storage_dir
 def test_loopback_url_is_allowed_by_allowed_networks(server, make_downloader) -> None:
     server.add("/a", b"inside")
     fetched = make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/a")), timeout=5)
-    assert read(fetched) == b"inside"
+    assert fetched_body(fetched) == b"inside"
     assert server.count("/a") == 1
 
 
@@ -280,7 +272,7 @@ def test_the_checked_address_is_the_one_connected_to(server, make_downloader) ->
     server.add("/a", b"ok")
     downloader = make_downloader(AddressGuard(["127.0.0.1/32"], resolve=rebinding))
     fetched = downloader.fetch(job(f"http://rebind.example:{server.port}/a"), timeout=5)
-    assert read(fetched) == b"ok"
+    assert fetched_body(fetched) == b"ok"
     assert calls == ["rebind.example"]
     assert server.requests_for("/a")[0].headers["Host"] == f"rebind.example:{server.port}"
     # A second connection (the first was dropped) meets the rebound answer: refused.
@@ -313,7 +305,7 @@ def test_address_spellings_do_reach_loopback_when_allowed(server, make_downloade
     # The control for the test above: these spellings are loopback, not junk.
     server.add("/a", b"here")
     fetched = make_downloader(AddressGuard(LOOPBACK)).fetch(job(f"http://{host}:{server.port}/a"), timeout=5)
-    assert read(fetched) == b"here"
+    assert fetched_body(fetched) == b"here"
 
 
 def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, storage_dir) -> None:
@@ -363,7 +355,7 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(make_downloader) -
         headers = {"Authorization": "Bearer job-secret", "Cookie": "session=job-secret"}
         guard = AddressGuard(LOOPBACK, resolve=resolver({"other.example": "127.0.0.1"}))
         fetched = make_downloader(guard).fetch(job(first.url("/start"), request_headers=headers), timeout=5)
-        assert read(fetched) == b"landed"
+        assert fetched_body(fetched) == b"landed"
         start = first.requests_for("/start")[0].headers
         same = first.requests_for("/same")[0].headers
         elsewhere = other.requests_for("/elsewhere")[0].headers
@@ -389,7 +381,7 @@ def test_an_allowed_proxy_carries_a_public_name(server, make_downloader) -> None
     server.add("/p", b"via proxy")
     downloader = make_downloader(AddressGuard(LOOPBACK), proxy=server.base_url)
     fetched = downloader.fetch(job("http://gdl-test.invalid/p"), timeout=5)
-    assert read(fetched) == b"via proxy"
+    assert fetched_body(fetched) == b"via proxy"
     assert [r.target for r in server.requests_for("/p")] == ["http://gdl-test.invalid/p"]
 
 
@@ -452,7 +444,7 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
     downloader = make_downloader(guard)
     downloader.session.verify = cert  # trust the test certificate, and only it
     fetched = downloader.fetch(job(f"https://public.example:{tls.port}/s"), timeout=5)
-    assert read(fetched) == b"secure"
+    assert fetched_body(fetched) == b"secure"
     assert names == ["public.example"]
     assert f"\r\nHost: public.example:{tls.port}\r\n".encode() in tls.requests[0]
     # The same address under another name: the certificate is checked against the name.
@@ -499,9 +491,9 @@ def test_a_body_longer_than_its_content_length_is_read_to_the_length_only(server
     server.add("/next", b"clean")
     downloader = make_downloader(AddressGuard(LOOPBACK), max_bytes=4096)
     fetched = downloader.fetch(job(server.url("/lie")), timeout=5)
-    assert read(fetched) == b"a" * 1000
+    assert fetched_body(fetched) == b"a" * 1000
     # The rest is never taken for the next answer on that connection.
-    assert read(downloader.fetch(job(server.url("/next")), timeout=5)) == b"clean"
+    assert fetched_body(downloader.fetch(job(server.url("/next")), timeout=5)) == b"clean"
 
 
 def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, storage_dir) -> None:
@@ -523,7 +515,7 @@ def test_a_gzip_bomb_is_stored_as_sent(server, make_downloader) -> None:
         job(server.url("/bomb"), mime_type="*/*"), timeout=10)
     assert len(bomb) < 1 << 20
     assert fetched.size == len(bomb)
-    assert read(fetched) == bomb
+    assert fetched_body(fetched) == bomb
     assert fetched.mime == "application/gzip"
 
 
@@ -558,7 +550,7 @@ def test_a_redirect_body_is_not_read_past_a_few_kib(server, raw_server, make_dow
     srv = raw_server(hostile)
     started = time.monotonic()
     fetched = make_downloader(AddressGuard(LOOPBACK)).fetch(job(srv.url("/r")), timeout=8)
-    assert read(fetched) == b"arrived"
+    assert fetched_body(fetched) == b"arrived"
     assert time.monotonic() - started < 3
     assert server.count("/final") == 1
 
