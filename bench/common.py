@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -107,6 +108,25 @@ def proc_status_kib(pid: int, field: str) -> int:
 
 
 # --------------------------------------------------------------------------- processes
+
+class Started:
+    """A context manager for a set of started processes: ``_start`` brings them
+    up and returns self, ``__exit__`` stops whatever is running. If starting
+    fails half way, what did start is stopped before the error goes on."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self) -> Self:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:
+        raise NotImplementedError
+
 
 def stop_process(proc: subprocess.Popen | None, name: str, sig: int = signal.SIGTERM,
                  timeout: float = STOP_TIMEOUT, signalled: bool = False) -> None:

@@ -32,14 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from common import api_answers, cpu_seconds, free_port, start_gdl, start_redis, stop_process, wait_for, write_gdl_config
+from common import (
+    Started,
+    api_answers,
+    cpu_seconds,
+    free_port,
+    start_gdl,
+    start_redis,
+    stop_process,
+    wait_for,
+    write_gdl_config,
+)
 
 log = logging.getLogger("bench.enqueue")
 
 
 # --------------------------------------------------------------------------- servers
 
-class Servers:
+class Servers(Started):
     """redis-server and ``gdl ... api`` in a temp dir, stopped on exit."""
 
     def __init__(self, workdir: Path, log_level: str):
@@ -49,13 +59,6 @@ class Servers:
         self.api_port = free_port()
         self.redis: subprocess.Popen | None = None
         self.gdl: subprocess.Popen | None = None
-
-    def __enter__(self) -> Self:
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__()  # nothing left running when gdl fails to start
-            raise
 
     def _start(self) -> Self:
         self.redis = start_redis(self.dir, self.redis_port)

@@ -59,6 +59,7 @@ import gevent.pool  # noqa: E402
 import gevent.queue  # noqa: E402
 import redis  # noqa: E402
 from common import (  # noqa: E402
+    Started,
     api_answers,
     free_port,
     machine_busy_seconds,
@@ -114,7 +115,7 @@ def discard(path: Path, args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- nginx
 
-class Nginx:
+class Nginx(Started):
     """nginx serving ``<workdir>/www`` on a free loopback port, stopped on exit."""
 
     def __init__(self, workdir: Path):
@@ -122,13 +123,6 @@ class Nginx:
         self.root = workdir / "www"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Self:
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__()
-            raise
 
     def _start(self) -> Self:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -213,7 +207,7 @@ def gdl_tool(layout: str, processors: int = 1) -> str:
     return f"gdl {layout}" + (f" x{processors}" if layout == "split" and processors != 1 else "")
 
 
-class Gdl:
+class Gdl(Started):
     """A redis-server (AOF on, on a unix socket) and gdl in one process or one per role, in a temp dir."""
 
     def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int, processors: int = 1):
@@ -228,13 +222,6 @@ class Gdl:
         self.rootdir = workdir / "files"
         self.redis: subprocess.Popen | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> Self:
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__()
-            raise
 
     def _start(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
