@@ -8,6 +8,14 @@ then starts an :class:`~gdl.pool.AggregationPool`; when the pool ends (idle,
 lease lost or shutdown) the lease is released and the aggregation looked at
 again.
 
+With several processor processes on one Redis, claims are fair: a
+processor whose pools hold more than its share of all processors' download
+slots leaves a new aggregation to one below its share, and claims it itself
+only if it is still unclaimed ``FAIR_SHARE_WAIT`` later (see claim.lua).
+Each processor registers itself at every fallback scan while its storage is
+healthy, so a processor that died or paused stops counting within
+``REGISTRATION_SCANS`` scans.
+
 The scanner wakes on a message for an aggregation it does not run (new work
 on an idle service starts within milliseconds), when the earliest future due
 time in the index comes, and every ``scan_interval`` as a fallback. At each
@@ -34,9 +42,16 @@ from gdl.filestorage import Storages
 from gdl.lease import Keeper
 from gdl.pool import AggregationPool
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, Store, now_ms
+from gdl.store import DOWNLOADS, OVER_SHARE, Store, now_ms
 
 log = logging.getLogger(__name__)
+
+# How long a processor over its share leaves a new aggregation to the others:
+# they hear of it by the same pub/sub message, so they claim it within
+# milliseconds if they are there to.
+FAIR_SHARE_WAIT = 0.25
+# A registration lasts this many fallback scans.
+REGISTRATION_SCANS = 3
 
 
 class Scanner:
@@ -53,6 +68,7 @@ class Scanner:
         self.group = gevent.pool.Group()
         self._event = gevent.event.Event()
         self._woken: set[str] = set()
+        self._deferred: dict[str, float] = {}  # aggr id -> monotonic time of the unconditional claim
         self._full_scan = True
         self.stopping = False
         keeper.on_lost = self._lease_lost
@@ -89,6 +105,10 @@ class Scanner:
                 self._full_scan = True
                 timeout = random.uniform(0.5, 1.5)
             self._event.wait(min(timeout, max(0.0, next_full - time.monotonic())))
+        try:
+            self.store.unregister_processor(self.keeper.owner)
+        except StoreUnavailable:
+            pass  # the registration lapses by itself
 
     def scan_once(self, now: int) -> float:
         """Claim what is due; returns how long to sleep before the next due work."""
@@ -99,18 +119,46 @@ class Scanner:
             if swept:
                 log.warning("scanner: put back %d job(s) whose process stopped renewing them", len(swept))
                 self._remove_partial_downloads(swept)
-        if self.healthy.is_set() and not self.stopping:
+        claiming = self.healthy.is_set() and not self.stopping
+        if full:
+            self._register(now, claiming)
+        if claiming:
             if full:
                 candidates = self.store.due_aggregations(now)
             else:
                 candidates = self.store.due_among(sorted(woken - self.pools.keys()), now) if woken else []
             for aggr_id in candidates:
-                if aggr_id not in self.pools:
-                    self._claim(aggr_id)
+                if aggr_id not in self.pools and aggr_id not in self._deferred:
+                    self._claim(aggr_id, now, fair=True)
+            self._claim_deferred(now)
+        timeout = self.cfg.processor.scan_interval
         next_due = self.store.next_aggregation_due()
         if next_due is not None and next_due > now:
-            return (next_due - now) / 1000
-        return self.cfg.processor.scan_interval
+            timeout = (next_due - now) / 1000
+        if self._deferred:
+            timeout = min(timeout, max(0.0, min(self._deferred.values()) - time.monotonic()))
+        return timeout
+
+    def _register(self, now: int, claiming: bool) -> None:
+        """Count this process in fair claims while it claims work, and not otherwise."""
+        if claiming:
+            until = now + int(REGISTRATION_SCANS * self.cfg.processor.scan_interval * 1000)
+            self.store.register_processor(self.keeper.owner, until=until, slots=self._slots())
+        else:
+            self.store.unregister_processor(self.keeper.owner)
+
+    def _slots(self) -> int:
+        return sum(pool.size for pool in self.pools.values())
+
+    def _claim_deferred(self, now: int) -> None:
+        """Claim, whatever the shares, what this process left to others that nobody took."""
+        clock = time.monotonic()
+        ripe = [aggr_id for aggr_id, at in self._deferred.items() if at <= clock]
+        for aggr_id in ripe:
+            del self._deferred[aggr_id]
+        for aggr_id in self.store.due_among(ripe, now) if ripe else []:
+            if aggr_id not in self.pools:
+                self._claim(aggr_id, now, fair=False)
 
     def _remove_partial_downloads(self, job_ids: list[str]) -> None:
         """Temp files a dead process left for jobs it held (named ``<job id>.*``).
@@ -126,9 +174,14 @@ class Scanner:
                 except OSError:
                     pass  # gone already, or on another machine's disk
 
-    def _claim(self, aggr_id: str) -> None:
-        claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms)
-        if claimed is None:  # another process runs it, or it has no record: nothing to run
+    def _claim(self, aggr_id: str, now: int, *, fair: bool) -> None:
+        claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self._slots(),
+                                   fair=fair)
+        if claimed is OVER_SHARE:
+            log.debug("aggr %s: left to a processor below its share for %.2fs", aggr_id, FAIR_SHARE_WAIT)
+            self._deferred[aggr_id] = time.monotonic() + FAIR_SHARE_WAIT
+            return
+        if not isinstance(claimed, tuple):  # another process runs it, or it has no record: nothing to run
             return
         limit, proxy = claimed
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,

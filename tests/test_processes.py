@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 
@@ -83,6 +84,7 @@ def test_sigterm_puts_in_flight_work_back_and_exits_0_within_10s(make_cfg, gdl_p
     assert {store.get_job(job_id).status.attempts for job_id in ids} == {0}
     assert store.redis.zcard(keys.INFLIGHT["downloads"]) == 0
     assert store.lease_holder("t1") is None and store.lease_holder("t2") is None
+    assert store.redis.zcard(keys.PROCESSORS) == 0  # no longer counted in fair claims
     assert sorted(store.due_aggregations(keys.now_ms())) == ["t1", "t2"]
     assert temp_files(cfg) == []
     assert "putting back 10 job(s) in flight" in proc.output()
@@ -100,6 +102,29 @@ def test_two_processors_together_never_pass_the_limit(make_cfg, gdl_process, run
         wait_until(lambda: states(store, ids) == {"succeeded": len(ids)}, timeout=40)
         assert all(server.peak[aggr] <= limit for aggr, limit in limits.items()), dict(server.peak)
         assert sum(server.total.values()) == len(ids)
+    finally:
+        server.stop()
+
+
+def test_a_processor_that_joins_gets_the_new_aggregations_until_shares_are_even(make_cfg, gdl_process,
+                                                                                run_service, store):
+    server = HoldServer(hold=30)
+    try:
+        cfg = make_cfg(processor=FAST)
+        api = run_service(("api",), cfg=cfg)
+        gdl_process(cfg, "processor", name="first.yaml")
+        enqueue_many(api, server, {f"old{i}": 2 for i in range(6)})
+        wait_until(lambda: sum(server.current.values()) == 12, timeout=15)
+        [first] = set(store.redis.hvals(keys.ACTIVE))
+        gdl_process(cfg, "processor", name="second.yaml")
+        wait_until(lambda: store.redis.zcard(keys.PROCESSORS) == 2, timeout=15)
+        # The first holds 12 slots: over its share of every one of these (12 > (12 + 8 + 2) / 2 at the last).
+        enqueue_many(api, server, {f"new{i}": 2 for i in range(5)})
+        wait_until(lambda: sum(server.current.values()) == 22, timeout=15)
+        owners = Counter(store.redis.hvals(keys.ACTIVE))
+        [second] = set(owners) - {first}
+        assert owners == {first: 6, second: 5}
+        assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {first: "12", second: "10"}
     finally:
         server.stop()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gevent
 import pytest
 
+from gdl import store as keys
 from gdl.diskcheck import DiskChecker
 from gdl.stats import ProcessorStats
 from tests.conftest import wait_until
@@ -213,5 +214,23 @@ def test_a_changed_limit_takes_effect_on_a_busy_aggregation(run_service):
         for job_id in first + later:
             assert finished(running, job_id)["state"] == "succeeded"
         assert server.peak["g"] == 5
+    finally:
+        server.stop()
+
+
+def test_work_left_to_a_processor_that_does_not_take_it_is_claimed_anyway(run_service, store, caplog):
+    store.register_processor("ghost", until=keys.now_ms() + 600_000, slots=0)  # registered, never claims
+    server = HoldServer(hold=3)
+    try:
+        running = run_service(ROLES)
+        with caplog.at_level("DEBUG", logger="gdl.scanner"):
+            for aggr in ("f1", "f2", "f3"):
+                for n in range(4):
+                    enqueue(running, server.url(f"/hold/{aggr}/{n}"), aggr=aggr, limit=4)
+                wait_until(lambda a=aggr: server.current[a] == 4)
+        # The third was over this process's share (8 > (8 + 0 + 4) / 2), left to the ghost, then claimed.
+        assert [r.getMessage() for r in caplog.records if "share" in r.getMessage()] == \
+            ["aggr f3: left to a processor below its share for 0.25s"]
+        assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {running.service.token: "12", "ghost": "0"}
     finally:
         server.stop()

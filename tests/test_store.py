@@ -150,6 +150,44 @@ def test_claim_takes_the_lease_reads_the_settings_and_marks_the_pool_active(stor
     assert store.redis.exists(keys.aggr_key("shop")) == 1  # a job still queued: the record stays
 
 
+def test_a_fair_claim_leaves_an_aggregation_to_a_processor_below_its_share(store):
+    for aggr in ("a", "b", "c"):
+        store.enqueue(make_job(aggr, aggr_limit=4), now=NOW)
+    store.register_processor(OWNER, until=NOW + 10_000, slots=8)
+    store.register_processor(OTHER, until=NOW + 10_000, slots=0)
+    # Shares count this aggregation in: OWNER holds 8 of (8 + 0 + 4) slots, over its half of 6.
+    assert store.claim("a", OWNER, 60_000, now=NOW, slots=8, fair=True) is keys.OVER_SHARE
+    assert store.lease_holder("a") is None and store.redis.hget(keys.ACTIVE, "a") is None
+    assert store.claim("a", OTHER, 60_000, now=NOW, slots=0, fair=True) == (4, "")
+    assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OWNER: "8", OTHER: "4"}
+    # Holding 6 of (6 + 4 + 4), OWNER is within its share of 7 and claims.
+    assert store.claim("b", OWNER, 60_000, now=NOW, slots=6, fair=True) == (4, "")
+    assert store.redis.hget(keys.PROCESSOR_SLOTS, OWNER) == "10"
+    # 10 of (10 + 4 + 4) is over 9; the unconditional claim (for what nobody else took) ignores shares.
+    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=True) is keys.OVER_SHARE
+    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=False) == (4, "")
+    assert store.lease_holder("c") == OWNER
+
+
+def test_a_lapsed_registration_no_longer_counts_in_fair_claims(store):
+    store.enqueue(make_job("a", aggr_limit=4), now=NOW)
+    store.register_processor(OWNER, until=NOW + 10_000, slots=8)
+    store.register_processor(OTHER, until=NOW + 1_000, slots=0)  # it stopped scanning: lapses at NOW + 1 s
+    assert store.claim("a", OWNER, 60_000, now=NOW + 2_000, slots=8, fair=True) == (4, "")
+    assert store.redis.zrange(keys.PROCESSORS, 0, -1) == [OWNER]
+    assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OWNER: "12"}
+    store.unregister_processor(OWNER)
+    assert store.redis.exists(keys.PROCESSORS, keys.PROCESSOR_SLOTS) == 0
+
+
+def test_an_unregistered_claimer_is_not_held_to_shares_and_not_counted(store):
+    store.enqueue(make_job("a", aggr_limit=4), now=NOW)
+    store.register_processor(OTHER, until=NOW + 10_000, slots=0)
+    store.register_processor("third", until=NOW + 10_000, slots=0)
+    assert store.claim("a", OWNER, 60_000, now=NOW, slots=100, fair=True) == (4, "")
+    assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OTHER: "0", "third": "0"}
+
+
 def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store):
     job = store.enqueue(make_job(), now=NOW)
     assert store.claim("shop", OWNER, 60_000) == (3, "")

@@ -21,6 +21,10 @@ Layout (``gdl:`` prefix)::
     lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner
                                                                        keeper (renew),
                                                                        pool (release)
+    processors                 zset    processor token -> registered   scanner (full scan,  scanner
+                                       until ms (fair claims)          stop), claim.lua     (claim.lua)
+    processor_slots            hash    processor token -> download     scanner (same),      scanner
+                                       slots its pools hold            claim.lua            (claim.lua)
     inflight                   zset    job id -> deadline ms           take/settle, keeper  sweep
     callbacks                  zset    job id -> due ms                settle, api (retry)  notifier
     callbacks:inflight         zset    job id -> deadline ms           notifier, keeper     sweep
@@ -49,7 +53,7 @@ move between them is one script, so a crash at any instant loses nothing:
 anything left in an in-flight set past its deadline is put back by the sweep.
 """
 
-from gdl.store.core import Health, JobStore, Taken, now_ms
+from gdl.store.core import OVER_SHARE, Health, JobStore, Taken, now_ms
 from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
 from gdl.store.operator import OperatorView
@@ -59,4 +63,4 @@ class Store(OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["Health", "JobStore", "Store", "Taken", "now_ms", *_layout_names]
+__all__ = ["OVER_SHARE", "Health", "JobStore", "Store", "Taken", "now_ms", *_layout_names]

@@ -34,6 +34,8 @@ from gdl.store.layout import (
     HEARTBEATS,
     INFLIGHT,
     LOG_SUFFIX,
+    PROCESSOR_SLOTS,
+    PROCESSORS,
     STATE_FIELD,
     WAKE_AGGR,
     WAKE_CALLBACKS,
@@ -107,6 +109,10 @@ def _translated(fn: F) -> F:
             self.health.answered()
         return result
     return wrapper  # type: ignore[return-value]
+
+
+# What a fair claim returns when the caller is over its share (Store.claim).
+OVER_SHARE = "over share"
 
 
 def now_ms() -> int:
@@ -274,13 +280,37 @@ class JobStore:
         return int(head[0][1]) if head else None
 
     @_translated
-    def claim(self, aggr_id: str, owner: str, ttl_ms: int) -> tuple[int, str] | None:
+    def claim(self, aggr_id: str, owner: str, ttl_ms: int, *, now: int = 0, slots: int = 0,
+              fair: bool = False) -> tuple[int, str] | str | None:
         """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
-        or None when another process holds the lease or the aggregation has no record."""
-        reply = self._run_batched("claim", [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE], [owner, ttl_ms, aggr_id])
+        or None when a process holds the lease or the aggregation has no record.
+
+        ``slots`` is what the caller's pools hold already. A ``fair`` claim by a
+        registered processor (:meth:`register_processor`) returns
+        :data:`OVER_SHARE` instead of claiming when that is more than its share
+        of all registered processors' slots (see claim.lua)."""
+        keys = [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE, PROCESSORS, PROCESSOR_SLOTS]
+        reply = self._run_batched("claim", keys, [owner, ttl_ms, aggr_id, now, slots, int(fair)])
+        if reply == -2:
+            return OVER_SHARE
         if not isinstance(reply, list):
             return None
         return int(reply[0]), reply[1]
+
+    @_translated
+    def register_processor(self, owner: str, *, until: int, slots: int) -> None:
+        """Count this processor in fair claims until ``until`` (ms), holding ``slots``."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(PROCESSORS, {owner: until})
+            pipe.hset(PROCESSOR_SLOTS, owner, slots)
+            pipe.execute()
+
+    @_translated
+    def unregister_processor(self, owner: str) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(PROCESSORS, owner)
+            pipe.hdel(PROCESSOR_SLOTS, owner)
+            pipe.execute()
 
     @_translated
     def lease_holder(self, aggr_id: str) -> str | None:

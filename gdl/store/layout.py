@@ -36,6 +36,12 @@ def lease_key(aggr_id: str) -> str:
     return f"{PREFIX}lease:{aggr_id}"
 
 
+# Fair shares between processor processes (claim.lua): who is running, and
+# how many download slots each one's pools hold.
+PROCESSORS = PREFIX + "processors"
+PROCESSOR_SLOTS = PREFIX + "processor_slots"
+
+
 DUE_INDEX = PREFIX + "due"
 INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
 CALLBACK_QUEUE = PREFIX + "callbacks"
@@ -82,5 +88,7 @@ __all__ = [
     "aggr_key",
     "queue_key",
     "lease_key",
+    "PROCESSORS",
+    "PROCESSOR_SLOTS",
     "tput_key",
 ]
