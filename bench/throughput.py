@@ -6,7 +6,8 @@ mode runs it), gdl as real processes (``python -m gdl.cli``), and, in this
 gevent-patched process, the callback receiver and a slow origin. Then:
 
 1. small files: N x 16 KiB end to end (enqueue, download, store, callback),
-   next to ``aria2c -j 16`` and a plain ``requests`` loop (16 threads) on the
+   next to ``aria2c -j 16``, a plain ``requests`` loop (16 threads) and, when
+   pycurl is installed, libcurl driven by a gevent hub (16 at once) on the
    same URLs: jobs/s, CPU ms per job, peak RSS of each gdl process;
 2. big files: a few large files, next to curl (+ fsync) and aria2c: MB/s,
    and the peak RSS of gdl's processes;
@@ -35,6 +36,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -784,7 +786,7 @@ class Row:
 
 @dataclass
 class Report:
-    small_refs: list[Row] = field(default_factory=list)  # aria2c, the requests loop
+    small_refs: list[Row] = field(default_factory=list)  # aria2c, the requests loop, the libcurl loop
     small: list[Row] = field(default_factory=list)  # gdl, one row per layout
     small_jobs: int = 0
     many: Row | None = None
@@ -851,34 +853,49 @@ def small_aria2c(args: argparse.Namespace, nginx: Nginx, names: list[str], workd
     return row
 
 
-def run_requests_loop(urls: list[str], outdir: Path, threads: int) -> tuple[float, float, int]:
-    """bench/requests_loop.py on ``urls`` into ``outdir``; returns (its wall seconds, CPU seconds, peak RSS KiB)."""
+def run_loop(script: str, urls: list[str], outdir: Path, *options: str) -> tuple[float, float, int]:
+    """A reference loop (``bench/<script>``, which prints requests_loop.py's JSON) on ``urls`` into ``outdir``;
+    returns (its wall seconds, CPU seconds, peak RSS KiB)."""
     outdir.mkdir(parents=True, exist_ok=True)
     listing = outdir.parent / f"{outdir.name}.urls"
     listing.write_text("".join(u + "\n" for u in urls))
-    args = [sys.executable, str(BENCH_DIR / "requests_loop.py"), "--urls", str(listing), "--out", str(outdir),
-            "--threads", str(threads)]
+    args = [sys.executable, str(BENCH_DIR / script), "--urls", str(listing), "--out", str(outdir), *options]
     cpu = children_cpu()
     done = subprocess.run(args, capture_output=True, timeout=3600)
     cpu = children_cpu() - cpu
     if done.returncode != 0:
-        raise SystemExit(f"bench: requests_loop.py exited with {done.returncode}: {done.stderr[-2000:]!r}")
+        raise SystemExit(f"bench: {script} exited with {done.returncode}: {done.stderr[-2000:]!r}")
     result = json.loads(done.stdout)
     return result["seconds"], cpu, result["max_rss_kib"]
 
 
-def small_requests(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row:
-    outdir = workdir / "requests-small"
-    log.info("small files: requests loop, %d threads, on %d URLs", args.requests_threads, len(names))
+def small_loop(nginx: Nginx, names: list[str], workdir: Path, *, key: str, name: str, script: str,
+               options: list[str]) -> Row:
+    outdir = workdir / f"{key}-small"
+    log.info("small files: %s, on %d URLs", name, len(names))
     nginx_cpu, machine_cpu, bench_cpu = nginx.cpu(), machine_busy_seconds(), time.process_time()
-    seconds, cpu, rss = run_requests_loop([nginx.url(n) for n in names], outdir, args.requests_threads)
-    row = Row(f"requests loop, {args.requests_threads} threads", seconds, len(names), cpu,
-              server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-              machine_cpu=machine_busy_seconds() - machine_cpu, note="seconds: its own, after imports",
-              key="requests_loop", peak_rss={"requests_loop": rss})
-    check_dir(outdir, len(names), SMALL_BYTES, "requests loop small files")
+    seconds, cpu, rss = run_loop(script, [nginx.url(n) for n in names], outdir, *options)
+    row = Row(name, seconds, len(names), cpu, server_cpu=nginx.cpu() - nginx_cpu,
+              bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu,
+              note="seconds: its own, after imports", key=key, peak_rss={key: rss})
+    check_dir(outdir, len(names), SMALL_BYTES, f"{name} small files")
     shutil.rmtree(outdir)
     return row
+
+
+def small_requests(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row:
+    return small_loop(nginx, names, workdir, key="requests_loop",
+                      name=f"requests loop, {args.requests_threads} threads", script="requests_loop.py",
+                      options=["--threads", str(args.requests_threads)])
+
+
+def small_curl(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row | None:
+    """The libcurl-on-a-gevent-hub loop, when pycurl is installed (the measure of a proposed replacement)."""
+    if importlib.util.find_spec("pycurl") is None:
+        log.warning("small files: no libcurl reference (pip install pycurl to measure it)")
+        return None
+    return small_loop(nginx, names, workdir, key="curl_loop", name=f"libcurl on a gevent hub, {args.requests_threads} "
+                      "at once", script="curl_loop.py", options=["--parallel", str(args.requests_threads)])
 
 
 @dataclass
@@ -1812,6 +1829,9 @@ def main(argv: list[str] | None = None) -> int:
                 report.small_jobs = len(mine)
                 report.small_refs.append(small_aria2c(args, nginx, mine, workdir))
                 report.small_refs.append(small_requests(args, nginx, mine, workdir))
+                curl = small_curl(args, nginx, mine, workdir)
+                if curl is not None:
+                    report.small_refs.append(curl)
                 for layout in args.small_layouts:
                     report.small.append(small_gdl(args, layout, nginx, mine, workdir, receiver, args.processors))
             if "big" in args.workloads:
