@@ -22,15 +22,12 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
+import loops  # noqa: E402
 import pycurl  # noqa: E402
 from gevent.event import AsyncResult  # noqa: E402
 
@@ -99,13 +96,7 @@ class HubMulti:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--urls", type=Path, required=True, help="a file with one URL a line")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the files (created)")
-    parser.add_argument("--parallel", type=int, default=16)
-    args = parser.parse_args(argv)
-    urls = [line.strip() for line in args.urls.read_text().splitlines() if line.strip()]
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, urls = loops.parse(__doc__, "parallel", argv)
     multi = HubMulti()
     handles = []  # one per greenlet, reused: libcurl keeps their connections alive
     for _ in range(args.parallel):
@@ -137,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for index, url in enumerate(urls):
         pool.spawn(fetch, index, url)
     pool.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        print(f"curl_loop: {len(errors)} download(s) failed, first: {errors[0]}", file=sys.stderr)
-        return 1
-    print(json.dumps({"seconds": seconds, "files": len(urls), "bytes": total,
-                      "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-    return 0
+    return loops.report("curl_loop", time.perf_counter() - started, len(urls), total, errors)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ after the imports and before the exit), ``files``, ``bytes`` and
 to the caller (``getrusage(RUSAGE_CHILDREN)`` once it waited for it).
 """
 
-import argparse
-import json
 import queue
-import resource
 import sys
 import threading
 import time
 from pathlib import Path
 
+import loops
 import requests
 
 CHUNK = 64 * 1024
@@ -51,13 +49,7 @@ def worker(todo: queue.SimpleQueue, outdir: Path, done: list[int], errors: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--urls", type=Path, required=True, help="a file with one URL a line")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the files (created)")
-    parser.add_argument("--threads", type=int, default=16)
-    args = parser.parse_args(argv)
-    urls = [line.strip() for line in args.urls.read_text().splitlines() if line.strip()]
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, urls = loops.parse(__doc__, "threads", argv)
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for item in enumerate(urls):
         todo.put(item)
@@ -70,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         thread.start()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        print(f"requests_loop: {len(errors)} download(s) failed, first: {errors[0]}", file=sys.stderr)
-        return 1
-    print(json.dumps({"seconds": seconds, "files": len(urls), "bytes": sum(done),
-                      "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-    return 0
+    return loops.report("requests_loop", time.perf_counter() - started, len(urls), sum(done), errors)
 
 
 if __name__ == "__main__":
