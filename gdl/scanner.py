@@ -65,6 +65,7 @@ class Scanner:
         self.healthy = healthy
         self.clock = clock
         self.pools: dict[str, AggregationPool] = {}
+        self.slots = 0  # the sizes of self.pools added up (fair claims), kept as pools start and end
         self.group = gevent.pool.Group()
         self._event = gevent.event.Event()
         self._woken: set[str] = set()
@@ -143,12 +144,9 @@ class Scanner:
         """Count this process in fair claims while it claims work, and not otherwise."""
         if claiming:
             until = now + int(REGISTRATION_SCANS * self.cfg.processor.scan_interval * 1000)
-            self.store.register_processor(self.keeper.owner, until=until, slots=self._slots())
+            self.store.register_processor(self.keeper.owner, until=until, slots=self.slots)
         else:
             self.store.unregister_processor(self.keeper.owner)
-
-    def _slots(self) -> int:
-        return sum(pool.size for pool in self.pools.values())
 
     def _claim_deferred(self, now: int) -> None:
         """Claim, whatever the shares, what this process left to others that nobody took."""
@@ -175,7 +173,7 @@ class Scanner:
                     pass  # gone already, or on another machine's disk
 
     def _claim(self, aggr_id: str, now: int, *, fair: bool) -> None:
-        claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self._slots(),
+        claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self.slots,
                                    fair=fair)
         if claimed is OVER_SHARE:
             log.debug("aggr %s: left to a processor below its share for %.2fs", aggr_id, FAIR_SHARE_WAIT)
@@ -188,6 +186,7 @@ class Scanner:
                                storages=self.storages, stats=self.stats, gate=self.healthy, clock=self.clock)
         self.keeper.leases.add(aggr_id)
         self.pools[aggr_id] = pool
+        self.slots += pool.size
         self.stats.incr("spawned")
         log.info("aggr %s: pool started (limit %d%s)", aggr_id, limit, ", proxy" if proxy else "")
         self.group.spawn(self._run_pool, aggr_id, pool)
@@ -205,6 +204,7 @@ class Scanner:
     def _pool_ended(self, aggr_id: str, pool: AggregationPool) -> None:
         if self.pools.get(aggr_id) is pool:
             del self.pools[aggr_id]
+            self.slots -= pool.size
         if aggr_id in self.keeper.leases:
             self.keeper.leases.discard(aggr_id)
             try:

@@ -232,5 +232,8 @@ def test_work_left_to_a_processor_that_does_not_take_it_is_claimed_anyway(run_se
         assert [r.getMessage() for r in caplog.records if "share" in r.getMessage()] == \
             ["aggr f3: left to a processor below its share for 0.25s"]
         assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {running.service.token: "12", "ghost": "0"}
+        # Once the pools end (downloads done, then idle), the next registration says so.
+        wait_until(lambda: store.redis.hget(keys.PROCESSOR_SLOTS, running.service.token) == "0", timeout=10)
+        assert running.service.scanner.slots == 0 and running.service.scanner.pools == {}
     finally:
         server.stop()
