@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import gevent
 
@@ -67,5 +67,26 @@ def sync_directory(directory: str) -> None:
 
 
 def mkstemp(directory: str, prefix: str) -> tuple[int, str]:
-    """A new temp file's descriptor and path (creating a file can wait on the disk)."""
-    return off_hub(tempfile.mkstemp, "", prefix, directory)
+    """A new temp file's descriptor and path (creating a file can wait on the disk).
+
+    A caller interrupted meanwhile (a shutdown kills downloads in flight)
+    never learns the path of the file the thread goes on to make: that file
+    is closed and removed as soon as it exists, or nothing would."""
+    result = gevent.get_hub().threadpool.spawn(tempfile.mkstemp, "", prefix, directory)
+    try:
+        return result.get()
+    except BaseException:
+        if not result.ready():
+            result.rawlink(_remove_made_file)
+        raise
+
+
+def _remove_made_file(result: Any) -> None:
+    if not result.successful():
+        return
+    fd, path = result.value
+    try:
+        os.close(fd)
+        os.unlink(path)
+    except OSError:
+        pass  # gone already

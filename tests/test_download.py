@@ -12,6 +12,7 @@ import gevent
 import pytest
 from gevent import monkey
 
+from gdl import diskio
 from gdl.download import Downloader, parse_retry_after
 from gdl.errors import (
     ConnectionFailed,
@@ -27,6 +28,7 @@ from gdl.errors import (
     TruncatedBody,
 )
 from gdl.job import Job, new_id
+from tests.conftest import wait_until
 from tests.httpserver import LoopbackServer
 from tests.samples import broken_png, fetched_body, image_bytes, tiny_pdf
 
@@ -246,6 +248,26 @@ def test_killed_download_removes_its_temp_file(server, make_downloader, storage_
     assert greenlet.dead
     assert isinstance(greenlet.value, gevent.GreenletExit)
     assert os.listdir(storage_dir) == []
+
+
+@needs_gevent
+def test_a_temp_file_made_after_its_download_was_killed_is_removed(storage_dir) -> None:
+    # The kill lands while the file is being made off the hub: here, while the
+    # request to make it waits behind a threadpool kept busy on purpose.
+    threads = gevent.get_hub().threadpool
+    sleep = monkey.get_original("time", "sleep")
+    busy = [threads.spawn(sleep, 0.3) for _ in range(threads.maxsize)]
+    making = gevent.spawn(diskio.mkstemp, storage_dir, "job.")
+    gevent.sleep(0.1)
+    making.kill(block=True, timeout=2)
+    assert isinstance(making.value, gevent.GreenletExit)
+    gevent.joinall(busy)
+    made = [threads.spawn(diskio.mkstemp, storage_dir, "later.") for _ in range(threads.maxsize)]
+    for result in made:  # first in, first out: the killed caller's file is made before these
+        fd, _ = result.get()
+        os.close(fd)
+    wait_until(lambda: sorted(name.split(".")[0] for name in os.listdir(storage_dir)) == ["later"] * threads.maxsize,
+               timeout=2)
 
 
 def test_connection_refused(downloader) -> None:
