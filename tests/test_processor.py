@@ -184,6 +184,8 @@ def test_a_full_disk_keeps_jobs_queued(run_service, files, store):
     assert running.get(f"/jobs/{job_id}").json()["state"] == "queued"
     assert files.count("/a") == 0
     assert wait_until(lambda: running.get("/stats/processor").json().get("disk_paused")) == 1
+    # Paused, it no longer counts in other processors' fair shares (see the scanner).
+    wait_until(lambda: store.redis.zscore(keys.PROCESSORS, running.service.token) is None, timeout=5)
 
 
 def test_reaper_deletes_a_due_file(run_service, tmp_path, store):
