@@ -300,7 +300,9 @@ def _http_url(body: dict, name: str, *, required: bool = False) -> str:
 
 
 def check_http_url(name: str, value: str) -> None:
-    if any(c.isspace() or not c.isprintable() for c in value):
+    # The same test as "any character is whitespace or unprintable" (checked
+    # over every code point): the only printable whitespace is the ASCII space.
+    if not value.isprintable() or " " in value:
         raise ValidationError(name, "must not contain whitespace or control characters")
     try:
         parts = urlsplit(value)

@@ -78,6 +78,10 @@ INVALID = (
         ({"url": "example.com/a.png"}, "url"),
         ({"url": "http://example.com:99999/"}, "url"),
         ({"url": "http://example.com/\x00"}, "url"),
+        ({"url": "http://example.com/a\tb.png"}, "url"),
+        ({"url": "http://example.com/a\u00a0b.png"}, "url"),  # no-break space
+        ({"url": "http://example.com/a\u3000b.png"}, "url"),  # ideographic space
+        ({"url": "http://example.com/a\u200bb.png"}, "url"),  # zero-width space (a format character)
         ({"url": "http://example.com/" + "a" * 8200}, "url"),
         ({"aggr_proxy": "ftp://proxy:21"}, "aggr_proxy"),
         ({"aggr_proxy": "not a proxy"}, "aggr_proxy"),
