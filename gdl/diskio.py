@@ -9,12 +9,14 @@ so only the calling greenlet waits.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 import gevent
+import gevent.threadpool
 
 T = TypeVar("T")
 
@@ -90,3 +92,59 @@ def _remove_made_file(result: Any) -> None:
         os.unlink(path)
     except OSError:
         pass  # gone already
+
+
+class Writeback:
+    """Starts the disk writing a big file's data while the file is still arriving.
+
+    The kernel would otherwise keep gigabytes dirty until the fsync at the
+    end of each download, which then waits for all of it (over a second for
+    256 MiB here). Every :data:`STEP` bytes, :meth:`written` asks one
+    background thread to call ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on
+    the range: it starts writeback and returns, but can block for tens of
+    milliseconds when the disk is busy, so neither the hub nor the shared
+    threadpool waits on it. A request is a hint: without ``sync_file_range``
+    (not Linux), or with :data:`MAX_QUEUED` requests queued, it is dropped.
+    The thread gets its own duplicate of the descriptor, so the file may
+    close meanwhile.
+    """
+
+    STEP = 8 << 20
+    MAX_QUEUED = 64
+    _WRITE = 2  # SYNC_FILE_RANGE_WRITE (linux/fs.h)
+
+    def __init__(self) -> None:
+        self._sync_file_range = _libc_function("sync_file_range")
+        self._thread: Any = None
+        self.queued = 0
+        self.requested = 0  # requests handed to the thread so far
+
+    def written(self, fd: int, start: int, length: int) -> None:
+        """``length`` bytes from ``start`` of ``fd`` are written: have them go to disk now."""
+        if self._sync_file_range is None or self.queued >= self.MAX_QUEUED:
+            return
+        if self._thread is None:
+            self._thread = gevent.threadpool.ThreadPool(1)
+        own = os.dup(fd)
+        self.queued += 1
+        self.requested += 1
+        self._thread.spawn(self._start, own, start, length).rawlink(self._done)
+
+    def _start(self, fd: int, start: int, length: int) -> None:
+        try:
+            self._sync_file_range(fd, ctypes.c_int64(start), ctypes.c_int64(length), self._WRITE)
+        finally:
+            os.close(fd)
+
+    def _done(self, _: Any) -> None:
+        self.queued -= 1
+
+
+def _libc_function(name: str) -> Any:
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError):
+        return None
+
+
+writeback = Writeback()

@@ -347,6 +347,7 @@ class _TempFile:
         self.path = ""
         self.file: BinaryIO | None = None
         self.size = 0
+        self.written_back = 0  # bytes whose writeback to disk was requested
 
     def write(self, chunk: bytes) -> None:
         if self.file is None and len(self.buffer) + len(chunk) <= self.in_memory:
@@ -363,6 +364,9 @@ class _TempFile:
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
         self.size += len(chunk)
+        if self.size - self.written_back >= diskio.Writeback.STEP:  # big files only: see diskio.Writeback
+            diskio.writeback.written(self.file.fileno(), self.written_back, self.size - self.written_back)
+            self.written_back = self.size
 
     def _create(self) -> BinaryIO:
         try:
