@@ -1,7 +1,8 @@
 """One HTTP download into a temp file.
 
-:class:`Downloader` is made once per aggregation pool (one keep-alive
-``requests.Session``, the aggregation's proxy). :meth:`Downloader.fetch` GETs a
+:class:`Downloader` holds one keep-alive ``requests.Session`` for one
+proxy (or none); :class:`Downloaders` shares it between every aggregation
+pool of a process that uses that proxy. :meth:`Downloader.fetch` GETs a
 job's URL and streams the body, exactly as served, into a temp file in
 ``storage_dir``, checking the job's mime patterns on the first bytes and
 reading the image size at the end. It returns a :class:`Fetched` or raises a
@@ -22,6 +23,7 @@ import http.cookiejar
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -80,7 +82,7 @@ class _Attempt:
 
 
 class Downloader:
-    """Downloads jobs of one aggregation through one keep-alive session.
+    """Downloads jobs through one keep-alive session, direct or through one proxy.
 
     With a ``guard``, every connection (the URL's host, each redirect hop's,
     the proxy's) is checked by it, and a target reached through the proxy is
@@ -89,14 +91,14 @@ class Downloader:
 
     def __init__(self, *, proxy: str, default_headers: dict[str, str], storage_dir: str, chunk_size: int,
                  max_bytes: int = 0, max_redirects: int = 10, guard: AddressGuard | None = None,
-                 pool_size: int = 10):
+                 pool_size: int = 10, hosts: int = 10):
         self.storage_dir = storage_dir
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.proxy = proxy
         self.guard = guard
-        self.session = _make_session(proxy, default_headers, guard, pool_size)
+        self.session = _make_session(proxy, default_headers, guard, pool_size, hosts)
 
     def close(self) -> None:
         self.session.close()
@@ -241,8 +243,43 @@ class Downloader:
         return found_mime
 
 
+class Downloaders:
+    """One :class:`Downloader` per proxy, shared by all of a process's aggregation pools.
+
+    Aggregations often fetch from the same hosts (a CDN, a platform that
+    hosts many shops). With a session each, every pool opened its own
+    connections and closed them when it ended; shared, a kept-alive
+    connection outlives the pool that opened it and serves the next
+    aggregation. ``make(proxy)`` builds a Downloader on first use; it is
+    closed when the last pool using it lets go. Each pool still runs at most
+    ``aggr_limit`` downloads: the limit is the pool's, not the session's.
+    """
+
+    def __init__(self, make: Callable[[str], Downloader]):
+        self._make = make
+        self._shared: dict[str, Downloader] = {}
+        self._users: dict[str, int] = {}
+
+    def acquire(self, proxy: str) -> Downloader:
+        if proxy not in self._shared:
+            self._shared[proxy] = self._make(proxy)
+            self._users[proxy] = 0
+        self._users[proxy] += 1
+        return self._shared[proxy]
+
+    def release(self, downloader: Downloader) -> None:
+        proxy = downloader.proxy
+        self._users[proxy] -= 1
+        if not self._users[proxy]:
+            del self._users[proxy]
+            self._shared.pop(proxy).close()
+
+    def __len__(self) -> int:
+        return len(self._shared)
+
+
 def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGuard | None,
-                  pool_size: int) -> HopSession:
+                  pool_size: int, hosts: int) -> HopSession:
     session = HopSession()
     # Only the configured headers: no requests defaults (Accept-Encoding: gzip
     # would ask for bytes other than the resource's). SKIP_HEADER keeps
@@ -250,7 +287,7 @@ def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGua
     headers = CaseInsensitiveDict(default_headers)
     headers.setdefault("Accept-Encoding", SKIP_HEADER)
     session.headers = headers  # type: ignore[assignment]  # a SKIP_HEADER value is not a str
-    mount_adapters(session, guard, pool_size=pool_size)
+    mount_adapters(session, guard, pool_size=pool_size, hosts=hosts)
     if proxy:
         session.proxies = {"http": proxy, "https": proxy}
     # The environment must not pick proxies or send .netrc credentials to the

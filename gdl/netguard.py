@@ -204,9 +204,9 @@ class AddressGuard:
         assert error is not None
         raise error
 
-    def mount(self, session: requests.Session, *, pool_size: int = 10) -> None:
+    def mount(self, session: requests.Session, *, pool_size: int = 10, hosts: int = 10) -> None:
         """Route ``session``'s http and https requests through guarded connections."""
-        adapter = GuardedAdapter(self, pool_maxsize=pool_size)
+        adapter = GuardedAdapter(self, pool_maxsize=pool_size, pool_connections=hosts)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
 
@@ -389,13 +389,14 @@ def discard_body(response: requests.Response, limit: int = DISCARD_LIMIT) -> Non
         response.close()
 
 
-def mount_adapters(session: requests.Session, guard: AddressGuard | None, *, pool_size: int) -> None:
+def mount_adapters(session: requests.Session, guard: AddressGuard | None, *, pool_size: int,
+                   hosts: int = 10) -> None:
     """Keep up to ``pool_size`` idle connections per host (requests keeps 10:
-    a pool of 50 greenlets would otherwise reconnect for most requests),
-    through guarded connections when there is a guard."""
+    a pool of 50 greenlets would otherwise reconnect for most requests) for
+    up to ``hosts`` hosts, through guarded connections when there is a guard."""
     if guard is not None:
-        guard.mount(session, pool_size=pool_size)
+        guard.mount(session, pool_size=pool_size, hosts=hosts)
         return
-    adapter = KeepAliveAdapter(pool_maxsize=pool_size)
+    adapter = KeepAliveAdapter(pool_maxsize=pool_size, pool_connections=hosts)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -7,9 +7,10 @@ one greenlet per job, and sleep on a wake event until the next job is due.
 It never runs more greenlets than its size.
 
 :class:`AggregationPool` is one aggregation: its size is the aggregation's
-``aggr_limit``, it owns the aggregation's lease (claimed by the scanner) and
-one :class:`~gdl.download.Downloader` (one HTTP session, the aggregation's
-proxy), and it ends after ``processor.pool_idle_timeout`` without work.
+``aggr_limit``, it owns the aggregation's lease (claimed by the scanner),
+it downloads through the process's shared :class:`~gdl.download.Downloader`
+for the aggregation's proxy (kept-alive connections outlive a pool), and it
+ends after ``processor.pool_idle_timeout`` without work.
 Each greenlet downloads one job, stores the file and settles the outcome.
 """
 
@@ -28,7 +29,7 @@ import gevent.pool
 from gdl import sentry
 from gdl.backoff import Backoff
 from gdl.config import Config
-from gdl.download import Downloader, Fetched
+from gdl.download import Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
 from gdl.filestorage import Storages
 from gdl.job import Job
@@ -170,8 +171,8 @@ class AggregationPool(TakingPool):
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storages: Storages, stats: ProcessorStats, gate: gevent.event.Event | None,
-                 clock: Callable[[], int]):
+                 storages: Storages, downloaders: Downloaders, stats: ProcessorStats,
+                 gate: gevent.event.Event | None, clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
         self.aggr_id = aggr_id
@@ -180,18 +181,14 @@ class AggregationPool(TakingPool):
         self.deletion_interval = cfg.notifier.deletion_interval
         self.storages = storages
         self.stats = stats
-        self.downloader = Downloader(
-            proxy=proxy, default_headers=cfg.processor.request_headers, storage_dir=cfg.processor.storage_dir,
-            chunk_size=cfg.processor.chunk_size, max_bytes=cfg.security.max_download_bytes,
-            max_redirects=cfg.security.max_redirects, guard=AddressGuard.from_config(cfg.security),
-            pool_size=limit,
-        )
+        self.downloaders = downloaders
+        self.downloader = downloaders.acquire(proxy)
 
     def run(self) -> None:
         try:
             super().run()
         finally:
-            self.downloader.close()
+            self.downloaders.release(self.downloader)
 
     def take(self, now: int, count: int) -> Taken:
         return self.store.take_downloads(self.aggr_id, self.keeper.owner, now=now, count=count,
@@ -284,6 +281,26 @@ class AggregationPool(TakingPool):
             self.store.retry_download(job, self.keeper.owner, due=now, now=now, log_entry=None)
         except StoreUnavailable as exc:
             self.log.warning("job %s: left to the sweep, redis unavailable: %s", job.id, exc)
+
+
+# A process's pools share one session per proxy (Downloaders), so it keeps
+# idle connections for as many downloads as all of them run at once, and
+# pools for as many hosts as they fetch from.
+SHARED_CONNECTIONS_PER_HOST = 1024
+SHARED_HOSTS = 1024
+
+
+def shared_downloaders(cfg: Config) -> Downloaders:
+    """The :class:`~gdl.download.Downloaders` of a processor with this configuration."""
+    guard = AddressGuard.from_config(cfg.security)
+
+    def make(proxy: str) -> Downloader:
+        return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
+                          storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
+                          max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
+                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS)
+
+    return Downloaders(make)
 
 
 def _log_entry(outcome: str, now: int, attempt: int, started: float, **extra: Any) -> dict:

@@ -40,7 +40,7 @@ from gdl.config import Config
 from gdl.errors import StoreUnavailable
 from gdl.filestorage import Storages
 from gdl.lease import Keeper
-from gdl.pool import AggregationPool
+from gdl.pool import AggregationPool, shared_downloaders
 from gdl.stats import ProcessorStats
 from gdl.store import DOWNLOADS, OVER_SHARE, Store, now_ms
 
@@ -61,6 +61,7 @@ class Scanner:
         self.cfg = cfg
         self.keeper = keeper
         self.storages = storages
+        self.downloaders = shared_downloaders(cfg)
         self.stats = stats
         self.healthy = healthy
         self.clock = clock
@@ -183,7 +184,8 @@ class Scanner:
             return
         limit, proxy = claimed
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
-                               storages=self.storages, stats=self.stats, gate=self.healthy, clock=self.clock)
+                               storages=self.storages, downloaders=self.downloaders, stats=self.stats,
+                               gate=self.healthy, clock=self.clock)
         self.keeper.leases.add(aggr_id)
         self.pools[aggr_id] = pool
         self.slots += pool.size

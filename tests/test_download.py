@@ -13,7 +13,7 @@ import pytest
 from gevent import monkey
 
 from gdl import diskio
-from gdl.download import Downloader, parse_retry_after
+from gdl.download import Downloader, Downloaders, parse_retry_after
 from gdl.errors import (
     ConnectionFailed,
     DownloadTimeout,
@@ -171,6 +171,25 @@ def test_a_big_body_is_handed_to_disk_writeback_as_it_arrives(server, downloader
     wait_until(lambda: diskio.writeback.queued == 0, timeout=10)
     assert len(os.listdir("/proc/self/fd")) == fds_before  # the thread closed its duplicates
     assert fetched_body(fetched) == body
+
+
+def test_downloaders_share_one_per_proxy_until_its_last_user_lets_go(make_downloader) -> None:
+    made: list[Downloader] = []
+
+    def make(proxy: str) -> Downloader:
+        made.append(make_downloader(proxy=proxy))
+        return made[-1]
+
+    shared = Downloaders(make)
+    first, second = shared.acquire(""), shared.acquire("")
+    proxied = shared.acquire("http://proxy.example:3128")
+    assert first is second and proxied is not first and len(made) == 2
+    shared.release(first)
+    assert shared.acquire("") is second  # still used: kept
+    shared.release(second)
+    shared.release(second)
+    assert len(shared) == 1  # the proxied one
+    assert shared.acquire("") is not first and len(made) == 3  # made anew after its last user let go
 
 
 # ---------------------------------------------------------------------------- status codes

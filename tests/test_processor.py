@@ -133,6 +133,18 @@ def test_image_size_ignores_a_pdf(run_service, files):
     assert (record["state"], record["image_size"], record["mime"]) == ("succeeded", "", "application/pdf")
 
 
+def test_a_kept_connection_serves_the_next_aggregation(run_service, files):
+    files.add("/one", b"first")
+    files.add("/two", b"second")
+    running = run_service(ROLES)
+    assert finished(running, enqueue(running, files.url("/one"), aggr="shop-a"))["state"] == "succeeded"
+    assert finished(running, enqueue(running, files.url("/two"), aggr="shop-b"))["state"] == "succeeded"
+    [one], [two] = files.requests_for("/one"), files.requests_for("/two")
+    assert one.client_port == two.client_port  # one session for the process, not one per aggregation
+    wait_until(lambda: running.service.scanner.pools == {})
+    assert len(running.service.scanner.downloaders) == 0  # closed with the last pool using it
+
+
 def test_request_headers_reach_the_server(run_service, files):
     files.add("/h", b"ok")
     running = run_service(ROLES, processor={"request_headers": {"User-Agent": "gdl-test", "X-Default": "d"}})
