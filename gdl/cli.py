@@ -16,6 +16,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 
 from gdl import __version__, commands, config, logs  # noqa: E402
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_service(cfg: config.Config, role: str | None) -> int:
     from gdl.service import ROLES, Service
 
+    raise_open_files_limit()
     service = Service(cfg, (role,) if role else ROLES)
     service.install_signal_handlers()
     try:
@@ -88,6 +90,27 @@ def run_service(cfg: config.Config, role: str | None) -> int:
     service.wait()
     service.shutdown()
     return 0
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one.
+
+    A service holds a socket per download, callback and API client, and a
+    processor keeps idle connections for every host its pools fetch from
+    (one session per proxy, shared by all pools); the usual soft limit of
+    1024 is soon short. The hard limit is the operator's (ulimit -Hn,
+    systemd's LimitNOFILE) and is left alone."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft == unlimited or (hard != unlimited and soft >= hard):
+        return
+    target = hard if hard != unlimited else max(soft, 65536)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files: cannot raise the limit from %d to %d: %s", soft, target, exc)
+        return
+    log.info("open files: limit raised from %d to %d", soft, target)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the contract promises, a clean SIGTERM, and the embedded Redis shared by two
 processes and stopped by the last one."""
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -132,6 +133,24 @@ def test_api_role_serves_then_exits_0_on_sigterm(tmp_path: Path, redis_server, g
     assert response.status_code == 201, response.text
     assert stop(proc) == 0, proc.output()
     assert heartbeat(port) == 0
+
+
+def test_the_service_lifts_its_open_files_limit_to_the_hard_one(tmp_path: Path, redis_server) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        hard = 4096  # the child may lower its hard limit, not raise it
+    port = free_port()
+    path = config_file(tmp_path, make_config(tmp_path, redis_server.url, api={"port": port}))
+    proc = subprocess.Popen([sys.executable, "-m", "gdl.cli", "--config", str(path), "api"], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        wait_until(lambda: heartbeat(port) == 200, timeout=15)
+        assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=15)
+    assert f"open files: limit raised from 256 to {hard}" in output
 
 
 # --------------------------------------------------------------------------- embedded Redis
