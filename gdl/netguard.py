@@ -204,12 +204,6 @@ class AddressGuard:
         assert error is not None
         raise error
 
-    def mount(self, session: requests.Session, *, pool_size: int = 10, hosts: int = 10) -> None:
-        """Route ``session``'s http and https requests through guarded connections."""
-        adapter = GuardedAdapter(self, pool_maxsize=pool_size, pool_connections=hosts)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-
     @property
     def pool_classes(self) -> dict[str, type]:
         """urllib3 pool classes by scheme whose connections call this guard."""
@@ -394,9 +388,9 @@ def mount_adapters(session: requests.Session, guard: AddressGuard | None, *, poo
     """Keep up to ``pool_size`` idle connections per host (requests keeps 10:
     a pool of 50 greenlets would otherwise reconnect for most requests) for
     up to ``hosts`` hosts, through guarded connections when there is a guard."""
-    if guard is not None:
-        guard.mount(session, pool_size=pool_size, hosts=hosts)
-        return
-    adapter = KeepAliveAdapter(pool_maxsize=pool_size, pool_connections=hosts)
+    if guard is None:
+        adapter = KeepAliveAdapter(pool_maxsize=pool_size, pool_connections=hosts)
+    else:
+        adapter = GuardedAdapter(guard, pool_maxsize=pool_size, pool_connections=hosts)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
