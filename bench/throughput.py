@@ -841,14 +841,24 @@ def check_dir(outdir: Path, count: int, size: int, what: str) -> None:
 
 
 def small_aria2c(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row:
-    outdir = workdir / "aria2c-small"
-    log.info("small files: aria2c -j %d on %d URLs", args.aria2c_jobs, len(names))
+    def run(urls: list[str], outdir: Path) -> tuple[float, float, int | None]:
+        return *run_aria2c(urls, outdir, args.aria2c_jobs), None
+
+    return small_reference(nginx, names, workdir, key="aria2c", name=f"aria2c -j {args.aria2c_jobs}", run=run)
+
+
+def small_reference(nginx: Nginx, names: list[str], workdir: Path, *, key: str, name: str,
+                    run: Callable[[list[str], Path], tuple[float, float, int | None]], note: str = "") -> Row:
+    """A reference tool on workload 1's URLs: ``run(urls, outdir)`` gives its (wall seconds, CPU seconds, peak
+    RSS KiB or None); the row adds what nginx, this process and the machine spent meanwhile."""
+    outdir = workdir / f"{key}-small"
+    log.info("small files: %s, on %d URLs", name, len(names))
     nginx_cpu, machine_cpu, bench_cpu = nginx.cpu(), machine_busy_seconds(), time.process_time()
-    seconds, cpu = run_aria2c([nginx.url(n) for n in names], outdir, args.aria2c_jobs)
-    row = Row(f"aria2c -j {args.aria2c_jobs}", seconds, len(names), cpu, server_cpu=nginx.cpu() - nginx_cpu,
+    seconds, cpu, rss = run([nginx.url(n) for n in names], outdir)
+    row = Row(name, seconds, len(names), cpu, server_cpu=nginx.cpu() - nginx_cpu,
               bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu,
-              key="aria2c")
-    check_dir(outdir, len(names), SMALL_BYTES, "aria2c small files")
+              note=note, key=key, peak_rss={key: rss} if rss is not None else {})
+    check_dir(outdir, len(names), SMALL_BYTES, f"{name} small files")
     shutil.rmtree(outdir)
     return row
 
@@ -871,16 +881,10 @@ def run_loop(script: str, urls: list[str], outdir: Path, *options: str) -> tuple
 
 def small_loop(nginx: Nginx, names: list[str], workdir: Path, *, key: str, name: str, script: str,
                options: list[str]) -> Row:
-    outdir = workdir / f"{key}-small"
-    log.info("small files: %s, on %d URLs", name, len(names))
-    nginx_cpu, machine_cpu, bench_cpu = nginx.cpu(), machine_busy_seconds(), time.process_time()
-    seconds, cpu, rss = run_loop(script, [nginx.url(n) for n in names], outdir, *options)
-    row = Row(name, seconds, len(names), cpu, server_cpu=nginx.cpu() - nginx_cpu,
-              bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu,
-              note="seconds: its own, after imports", key=key, peak_rss={key: rss})
-    check_dir(outdir, len(names), SMALL_BYTES, f"{name} small files")
-    shutil.rmtree(outdir)
-    return row
+    def run(urls: list[str], outdir: Path) -> tuple[float, float, int | None]:
+        return run_loop(script, urls, outdir, *options)
+
+    return small_reference(nginx, names, workdir, key=key, name=name, run=run, note="seconds: its own, after imports")
 
 
 def small_requests(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path) -> Row:
