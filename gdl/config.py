@@ -70,6 +70,8 @@ class ProcessorConfig:
     download_timeout: float = _key(300.0, "seconds for a whole download when the job gives none", min=0.01)
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"help": "disk health thresholds"})
     lease_ttl: float = _key(30.0, "seconds a lease or in-flight record outlives its process", min=1)
+    shutdown_grace: float = _key(8.0, "seconds in-flight downloads and callbacks get to finish at shutdown before "
+                                 "they are interrupted and put back (the exit comes within 10 s)", min=0, max=9)
     pool_idle_timeout: float = _key(10.0, "seconds an aggregation pool waits for work before it ends", min=0)
     stats_interval: float = _key(5.0, "seconds between stats reports to Redis", min=0.1)
     chunk_size: int = _key(64 * 1024, "bytes read from the network per chunk", min=1024)

@@ -36,7 +36,7 @@ from gdl.job import Job
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, Store, Taken
+from gdl.store import DOWNLOADS, Settled, Store, Taken
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class TakingPool:
         self.stopping = True
         self._wake.set()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the greenlets in flight to finish; True when none is left."""
+        return self.pool.join(timeout=timeout)
+
     def interrupt(self, timeout: float) -> None:
         """Kill greenlets in flight: each puts its job back as it dies."""
         self.pool.kill(block=True, timeout=timeout)
@@ -95,12 +99,14 @@ class TakingPool:
         idle_since: float | None = None
         backoff = Backoff()
         while not self.stopping:
-            if self.gate is not None and not self.gate.is_set():
+            if not self._gate_open():
                 self._wait_for_gate()
                 continue
             self.pool.wait_available()
-            if self.stopping:
-                break
+            # A pause (disk, shutdown, a lost lease) may have begun while we
+            # waited for a slot: it holds at the moment of taking.
+            if self.stopping or not self._gate_open():
+                continue
             now = self.clock()
             self._wake.clear()  # before taking, so a wake during the take is not lost
             try:
@@ -109,6 +115,10 @@ class TakingPool:
                 self._wake.wait(backoff.next())
                 continue
             backoff.reset()
+            if taken.lease_lost:
+                self.log.warning("lease no longer held by this process: taking nothing more")
+                self.stopping = True
+                break
             if taken.limit is not None and taken.limit != self.size:
                 self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
                               self.size, taken.limit)
@@ -128,9 +138,15 @@ class TakingPool:
             self._wake.wait(self._sleep_for(now, taken.next_due, idle_since))
         self.pool.join()
 
+    def _gate_open(self) -> bool:
+        return self.gate is None or self.gate.is_set()
+
     def _wait_for_gate(self) -> None:
-        while not self.stopping and self.gate is not None and not self.gate.wait(timeout=MAX_WAIT):
-            pass
+        """Until the gate opens or :meth:`stop` (which sets the wake event) is called."""
+        if self.gate is not None:
+            self._wake.clear()
+            if not self.stopping:
+                gevent.wait([self.gate, self._wake], count=1, timeout=MAX_WAIT)
 
     def _idle_for_too_long(self, idle_since: float | None) -> bool:
         return (self.idle_timeout is not None and idle_since is not None
@@ -150,13 +166,14 @@ class TakingPool:
         finally:
             self.keeper.drop(self.kind, job.id)
 
-    def settle(self, what: str, job: Job, write: Callable[[], bool]) -> None:
+    def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
         """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
         backoff = Backoff()
         while True:
             try:
-                if not write():
-                    self.log.warning("job %s: %s not recorded, the job is no longer ours", job.id, what)
+                settled = write()
+                if not settled:
+                    self.log.warning("job %s: %s not recorded, %s", job.id, what, settled.value)
                 return
             except StoreUnavailable:
                 if self.stopping:
@@ -183,6 +200,7 @@ class AggregationPool(TakingPool):
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
+        self._downloading: set[gevent.Greenlet] = set()
 
     def run(self) -> None:
         try:
@@ -191,14 +209,27 @@ class AggregationPool(TakingPool):
             self.downloaders.release(self.downloader)
 
     def take(self, now: int, count: int) -> Taken:
-        return self.store.take_downloads(self.aggr_id, self.keeper.owner, now=now, count=count,
-                                         deadline=self.keeper.deadline(now))
+        sent = self.keeper.monotonic()
+        taken = self.store.take_downloads(self.aggr_id, self.keeper.owner, now=now, count=count,
+                                          deadline=self.keeper.deadline(now), lease_ttl_ms=self.keeper.ttl_ms)
+        if not taken.lease_lost:
+            self.keeper.confirm(self.aggr_id, sent)
+        return taken
+
+    def fence(self) -> None:
+        """Interrupt the downloads in flight (their connections close; each job is
+        put back if Redis answers, else left to the sweep): the lease may pass to
+        another process, which must find the origin free of ours."""
+        downloading = list(self._downloading)
+        if downloading:
+            self.log.warning("interrupting %d download(s) in flight", len(downloading))
+            gevent.killall(downloading, block=False)
 
     def handle(self, job: Job) -> None:
         started = time.monotonic()
         self.stats.worker_started()
         try:
-            fetched = self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+            fetched = self._fetch(job)
             self._store(fetched, job)
         except DownloadError as err:
             self._failed(job, err, started)
@@ -214,6 +245,15 @@ class AggregationPool(TakingPool):
         finally:
             self.stats.worker_finished()
 
+    def _fetch(self, job: Job) -> Fetched:
+        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
+        current = gevent.getcurrent()
+        self._downloading.add(current)
+        try:
+            return self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+        finally:
+            self._downloading.discard(current)
+
     def _store(self, fetched: Fetched, job: Job) -> None:
         storage = self.storages.for_job(job)
         if fetched.body is not None:
@@ -228,8 +268,8 @@ class AggregationPool(TakingPool):
     def _succeeded(self, job: Job, fetched: Fetched, started: float) -> None:
         now = self.clock()
         attempts = job.status.attempts + 1
-        self.log.info("job %s: stored %d bytes (%s) in %.0f ms", job.id, fetched.size, fetched.mime,
-                      (time.monotonic() - started) * 1000)
+        self.log.info("job %s: stored %d bytes%s in %.0f ms", job.id, fetched.size,
+                      f" ({fetched.mime})" if fetched.mime else "", (time.monotonic() - started) * 1000)
         self.stats.download_finished("succeeded", fetched.response_code, fetched.size, time.monotonic() - started)
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
@@ -274,13 +314,17 @@ class AggregationPool(TakingPool):
         return now + int(self.deletion_interval * 60_000)
 
     def _put_back(self, job: Job) -> None:
-        """Interrupted by shutdown: due now again, no attempt counted."""
+        """Interrupted (shutdown, or a lease that may lapse): due now again, no attempt counted."""
         now = self.clock()
-        self.log.info("job %s: interrupted, put back in the queue", job.id)
         try:
-            self.store.retry_download(job, self.keeper.owner, due=now, now=now, log_entry=None)
+            settled = self.store.retry_download(job, self.keeper.owner, due=now, now=now, log_entry=None)
         except StoreUnavailable as exc:
-            self.log.warning("job %s: left to the sweep, redis unavailable: %s", job.id, exc)
+            self.log.warning("job %s: interrupted, left to the sweep, redis unavailable: %s", job.id, exc)
+            return
+        if settled:
+            self.log.info("job %s: interrupted, put back in the queue", job.id)
+        else:
+            self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
 
 
 # A process's pools share one session per proxy (Downloaders), so it keeps

@@ -74,6 +74,7 @@ class Scanner:
         self._full_scan = True
         self.stopping = False
         keeper.on_lost = self._lease_lost
+        keeper.on_unconfirmed = self._lease_unconfirmed
         stats.gauge("pools", lambda: len(self.pools))
 
     # ------------------------------------------------------------------ wake-ups
@@ -174,6 +175,7 @@ class Scanner:
                     pass  # gone already, or on another machine's disk
 
     def _claim(self, aggr_id: str, now: int, *, fair: bool) -> None:
+        sent = self.keeper.monotonic()
         claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self.slots,
                                    fair=fair)
         if claimed is OVER_SHARE:
@@ -186,7 +188,7 @@ class Scanner:
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
                                storages=self.storages, downloaders=self.downloaders, stats=self.stats,
                                gate=self.healthy, clock=self.clock)
-        self.keeper.leases.add(aggr_id)
+        self.keeper.hold_lease(aggr_id, sent)
         self.pools[aggr_id] = pool
         self.slots += pool.size
         self.stats.incr("spawned")
@@ -208,7 +210,7 @@ class Scanner:
             del self.pools[aggr_id]
             self.slots -= pool.size
         if aggr_id in self.keeper.leases:
-            self.keeper.leases.discard(aggr_id)
+            self.keeper.release_lease(aggr_id)
             try:
                 self.store.release(aggr_id, self.keeper.owner)
             except StoreUnavailable:
@@ -219,9 +221,18 @@ class Scanner:
         self._event.set()
 
     def _lease_lost(self, aggr_id: str) -> None:
+        """Another process may run the aggregation now: take nothing more, and
+        leave the origin to it (a lease is lost this way only when Redis lost
+        the lease's last extensions: otherwise it was fenced before it lapsed)."""
         pool = self.pools.get(aggr_id)
         if pool is not None:
             pool.stop()
+            pool.fence()
+
+    def _lease_unconfirmed(self, aggr_id: str) -> None:
+        pool = self.pools.get(aggr_id)
+        if pool is not None:
+            pool.fence()
 
     # ------------------------------------------------------------------ shutdown
 
@@ -231,6 +242,11 @@ class Scanner:
         self._event.set()
         for pool in list(self.pools.values()):
             pool.stop()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the pools (stopped) to finish what they run;
+        each releases its lease as it ends. True when all have ended."""
+        return self.group.join(timeout=timeout)
 
     def interrupt(self, timeout: float) -> None:
         """Kill in-flight downloads (each puts its job back), then wait for the pools."""

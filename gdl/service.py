@@ -6,9 +6,10 @@ store connection pool, one keeper (leases and in-flight deadlines), one
 pub/sub listener and one stats reporter.
 
 Shutdown (SIGTERM or SIGINT) is a sequence with a deadline: stop taking
-work (scanner, pools, notifier) and stop accepting requests; interrupt what
-is in flight, each greenlet putting its job back due now; release leases;
-stop the helpers; shut the embedded Redis down last. A second signal exits
+work (scanner, pools, notifier) and stop accepting requests; let what is in
+flight finish for ``processor.shutdown_grace``; interrupt the rest, each
+greenlet putting its job back due now; release leases as pools end; stop the
+helpers; shut the embedded Redis down last. A second signal exits
 at once: leases then expire and the sweep recovers the work.
 """
 
@@ -210,7 +211,13 @@ class Service:
         self.stopped.wait()
 
     def shutdown(self, deadline: float = SHUTDOWN_DEADLINE) -> None:
-        """Stop taking, put back what is in flight, release, and stop the embedded Redis last."""
+        """Stop taking, let what is in flight finish for ``processor.shutdown_grace``,
+        interrupt and put back the rest, release, and stop the embedded Redis last.
+
+        Leases are released only once their pool's downloads have ended, with
+        their connections closed, so that the process claiming an aggregation
+        next never finds the origin still serving ours (gunicorn's graceful
+        timeout is the model)."""
         started = time.monotonic()
 
         def left() -> float:
@@ -222,9 +229,7 @@ class Service:
             self.notifier.stop()
         if self.server:
             self.server.close()  # stop accepting; requests in progress finish below
-        busy = (self.scanner.busy if self.scanner else 0) + (self.notifier.busy if self.notifier else 0)
-        if busy:
-            log.info("shutdown: putting back %d job(s) in flight", busy)
+        self._drain(min(self.cfg.processor.shutdown_grace, left()))
         if self.scanner:
             self.scanner.interrupt(timeout=left() / 2)
         if self.notifier:
@@ -243,6 +248,24 @@ class Service:
             self.store.close()
         sentry.flush(timeout=min(2.0, left()))
         log.info("gdl: stopped in %.1fs", time.monotonic() - started)
+
+    def _busy(self) -> int:
+        return (self.scanner.busy if self.scanner else 0) + (self.notifier.busy if self.notifier else 0)
+
+    def _drain(self, grace: float) -> None:
+        """Let downloads and callbacks in flight finish for up to ``grace`` seconds."""
+        busy = self._busy()
+        if not busy:
+            return
+        log.info("shutdown: letting %d job(s) in flight finish, for up to %gs", busy, grace)
+        until = time.monotonic() + grace
+        if self.scanner:
+            self.scanner.drain(timeout=grace)
+        if self.notifier:
+            self.notifier.drain(timeout=max(0.0, until - time.monotonic()))
+        busy = self._busy()
+        if busy:
+            log.info("shutdown: grace over, interrupting %d job(s) and putting them back", busy)
 
 
 def _redacted(url: str) -> str:

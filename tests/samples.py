@@ -10,6 +10,7 @@ import zlib
 from PIL import Image
 
 from gdl.download import Fetched
+from gdl.store import Taken, lease_key
 
 
 def image_bytes(fmt: str, width: int, height: int) -> bytes:
@@ -64,3 +65,10 @@ def fetched_body(fetched: Fetched) -> bytes:
         return fetched.body
     with open(fetched.path, "rb") as f:
         return f.read()
+
+
+def take_holding_lease(store, aggr_id: str, owner: str, **kwargs) -> Taken:
+    """``store.take_downloads`` by ``owner`` as the holder of ``aggr_id``'s lease
+    (takes are fenced by the lease: the lease passes to ``owner`` first)."""
+    store.redis.set(lease_key(aggr_id), owner, px=60_000)
+    return store.take_downloads(aggr_id, owner, lease_ttl_ms=60_000, **kwargs)

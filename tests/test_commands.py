@@ -18,6 +18,7 @@ from gdl.job import Job, new_id
 from gdl.store import Store, now_ms
 from tests.conftest import config_file, free_port, make_config, wait_until
 from tests.httpserver import LoopbackServer
+from tests.samples import take_holding_lease
 from tests.servers import CallbackReceiver, HoldServer
 
 EXIT_PROBLEMS = 1
@@ -224,7 +225,7 @@ def plant_failed_callback(store: Store, aggr: str, callback: str) -> str:
     """A job whose download succeeded and whose callback then failed, through the store's own steps."""
     job = store.enqueue(Job(id=new_id(), url="http://example.com/a", aggr_id=aggr, aggr_limit=5,
                             callback_type="http", callback_dst=callback), now=now_ms())
-    [held] = store.take_downloads(aggr, "planter", now=now_ms(), count=1, deadline=now_ms() + 60_000).jobs
+    [held] = take_holding_lease(store, aggr, "planter", now=now_ms(), count=1, deadline=now_ms() + 60_000).jobs
     assert store.finish_download(held, "planter", now=now_ms(), forget_at=now_ms() + 60_000, log_entry={},
                                  state="succeeded")
     taken = store.take_callbacks("planter", now=now_ms(), count=100, deadline=now_ms() + 60_000).jobs
@@ -282,7 +283,7 @@ def test_fsck_finds_then_fixes_orphan_file_dangling_entry_and_more(cfg_path: Pat
     store.redis.zadd(keys.DUE_INDEX, {"ghost": now})
     expired = store.enqueue(Job(id=new_id(), url="http://example.com/b", aggr_id="held", aggr_limit=1,
                                 callback_type="http", callback_dst="http://cb.example/"), now=now)
-    store.take_downloads("held", "dead-process", now=now, count=1, deadline=now - 1)
+    take_holding_lease(store, "held", "dead-process", now=now, count=1, deadline=now - 1)
     legacy = store.enqueue(Job(id=new_id(), url="http://example.com/c", aggr_id="legacy", aggr_limit=1,
                                callback_type="http", callback_dst="http://cb.example/"), now=now)
     store.redis.hset(keys.job_key(legacy.id), mapping={"state": "failed", "callback_state": "failed"})

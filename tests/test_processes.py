@@ -68,10 +68,10 @@ def test_sigkill_with_50_downloads_in_flight_loses_nothing(run_service, make_cfg
     assert store.redis.zcard(keys.INFLIGHT["downloads"]) == 0
 
 
-def test_sigterm_puts_in_flight_work_back_and_exits_0_within_10s(make_cfg, gdl_process, hold_server, store,
-                                                                 run_service):
+def test_sigterm_puts_work_still_in_flight_after_the_grace_back_and_exits_0_within_10s(
+        make_cfg, gdl_process, hold_server, store, run_service):
     hold_server.hold = 60
-    cfg = make_cfg(processor=FAST)
+    cfg = make_cfg(processor={**FAST, "shutdown_grace": 1})
     api = run_service(("api",), cfg=cfg)
     proc = gdl_process(cfg, "processor")
     ids = enqueue_many(api, hold_server, {"t1": 4, "t2": 6})
@@ -87,7 +87,8 @@ def test_sigterm_puts_in_flight_work_back_and_exits_0_within_10s(make_cfg, gdl_p
     assert store.redis.zcard(keys.PROCESSORS) == 0  # no longer counted in fair claims
     assert sorted(store.due_aggregations(keys.now_ms())) == ["t1", "t2"]
     assert temp_files(cfg) == []
-    assert "putting back 10 job(s) in flight" in proc.output()
+    assert "letting 10 job(s) in flight finish, for up to 1s" in proc.output()
+    assert "grace over, interrupting 10 job(s) and putting them back" in proc.output()
 
 
 def test_two_processors_together_never_pass_the_limit(make_cfg, gdl_process, run_service, store):

@@ -7,8 +7,11 @@ import pytest
 import redis.exceptions
 
 from gdl import store as keys
+from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id
-from gdl.store import CALLBACKS, DOWNLOADS
+from gdl.store import CALLBACKS, DOWNLOADS, Settled
+from tests.conftest import free_port
+from tests.samples import take_holding_lease
 
 NOW = 1_700_000_000_000
 OWNER = "host:1:abc"
@@ -50,14 +53,14 @@ def test_due_index_keeps_the_earliest_due_time(store):
 
 def test_take_moves_due_jobs_in_flight_and_updates_the_index(store):
     jobs = [store.enqueue(make_job(), now=NOW + i) for i in range(3)]
-    taken = store.take_downloads("shop", OWNER, now=NOW + 10, count=2, deadline=NOW + 5000)
+    taken = take_holding_lease(store, "shop", OWNER, now=NOW + 10, count=2, deadline=NOW + 5000)
     assert [j.id for j in taken.jobs] == [jobs[0].id, jobs[1].id]
     assert all(j.status.state == "in_flight" for j in taken.jobs)
     assert (taken.next_due, taken.limit) == (NOW + 2, 3)
     assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], jobs[0].id) == NOW + 5000
     assert store.redis.hget(keys.job_key(jobs[0].id), "owner") == OWNER
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 2
-    last = store.take_downloads("shop", OWNER, now=NOW + 10, count=5, deadline=NOW + 5000)
+    last = take_holding_lease(store, "shop", OWNER, now=NOW + 10, count=5, deadline=NOW + 5000)
     assert [j.id for j in last.jobs] == [jobs[2].id]
     assert last.next_due is None
     assert store.redis.zscore(keys.DUE_INDEX, "shop") is None
@@ -65,13 +68,13 @@ def test_take_moves_due_jobs_in_flight_and_updates_the_index(store):
 
 def test_take_leaves_future_jobs(store):
     store.enqueue(make_job(), now=NOW + 1000)
-    taken = store.take_downloads("shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
+    taken = take_holding_lease(store, "shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
     assert taken.jobs == [] and taken.next_due == NOW + 1000
 
 
 def test_finish_queues_the_callback_in_one_step(store):
     job = store.enqueue(make_job(), now=NOW)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
     assert store.finish_download(held, OWNER, now=NOW + 7, forget_at=LATER, log_entry={"outcome": "succeeded"},
                                  state="succeeded", attempts=1, bytes=10)
     record = store.get_job(job.id)
@@ -84,7 +87,7 @@ def test_finish_queues_the_callback_in_one_step(store):
 
 def test_finish_without_callback_needs_no_notifier(store):
     job = store.enqueue(make_job(callback_type="", callback_dst="", s3_bucket="b", s3_region="eu-west-1"), now=NOW)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.get_job(job.id).status.callback_state == "none"
     assert store.redis.zcard(keys.CALLBACK_QUEUE) == 0
@@ -93,10 +96,11 @@ def test_finish_without_callback_needs_no_notifier(store):
 
 def test_settle_refuses_a_job_that_is_no_longer_ours(store):
     job = store.enqueue(make_job(), now=NOW)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
-    [again] = store.take_downloads("shop", OTHER, now=NOW + 102, count=1, deadline=NOW + 5000).jobs
-    assert not store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={}, state="succeeded")
+    [again] = take_holding_lease(store, "shop", OTHER, now=NOW + 102, count=1, deadline=NOW + 5000).jobs
+    assert store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={},
+                                 state="succeeded") is Settled.LEASE_LOST
     assert store.get_job(job.id).status.state == "in_flight"
     assert store.redis.hget(keys.job_key(job.id), "owner") == OTHER
     assert store.finish_download(again, OTHER, now=NOW + 104, forget_at=LATER, log_entry={}, state="failed")
@@ -105,7 +109,7 @@ def test_settle_refuses_a_job_that_is_no_longer_ours(store):
 def test_retry_reschedules_and_lowers_the_index(store):
     job = store.enqueue(make_job(), now=NOW)
     store.enqueue(make_job(), now=NOW + 10_000)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 10_000
     store.retry_download(held, OWNER, due=NOW + 2000, now=NOW, log_entry=None, attempts=1, error="boom")
     record = store.get_job(job.id)
@@ -114,9 +118,59 @@ def test_retry_reschedules_and_lowers_the_index(store):
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 2000
 
 
+def test_settle_refuses_a_job_swept_back_to_the_same_lease_holder(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
+    assert store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={},
+                                 state="succeeded") is Settled.NOT_OURS
+    assert store.get_job(job.id).status.state == "queued"
+
+
+def test_take_is_fenced_by_the_lease(store):
+    job = store.enqueue(make_job(), now=NOW)
+    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    store.redis.set(keys.lease_key("shop"), OTHER, px=60_000)  # the lease lapsed and passed to another process
+    refused = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000, lease_ttl_ms=60_000)
+    assert (refused.lease_lost, refused.jobs) == (True, [])
+    assert store.redis.zscore(keys.queue_key("shop"), job.id) == NOW  # nothing moved
+    assert store.redis.zcard(keys.INFLIGHT[DOWNLOADS]) == 0
+    store.redis.delete(keys.lease_key("shop"))  # lapsed, nobody claimed it yet: still refused
+    assert store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000, lease_ttl_ms=60_000).lease_lost
+
+
+def test_take_by_the_holder_extends_its_lease(store):
+    store.enqueue(make_job(), now=NOW)
+    assert store.claim("shop", OWNER, 1_000) == (3, "")
+    taken = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000, lease_ttl_ms=45_000)
+    assert (taken.lease_lost, len(taken.jobs)) == (False, 1)
+    assert 1_000 < store.redis.pttl(keys.lease_key("shop")) <= 45_000
+
+
+def test_put_back_by_a_former_lease_holder_is_refused(store):
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    store.redis.set(keys.lease_key("shop"), OTHER, px=60_000)
+    assert store.retry_download(held, OWNER, due=NOW, now=NOW, log_entry=None) is Settled.LEASE_LOST
+    assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], job.id) == NOW + 5000  # left to the sweep
+
+
+def test_an_outage_is_not_declared_over_by_a_renewal_with_nothing_to_send():
+    dead = keys.Store.connect(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    with pytest.raises(StoreUnavailable):
+        dead.ping()
+    assert dead.health.down_since is not None
+    renewal = dead.renew(OWNER, 3000, now=NOW, leases=[], inflight={DOWNLOADS: set()})
+    assert (renewal.lost, renewal.margin_ms) == ([], None)
+    assert dead.health.down_since is not None  # still down: no "redis: back" line
+    with pytest.raises(StoreUnavailable):
+        dead.renew(OWNER, 3000, now=NOW, leases=["shop"], inflight={})
+    dead.close()
+
+
 def test_sweep_puts_expired_jobs_back_due_now(store):
     job = store.enqueue(make_job(), now=NOW)
-    store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
+    take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
     assert store.sweep(DOWNLOADS, now=NOW + 100) == [job.id]
     assert store.sweep(DOWNLOADS, now=NOW + 100) == []
     assert store.get_job(job.id).status.state == "queued"
@@ -125,12 +179,14 @@ def test_sweep_puts_expired_jobs_back_due_now(store):
 
 def test_renew_extends_deadlines_and_reports_lost_leases(store):
     job = store.enqueue(make_job(), now=NOW)
-    store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100)
     assert store.claim("shop", OWNER, 60_000) == (3, "")
+    store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100, lease_ttl_ms=60_000)
+    assert store.claim("shop", OWNER, 60_000) is None
     assert store.claim("shop", OTHER, 60_000) is None
     store.redis.set(keys.lease_key("other"), OTHER)
-    lost = store.renew(OWNER, 3000, now=NOW + 50, leases=["shop", "other"], inflight={DOWNLOADS: [job.id]})
-    assert lost == ["other"]
+    renewal = store.renew(OWNER, 3000, now=NOW + 50, leases=["shop", "other"], inflight={DOWNLOADS: [job.id]})
+    assert renewal.lost == ["other"]
+    assert 3000 < renewal.margin_ms <= 60_000  # what the claim's 60 s lease had left
     assert store.redis.zscore(keys.INFLIGHT[DOWNLOADS], job.id) == NOW + 3050
     assert 0 < store.redis.pttl(keys.lease_key("shop")) <= 3000
     assert not store.release("shop", OTHER)
@@ -191,7 +247,7 @@ def test_an_unregistered_claimer_is_not_held_to_shares_and_not_counted(store):
 def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store):
     job = store.enqueue(make_job(), now=NOW)
     assert store.claim("shop", OWNER, 60_000) == (3, "")
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert not store.release("shop", OTHER)
     assert store.redis.exists(keys.aggr_key("shop")) == 1  # not the holder: nothing touched
@@ -204,7 +260,7 @@ def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store)
 
 def test_callback_cycle_delivered_then_forgotten(store):
     job = store.enqueue(make_job(), now=NOW)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
     assert cb.status.callback_state == "in_flight"
@@ -221,7 +277,7 @@ def test_callback_cycle_delivered_then_forgotten(store):
 def test_failed_callback_can_be_retried_once_failed(store):
     job = store.enqueue(make_job(), now=NOW)
     assert store.retry_failed_callback(job.id, now=NOW) == -1  # no callback_state field yet: not failed
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert store.retry_failed_callback(job.id, now=NOW) == -1
     assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
@@ -235,7 +291,7 @@ def test_failed_callback_can_be_retried_once_failed(store):
 
 def test_callback_sweep(store):
     job = store.enqueue(make_job(), now=NOW)
-    [held] = store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100)
     assert store.sweep(CALLBACKS, now=NOW + 100) == [job.id]
@@ -271,7 +327,7 @@ def test_scripts_forgotten_by_redis_are_loaded_again(store):
     store.enqueue(make_job(), now=NOW)
     store.redis.script_flush()  # as after a restart or a failover
     job = store.enqueue(make_job(), now=NOW)
-    taken = store.take_downloads("shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
+    taken = take_holding_lease(store, "shop", OWNER, now=NOW, count=5, deadline=NOW + 5000)
     assert job.id in [j.id for j in taken.jobs] and len(taken.jobs) == 2
 
 
@@ -308,7 +364,7 @@ def test_enqueue_wakes_a_queue_whose_jobs_are_all_due_later(store):
 def test_finished_downloads_wake_the_notifier_once_per_idle_callback_queue(store):
     for _ in range(3):
         store.enqueue(make_job(), now=NOW)
-    taken = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000).jobs
+    taken = take_holding_lease(store, "shop", OWNER, now=NOW, count=3, deadline=NOW + 5000).jobs
 
     def finish_all():
         for job in taken:

@@ -3,11 +3,23 @@
 -- KEYS[1] queue (sorted by due ms)   KEYS[2] in-flight set (sorted by deadline ms)
 -- KEYS[3] optional: due index to keep in step with KEYS[1] (aggregation queues)
 -- KEYS[4] optional: the aggregation hash, whose current limit is returned
+-- KEYS[5] optional: the aggregation's lease, the fence (aggregation queues)
 -- ARGV[1] now (ms)        ARGV[2] most jobs to take    ARGV[3] deadline (ms)
 -- ARGV[4] owner token     ARGV[5] job key prefix       ARGV[6] state field to set
 -- ARGV[7] its value       ARGV[8] member of KEYS[3] (the aggregation id)
+-- ARGV[9] with KEYS[5]: the lease's time to live (ms)
 -- Returns {next due (ms, '' when the queue is empty), limit ('' without KEYS[4]),
 --          id, {job hash}, id, {job hash}, ...}
+-- or -1, taking nothing, when KEYS[5] is not held by ARGV[4]: a pool whose
+-- lease lapsed (Redis was away, or its process stalled) must start nothing,
+-- since another process may run the aggregation already. A take that passes
+-- the fence extends the lease, so what it starts is covered for a full ttl.
+if KEYS[5] then
+  if redis.call('GET', KEYS[5]) ~= ARGV[4] then
+    return -1
+  end
+  redis.call('PEXPIRE', KEYS[5], ARGV[9])
+end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {'', ''}
 if KEYS[4] then

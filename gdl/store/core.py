@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from typing import Any, Self, TypeVar
 
@@ -127,6 +128,29 @@ class Taken:
     jobs: list[Job]
     next_due: int | None
     limit: int | None = None
+    lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
+
+
+class Settled(StrEnum):
+    """What became of an outcome written by a settle script (settle.lua)."""
+
+    RECORDED = "recorded"
+    NOT_OURS = "the job is no longer ours"
+    LEASE_LOST = "this process no longer holds the aggregation's lease"
+
+    def __bool__(self) -> bool:
+        return self is Settled.RECORDED
+
+
+_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST}
+
+
+@dataclass
+class Renewal:
+    """One renewal of a process's leases (renew_leases.lua)."""
+
+    lost: list[str]
+    margin_ms: int | None  # least time to live a held lease had left; None when none was held
 
 
 class JobStore:
@@ -324,34 +348,46 @@ class JobStore:
         keys = [lease_key(aggr_id), ACTIVE, queue_key(aggr_id), aggr_key(aggr_id)]
         return self._run_batched("release_lease", keys, [owner, aggr_id]) == 1
 
-    @_translated
     def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
-              inflight: dict[str, Iterable[str]]) -> list[str]:
-        """Extend this process's leases and in-flight deadlines; returns leases lost."""
+              inflight: dict[str, Iterable[str]]) -> Renewal:
+        """Extend this process's leases and in-flight deadlines.
+
+        With nothing to extend nothing is sent: a call that reaches no Redis
+        must not tell :class:`Health` that Redis answered."""
         aggrs = list(leases)
-        lost: list[str] = []
+        deadlines = {kind: {job_id: now + ttl_ms for job_id in ids} for kind, ids in inflight.items()}
+        if not aggrs and not any(deadlines.values()):
+            return Renewal([], None)
+        return self._renew(owner, ttl_ms, aggrs, deadlines)
+
+    @_translated
+    def _renew(self, owner: str, ttl_ms: int, aggrs: list[str], deadlines: dict[str, dict[str, int]]) -> Renewal:
+        renewal = Renewal([], None)
         if aggrs:
-            for i in self._run("renew_leases", [lease_key(a) for a in aggrs], [owner, ttl_ms]):
-                lost.append(aggrs[int(i) - 1])
+            least, *lost = self._run("renew_leases", [lease_key(a) for a in aggrs], [owner, ttl_ms])
+            renewal = Renewal([aggrs[int(i) - 1] for i in lost], int(least) if int(least) >= 0 else None)
         with self.redis.pipeline(transaction=False) as pipe:
-            for kind, ids in inflight.items():
-                mapping = {job_id: now + ttl_ms for job_id in ids}
+            for kind, mapping in deadlines.items():
                 if mapping:
                     pipe.zadd(INFLIGHT[kind], mapping, xx=True)
             pipe.execute()
-        return lost
+        return renewal
 
     # ---------------------------------------------------------------- pool: downloads
 
     @_translated
-    def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int) -> Taken:
-        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id)]
-        args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id]
+    def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int,
+                       lease_ttl_ms: int) -> Taken:
+        """Take due jobs of ``aggr_id`` if, and only if, ``owner`` holds its lease
+        (fenced: ``Taken.lease_lost`` otherwise); a take extends the lease by
+        ``lease_ttl_ms``, so that what it starts is covered for that long."""
+        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id)]
+        args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id, lease_ttl_ms]
         return _taken(self._run_batched("take", keys, args))
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
-                        **status: Any) -> bool:
+                        **status: Any) -> Settled:
         """Record a final download outcome and queue the callback; a job with no
         callback (its own S3 bucket) goes straight to the deletion queue, due at
         ``forget_at``, so that its record does not outlive its usefulness."""
@@ -364,7 +400,7 @@ class JobStore:
 
     @_translated
     def retry_download(self, job: Job, owner: str, *, due: int, now: int, log_entry: dict | None,
-                       **status: Any) -> bool:
+                       **status: Any) -> Settled:
         """Send an in-flight download back to its queue, due at ``due``.
 
         Only work due now wakes the scanners; later work is found by the
@@ -384,12 +420,12 @@ class JobStore:
         return _taken(self._run_batched("take", keys, args))
 
     @_translated
-    def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> bool:
+    def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> Settled:
         status["callback_state"] = "delivered"
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
 
     @_translated
-    def callback_failed(self, job: Job, owner: str, *, log_entry: dict, **status: Any) -> bool:
+    def callback_failed(self, job: Job, owner: str, *, log_entry: dict, **status: Any) -> Settled:
         """Mark the callback failed and list it in ``callbacks:failed`` (the retry list)."""
         status["callback_state"] = "failed"
         failed_at = int(log_entry.get("at") or now_ms())
@@ -397,7 +433,7 @@ class JobStore:
 
     @_translated
     def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
-                             **status: Any) -> bool:
+                             **status: Any) -> Settled:
         status["callback_state"] = "queued"
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=CALLBACK_QUEUE,
                             score=due, wake=(WAKE_CALLBACKS, job.id))
@@ -412,17 +448,21 @@ class JobStore:
 
     def _settle(self, job: Job, owner: str, kind: str, log_entry: dict | None, status: dict, *,
                 enter: str | None = None, score: int = 0, due_index: bool = False,
-                wake: tuple[str, str] | None = None) -> bool:
+                wake: tuple[str, str] | None = None) -> Settled:
+        """Run settle.lua; a download's outcome is fenced by its aggregation's lease."""
         keys = [job_key(job.id), INFLIGHT[kind], log_key(job.id)]
         if enter:
             keys.append(enter)
             if due_index:
                 keys.append(DUE_INDEX)
+        fenced = kind == DOWNLOADS
+        if fenced:
+            keys.append(lease_key(job.aggr_id))
         channel, message = wake or ("", "")
         entry = json.dumps(log_entry, separators=(",", ":")) if log_entry else ""
         pairs = [x for kv in status_fields(**status).items() for x in kv]
-        args = [job.id, owner, score, entry, job.aggr_id, channel, message, *pairs]
-        return self._run_batched("settle", keys, args) == 1
+        args = [job.id, owner, score, entry, job.aggr_id, channel, message, int(fenced), *pairs]
+        return _SETTLED[int(self._run_batched("settle", keys, args))]
 
     @_translated
     def sweep(self, kind: str, *, now: int, limit: int = 1000) -> list[str]:
@@ -476,7 +516,9 @@ class JobStore:
         return msg["channel"], msg["data"]
 
 
-def _taken(reply: list) -> Taken:
+def _taken(reply: list | int) -> Taken:
+    if not isinstance(reply, list):  # -1: the fence refused the take
+        return Taken([], None, lease_lost=True)
     next_due = int(float(reply[0])) if reply[0] != "" else None
     limit = int(reply[1]) if reply[1] != "" else None
     jobs = []
