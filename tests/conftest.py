@@ -85,6 +85,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """kill -9: what it acknowledged is on disk only as far as its appendfsync went."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
 
 def pings(store: Store) -> bool:
     try:

@@ -1,0 +1,129 @@
+"""A loopback origin that counts concurrent requests per aggregation.
+
+:class:`CountingOrigin` serves ``GET /<group>/<name>`` with a body derived
+from the path (:func:`body_for`, so a stored file can be checked byte for
+byte), streamed in ``ticks`` pieces over ``duration`` seconds. It counts a
+request as being served from the moment its request line arrives until its
+last byte is sent or, when ``notice_disconnect`` is on, until the client is
+seen gone (checked between pieces, as a real origin streaming a file finds
+out at its next write). With ``notice_disconnect`` off it serves the whole
+duration whatever the client does, like an origin busy computing the answer.
+
+It records, per group, the requests in progress (``current``), the most at
+once (``peak``), how many arrived (``total``) and were served to the end
+(``completed``), and every moment the count of a group went up, with the
+value of the ``X-Gdl-Process`` request header of each request then served
+(``overlaps``: how a test tells which processes a peak came from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections import Counter, defaultdict
+from typing import Any
+
+import gevent
+import gevent.select
+from gevent.server import StreamServer
+
+PROCESS_HEADER = "x-gdl-process"
+
+
+def body_for(path: str, size: int) -> bytes:
+    """``size`` bytes that only ``path`` gives."""
+    seed = hashlib.sha256(path.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class CountingOrigin:
+    def __init__(self, *, duration: float = 0.5, size: int = 32 * 1024, ticks: int = 20,
+                 notice_disconnect: bool = True) -> None:
+        self.duration = duration
+        self.size = size
+        self.ticks = ticks
+        self.notice_disconnect = notice_disconnect
+        self.current: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        self.completed: Counter[str] = Counter()
+        self.serving: dict[str, list[str]] = defaultdict(list)  # group -> process header of each request
+        self.overlaps: list[tuple[str, list[str]]] = []
+        self.server = StreamServer(("127.0.0.1", 0), self._connection)
+        self.server.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+    def over(self, limits: dict[str, int]) -> dict[str, int]:
+        """The groups whose peak passed their limit, with that peak."""
+        return {g: self.peak[g] for g, limit in limits.items() if self.peak[g] > limit}
+
+    # ------------------------------------------------------------------ serving
+
+    def _connection(self, sock: socket.socket, _address: Any) -> None:
+        reader = sock.makefile("rb")
+        try:
+            while True:
+                request = _read_head(reader)
+                if request is None:
+                    return
+                path, headers = request
+                self._serve(sock, path, headers.get(PROCESS_HEADER, ""))
+        except OSError:
+            pass  # the client went away
+        finally:
+            reader.close()
+            sock.close()
+
+    def _serve(self, sock: socket.socket, path: str, process: str) -> None:
+        group = path.split("/")[1]
+        body = body_for(path, self.size)
+        self._arrived(group, process)
+        try:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            step = -(-len(body) // self.ticks)
+            pieces = [body[i:i + step] for i in range(0, len(body), step)]
+            for piece in pieces[:-1]:
+                sock.sendall(piece)
+                self._pause(sock)
+            sock.sendall(pieces[-1])
+            self.completed[group] += 1
+        finally:
+            self.current[group] -= 1
+            self.serving[group].remove(process)
+
+    def _arrived(self, group: str, process: str) -> None:
+        self.current[group] += 1
+        self.total[group] += 1
+        self.serving[group].append(process)
+        self.peak[group] = max(self.peak[group], self.current[group])
+        self.overlaps.append((group, list(self.serving[group])))
+
+    def _pause(self, sock: socket.socket) -> None:
+        """One tick; raises when the client is seen gone (with ``notice_disconnect``)."""
+        wait = self.duration / self.ticks
+        if not self.notice_disconnect:
+            gevent.sleep(wait)
+            return
+        readable, _, _ = gevent.select.select([sock], [], [], wait)
+        if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+            raise ConnectionResetError("client gone")
+
+
+def _read_head(reader: Any) -> tuple[str, dict[str, str]] | None:
+    line = reader.readline()
+    if not line:
+        return None
+    path = line.split(b" ")[1].decode()
+    headers = {}
+    while True:
+        header = reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            return path, headers
+        name, _, value = header.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
