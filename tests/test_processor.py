@@ -16,6 +16,7 @@ from gdl import store as keys
 from gdl.diskcheck import DiskChecker
 from gdl.stats import ProcessorStats
 from tests.conftest import wait_until
+from tests.origin import CountingOrigin
 from tests.samples import image_bytes, tiny_pdf
 from tests.servers import HoldServer
 
@@ -251,3 +252,23 @@ def test_work_left_to_a_processor_that_does_not_take_it_is_claimed_anyway(run_se
         assert running.service.scanner.slots == 0 and running.service.scanner.pools == {}
     finally:
         server.stop()
+
+
+def test_a_disk_pause_that_begins_while_the_pool_is_full_holds_when_a_slot_frees(run_service, store):
+    origin = CountingOrigin(duration=0.4, notice_disconnect=False)
+    try:
+        # One disk check, at start: the test then pauses the pools as the checker would.
+        running = run_service(("api", "processor"), processor={"disk": {"interval": 3600}})
+        ids = [running.enqueue(url=origin.url(f"/p/{n}"), aggr_id="p", aggr_limit=2,
+                               callback_url="http://127.0.0.1:9/cb") for n in range(5)]
+        wait_until(lambda: origin.current["p"] == 2, timeout=10)
+        healthy = running.service.scanner.healthy
+        healthy.clear()
+        wait_until(lambda: sum(store.get_job(i).status.state == "succeeded" for i in ids) == 2, timeout=10)
+        gevent.sleep(0.5)  # what the pool would take in that time, it takes now
+        assert origin.total["p"] == 2
+        healthy.set()
+        wait_until(lambda: all(store.get_job(i).status.state == "succeeded" for i in ids), timeout=15)
+        assert (origin.total["p"], origin.peak["p"]) == (5, 2)
+    finally:
+        origin.stop()
