@@ -224,12 +224,14 @@ class Scanner:
         """Another process may run the aggregation now: take nothing more, and
         leave the origin to it (a lease is lost this way only when Redis lost
         the lease's last extensions: otherwise it was fenced before it lapsed)."""
+        self.stats.incr("leases_lost")
         pool = self.pools.get(aggr_id)
         if pool is not None:
             pool.stop()
             pool.fence()
 
     def _lease_unconfirmed(self, aggr_id: str) -> None:
+        self.stats.incr("lease_fences")
         pool = self.pools.get(aggr_id)
         if pool is not None:
             pool.fence()

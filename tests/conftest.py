@@ -35,6 +35,13 @@ from tests.servers import CallbackReceiver  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "tests/test_chaos.py: the size of the chaos run")
+    group.addoption("--chaos-jobs", type=int, default=600, help="jobs accepted before the chaos starts")
+    group.addoption("--chaos-seconds", type=float, default=25.0, help="how long processes and Redis are killed")
+    group.addoption("--chaos-seed", type=int, default=14, help="seed of the random events")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

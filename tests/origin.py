@@ -13,13 +13,15 @@ It records, per group, the requests in progress (``current``), the most at
 once (``peak``), how many arrived (``total``) and were served to the end
 (``completed``), and every moment the count of a group went up, with the
 value of the ``X-Gdl-Process`` request header of each request then served
-(``overlaps``: how a test tells which processes a peak came from).
+(``overlaps``: how a test tells which processes a peak came from), and
+each request's path and time span (``served``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import socket
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -49,6 +51,7 @@ class CountingOrigin:
         self.completed: Counter[str] = Counter()
         self.serving: dict[str, list[str]] = defaultdict(list)  # group -> process header of each request
         self.overlaps: list[tuple[str, list[str]]] = []
+        self.served: list[tuple[str, float, float]] = []  # (path, start, end) on time.monotonic
         self.server = StreamServer(("127.0.0.1", 0), self._connection)
         self.server.start()
 
@@ -83,6 +86,7 @@ class CountingOrigin:
         group = path.split("/")[1]
         body = body_for(path, self.size)
         self._arrived(group, process)
+        start = time.monotonic()
         try:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body))
@@ -96,6 +100,7 @@ class CountingOrigin:
         finally:
             self.current[group] -= 1
             self.serving[group].remove(process)
+            self.served.append((path, start, time.monotonic()))
 
     def _arrived(self, group: str, process: str) -> None:
         self.current[group] += 1

@@ -13,7 +13,6 @@ import signal
 import time
 from pathlib import Path
 
-import gevent
 import pytest
 
 from gdl import store as keys

@@ -1,0 +1,169 @@
+"""A bounded chaos run: a split deployment on one Redis, killed at random.
+
+One api, two processors and one notifier run as real processes on a Redis
+with AOF (``appendfsync always``). Jobs into 30 aggregations of limits 1..5
+are accepted first; then, for a while, a random gdl process is killed with
+-9 (and started again) or Redis is killed with -9 (and started again on the
+same port and directory), and once a processor gets a SIGTERM. Everything
+is seeded, loopback only, and stops by itself.
+
+What must hold: every accepted job is called back, successfully; every
+stored file is byte-exact; an origin request is repeated only if a request
+of the same URL was in progress during a kill, a SIGTERM or a Redis outage
+(plus the lease ttl after it); and no aggregation's limit is ever passed.
+
+The default run is short (CI runs it); ``pytest tests/test_chaos.py
+--chaos-jobs 3000 --chaos-seconds 180`` is the long one.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from gdl.store import Store
+from tests.conftest import GdlProcess, RedisServer, config_file, free_port, make_config, pings, wait_until
+from tests.origin import CountingOrigin, body_for
+from tests.servers import CallbackReceiver
+
+pytestmark = pytest.mark.chaos
+
+LEASE_TTL = 2.0
+
+
+class Deployment:
+    """The four gdl processes, each started again after it is killed."""
+
+    def __init__(self, tmp: Path, redis: RedisServer, api_port: int) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, GdlProcess] = {}
+        self.configs: dict[str, Path] = {}
+        for name, role in (("api", "api"), ("p1", "processor"), ("p2", "processor"), ("n1", "notifier")):
+            cfg = make_config(tmp, redis.url, api={"port": api_port}, processor={
+                "lease_ttl": LEASE_TTL, "scan_interval": 0.3, "shutdown_grace": 1, "max_retries": 20,
+                "request_headers": {"User-Agent": "gdl", "X-Gdl-Process": name}},
+                notifier={"max_retries": 20})
+            self.configs[name] = config_file(tmp, cfg, f"{name}.yaml")
+            self.start(name, role)
+
+    def role(self, name: str) -> str:
+        return {"api": "api", "n1": "notifier"}.get(name, "processor")
+
+    def start(self, name: str, role: str | None = None) -> None:
+        self.procs[name] = GdlProcess(self.configs[name], role or self.role(name))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+def test_chaos(tmp_path, request):
+    jobs = request.config.getoption("--chaos-jobs")
+    seconds = request.config.getoption("--chaos-seconds")
+    rng = random.Random(request.config.getoption("--chaos-seed"))
+    redis = RedisServer(tmp_path / "redis", aof=True).start()
+    origin = CountingOrigin(duration=2.0, size=24 * 1024, ticks=20, notice_disconnect=True)
+    receiver = CallbackReceiver()
+    api_port = free_port()
+    deployment = Deployment(tmp_path, redis, api_port)
+    store = Store.connect(redis.url)
+    windows: list[tuple[float, float]] = []  # when a request may have been cut or its outcome lost
+    try:
+        limits = {f"c{i}": 1 + i % 5 for i in range(30)}
+        paths = accept(api_port, origin, receiver, limits, jobs)
+        sigterm_at = rng.randrange(3, 8)
+        deadline = time.monotonic() + seconds
+        event = 0
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(1.0, 3.0))
+            event += 1
+            if event == sigterm_at:
+                windows.append(sigterm_a_processor(deployment, rng))
+            elif rng.random() < 0.25:
+                windows.append(restart_redis(redis, rng))
+            else:
+                windows.append(kill_a_process(deployment, rng))
+        wait_until(lambda: pings(store), timeout=10)
+        wait_until(lambda: set(receiver.by_job()) >= set(paths), timeout=180, interval=0.5)
+        called_back = receiver.by_job()
+        assert all(body["success"] for job_id in paths for body in called_back[job_id]), "a job failed"
+        for job_id, path in paths.items():
+            stored = tmp_path / "files" / job_id[:3] / job_id
+            assert stored.read_bytes() == body_for(path, origin.size), job_id
+        assert origin.over(limits) == {}, [o for o in origin.overlaps if len(o[1]) > limits[o[0]]]
+        assert repeated_outside(origin, windows) == []
+    finally:
+        store.close()
+        deployment.stop()
+        redis.kill()
+        receiver.stop()
+        origin.stop()
+
+
+def accept(api_port: int, origin: CountingOrigin, receiver: CallbackReceiver, limits: dict[str, int],
+           jobs: int) -> dict[str, str]:
+    """Enqueue ``jobs`` jobs spread over ``limits``; job id -> origin path."""
+    http = requests.Session()
+    base = f"http://127.0.0.1:{api_port}"
+    wait_until(lambda: _answers(http, base + "/hb"), timeout=15)
+    aggrs = list(limits)
+    paths = {}
+    for n in range(jobs):
+        aggr = aggrs[n % len(aggrs)]
+        path = f"/{aggr}/{n}"
+        response = http.post(base + "/download", json={
+            "url": origin.url(path), "aggr_id": aggr, "aggr_limit": limits[aggr],
+            "callback_url": receiver.url("/cb")})
+        assert response.status_code == 201, response.text
+        paths[response.json()["id"]] = path
+    return paths
+
+
+def _answers(http: requests.Session, url: str) -> bool:
+    try:
+        return http.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def kill_a_process(deployment: Deployment, rng: random.Random) -> tuple[float, float]:
+    name = rng.choice(sorted(deployment.procs))
+    at = time.monotonic()
+    deployment.procs[name].kill()
+    time.sleep(rng.uniform(0.2, 1.5))
+    deployment.start(name)
+    return at, at
+
+
+def sigterm_a_processor(deployment: Deployment, rng: random.Random) -> tuple[float, float]:
+    name = rng.choice(["p1", "p2"])
+    proc = deployment.procs[name]
+    at = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    end = time.monotonic()
+    deployment.start(name)
+    return at, end
+
+
+def restart_redis(redis: RedisServer, rng: random.Random) -> tuple[float, float]:
+    at = time.monotonic()
+    redis.kill()
+    time.sleep(rng.uniform(0.3, 3.0))
+    redis.start()
+    return at, time.monotonic() + LEASE_TTL
+
+
+def repeated_outside(origin: CountingOrigin, windows: list[tuple[float, float]]) -> list[str]:
+    """Paths requested more than once although none of their requests met a window."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for path, start, end in origin.served:
+        spans.setdefault(path, []).append((start, end))
+    return sorted(path for path, got in spans.items()
+                  if len(got) > 1 and not any(s <= w_end and w_start <= e for s, e in got
+                                              for w_start, w_end in windows))
