@@ -18,8 +18,9 @@ Layout (``gdl:`` prefix)::
     due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
                                        its queue (the aggregation        queue:<aggr>
                                        index: no SCAN to find work)
-    lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner
-                                                                       keeper (renew),
+    lease:<aggr>               string  owner token, PX lease_ttl       scanner (claim),     scanner,
+                                       (the fence of take and settle)  pool (take extends), pool (take,
+                                                                       keeper (renew),      settle: fenced)
                                                                        pool (release)
     processors                 zset    processor token -> registered   scanner (full scan,  scanner
                                        until ms (fair claims)          stop), claim.lua     (claim.lua)
