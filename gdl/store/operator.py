@@ -196,8 +196,8 @@ class OperatorView(JobStore):
     def drop_dangling(self, key: str, job_ids: list[str], *, aggr_id: str | None = None) -> int:
         """Remove from ``key`` those of ``job_ids`` whose job is gone; for an aggregation queue,
         also set its due index entry to the queue's head (or remove it)."""
-        keys = [key, DUE_INDEX] if aggr_id is not None else [key]
-        return int(self._run("drop_dangling", keys, [job_key(""), aggr_id or "", *job_ids]))
+        keys = [key, DUE_INDEX, *map(job_key, job_ids)]
+        return int(self._run("drop_dangling", keys, [aggr_id or "", *job_ids]))
 
     @_translated
     def reconcile_failed_callback(self, job_id: str, *, failed_at: int) -> int:
