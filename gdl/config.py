@@ -39,6 +39,7 @@ class RedisConfig:
     embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
     sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
     master_name: str = _key("", "sentinel master name")
+    cluster_nodes: list = _key([], "host:port of Redis Cluster nodes (cluster mode); replaces url")
     wait_replicas: int = _key(0, "replicas that must confirm a new job before POST /download answers 201",
                               min=0, max=10)
 
@@ -283,10 +284,15 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
     if cfg.redis.sentinel and not cfg.redis.master_name:
         raise ConfigError("redis.master_name: required when redis.sentinel is set")
-    for addr in cfg.redis.sentinel:
-        host, _, port = str(addr).rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"redis.sentinel: {addr!r} is not host:port")
+    for key in ("sentinel", "cluster_nodes"):
+        for addr in getattr(cfg.redis, key):
+            host, _, port = str(addr).rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"redis.{key}: {addr!r} is not host:port")
+    if cfg.redis.cluster_nodes and cfg.redis.sentinel:
+        raise ConfigError("redis.cluster_nodes: a Redis Cluster has no sentinels; set one of the two")
+    if cfg.redis.cluster_nodes and cfg.redis.wait_replicas:
+        raise ConfigError("redis.wait_replicas: not supported with redis.cluster_nodes (WAIT names no key)")
     if cfg.processor.disk.low > cfg.processor.disk.high:
         raise ConfigError("processor.disk.low: must not be above processor.disk.high")
     fs = cfg.processor.filestorage

@@ -19,6 +19,7 @@ from typing import Any, Self, TypeVar
 
 import redis
 import redis.exceptions
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
@@ -158,7 +159,7 @@ class Renewal:
 class JobStore:
     """Typed operations on gdl's Redis layout: the data flow of a job."""
 
-    def __init__(self, client: redis.Redis, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
+    def __init__(self, client: redis.Redis | RedisCluster, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
         # Any: redis-py's types cannot say that decode_responses makes every reply a str.
         self.redis: Any = client
         self.health = Health()
@@ -172,9 +173,15 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
-                client_name: str = "gdl-tool", wait_replicas: int = 0) -> Self:
-        """A store on ``url`` (or on the Sentinel-managed master)."""
-        if sentinel:
+                cluster_nodes: list[str] | None = None, client_name: str = "gdl-tool",
+                wait_replicas: int = 0) -> Self:
+        """A store on ``url`` (or on the Sentinel-managed master, or on a Redis Cluster)."""
+        client: redis.Redis | RedisCluster
+        if cluster_nodes:
+            nodes = [ClusterNode(h, int(p)) for h, _, p in (s.rpartition(":") for s in cluster_nodes)]
+            client = RedisCluster(startup_nodes=nodes, decode_responses=True, client_name=client_name,
+                                  socket_connect_timeout=5, socket_timeout=30)
+        elif sentinel:
             hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
             client = Sentinel(hosts, socket_timeout=5).master_for(
                 master_name, decode_responses=True, client_name=client_name, socket_timeout=30,
