@@ -119,7 +119,7 @@ class API:
         self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("POST", re.compile(r"^/download$"), self.post_download),
             ("GET", re.compile(r"^/hb$"), self.get_heartbeat),
-            ("POST", re.compile(r"^/retry/([^/]+)$"), self.post_retry),
+            ("POST", re.compile(r"^/retry/([^/]*)$"), self.post_retry),  # an empty id is a 400, not a 404
             ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
             ("GET", re.compile(r"^/stats/([^/]+)$"), self.get_stats),
             ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
@@ -191,6 +191,8 @@ class API:
         return _json(201, {"id": job.id})
 
     def post_retry(self, environ: dict, job_id: str) -> Response:
+        if not job_id:
+            raise HTTPError(400, "job id: missing (POST /retry/<job id>)")
         self._check_id(job_id, 400)
         result = self.store.retry_failed_callback(job_id, now=self.clock())
         if result == 0:

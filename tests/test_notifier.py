@@ -39,9 +39,9 @@ def test_failure_payload(run_service, files, receiver):
     callback_done(running, job_id)
     [body] = receiver.bodies()
     assert (body["success"], body["response_code"], body["download_url"], body["delivered"]) == \
-        (False, 404, "", False)
+        (False, 404, "", True)
     assert body["error"] == "Received status code 404 Not Found"
-    assert body["delivery_error"] == body["error"]
+    assert body["delivery_error"] == ""  # as in the Go service: these two describe the callback, not the download
     assert (body["job_id"], body["extra"], body["image_size"]) == (job_id, "x", "")
 
 
