@@ -67,12 +67,27 @@ def test_version(tmp_path: Path) -> None:
     ({"processor": {"disk": {"high": 80, "low": 85}}}, {}, "processor.disk.low"),
     ({"api": {"prot": 8000}}, {}, "api.prot"),
     ({"redis": {"url": "http://localhost"}}, {}, "redis.url"),
-    ({}, {"GDL_API_PORT": "eighty"}, "api.port"),
+    ({}, {"GDL_API_PORT": "eighty"}, "GDL_API_PORT (api.port)"),
 ])
 def test_bad_config_value_is_one_line_and_exit_2(tmp_path: Path, data: dict, env: dict, key: str) -> None:
     path = write_yaml(tmp_path / "gdl.yaml", data)
     line = one_error_line(run_gdl(tmp_path, "--config", str(path), env=env))
     assert line.startswith(f"gdl: {key}: "), line
+
+
+def test_typo_in_an_environment_variable_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, env={"GDL_PROCESOR_DISK_HIGH": "80"}))
+    assert line == "gdl: GDL_PROCESOR_DISK_HIGH: no such setting; did you mean GDL_PROCESSOR_DISK_HIGH?"
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, env={"GDL_PROCESSOR_DISK_HIGH": "abc"}))
+    assert line == "gdl: GDL_PROCESSOR_DISK_HIGH (processor.disk.high): must be a number (got 'abc')"
+
+
+def test_bad_log_level_from_the_environment_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, "status", env={"GDL_LOG_LEVEL": "loud"}))
+    assert line == "gdl: GDL_LOG_LEVEL: must be one of debug, info, warning, error (got 'loud')"
 
 
 def test_invalid_yaml_is_one_line_and_exit_2(tmp_path: Path) -> None:
