@@ -88,8 +88,13 @@ def _option(given: str | None, variable: str, choices: tuple[str, ...]) -> str |
 
 
 def run_service(cfg: config.Config, role: str | None) -> int:
+    # Imported here, not at the top: the operator commands need none of it. A missing
+    # library (libmagic) is a StartupError raised by this import: one line, exit 2.
+    from gdl import mime
     from gdl.service import ROLES, Service
 
+    if role in (None, "processor"):
+        mime.check_libmagic()
     raise_open_files_limit()
     service = Service(cfg, (role,) if role else ROLES)
     service.install_signal_handlers()
