@@ -34,11 +34,12 @@ from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, dashboard, metrics, sentry
+from gdl import __version__, dashboard, destinations, metrics, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
 from gdl.job import ID_LENGTH, is_valid_id, new_id, parse_request
+from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Store, now_ms
 
@@ -115,6 +116,7 @@ class API:
         self.storage = storage
         self.clock = clock
         self.tokens = [t.encode() for t in cfg.security.api_tokens]
+        self.guard = AddressGuard.from_config(cfg.security)  # refuses literal private destinations at submit
         self.stale_ms = int(cfg.processor.stats_interval * 1000 * STALE_AFTER_INTERVALS)
         self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("POST", re.compile(r"^/download$"), self.post_download),
@@ -186,6 +188,7 @@ class API:
         body = self._read_json(environ)
         now = self.clock()
         job = parse_request(body, job_id=new_id(), now_ms=now)
+        destinations.check(job, body, self.guard)
         job = self.store.enqueue(job, now=now)
         log.info("job %s: accepted for aggr %s: %s", job.id, job.aggr_id, job.url)
         return _json(201, {"id": job.id})

@@ -156,6 +156,24 @@ def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 
 
+def allowed_networks_hint(address: str) -> str:
+    """How to let ``address`` past ``security.block_private_networks``, for every refusal message.
+
+    It suggests the loopback network for a loopback address (local testing), and
+    the address alone for anything else: a whole private or link-local range (the
+    cloud metadata endpoint's) is the operator's decision, not a hint's.
+    """
+    ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        network = "127.0.0.0/8" if ip.version == 4 else "::1/128"
+    else:
+        network = f"{ip}/{ip.max_prefixlen}"
+    key = "security.allowed_networks"
+    return f"security.block_private_networks; to allow it, add {network} to {key} or set {env_name(key)}={network}"
+
+
 def _name_variables(message: str, from_env: dict[str, str]) -> str:
     """A config error whose keys were set from the environment, saying by which variable.
 
