@@ -26,8 +26,8 @@ import gevent
 import gevent.server
 import pytest
 
-from gdl.download import Downloader
 from gdl.config import allowed_networks_hint
+from gdl.download import Downloader
 from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
 from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
@@ -262,7 +262,8 @@ def test_public_looking_name_resolving_to_loopback_is_refused(server, make_downl
     guard = AddressGuard(resolve=resolver({"public.example": "127.0.0.1"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(f"http://public.example:{server.port}/a"), timeout=5)
-    assert str(info.value) == f"refused: public.example resolves to 127.0.0.1, a loopback address {refused_by('127.0.0.1')}"
+    assert str(info.value) == \
+        f"refused: public.example resolves to 127.0.0.1, a loopback address {refused_by('127.0.0.1')}"
     assert server.count("/a") == 0
 
 
@@ -333,8 +334,8 @@ def test_redirect_to_a_name_resolving_to_a_private_address_is_refused(server, ma
     guard = AddressGuard(LOOPBACK, resolve=resolver({"intranet.example": "10.0.0.7"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(server.url("/r")), timeout=5)
-    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address {refused_by('10.0.0.7')}, "
-                               "at redirect 1 to http://intranet.example/admin")
+    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address "
+                               f"{refused_by('10.0.0.7')}, at redirect 1 to http://intranet.example/admin")
 
 
 @pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:6379/_x"])
