@@ -88,6 +88,7 @@ class Status:
     callback_attempts: int = 0
     callback_error: str = ""
     callback_code: int = 0
+    callback_due_at: int = 0  # when a callback retry is due (ms since the epoch); 0 when none waits
     delivered_at: int = 0
 
 
