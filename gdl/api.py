@@ -50,6 +50,9 @@ Response = tuple[str, list[tuple[str, str]], Iterable[bytes]]
 
 COMPONENTS = ("processor", "notifier")
 FILE_CHUNK = 256 * 1024
+# A stored file is whatever a job's URL answered, served from the dashboard's origin (where a
+# typed-in API token is kept): browsers must not sniff it into something else, nor run it.
+FILE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "sandbox; default-src 'none'")]
 
 _STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
            401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
@@ -265,13 +268,23 @@ class API:
         if handle is None:
             raise HTTPError(404, "no such file")
         size = os.fstat(handle.fileno()).st_size
-        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        headers = [("Content-Type", self._file_type(job_id)), ("Content-Length", str(size)), *FILE_HEADERS]
         if environ["REQUEST_METHOD"] == "HEAD":
             handle.close()
             return _STATUS[200], headers, []
         wrapper = environ.get("wsgi.file_wrapper")
         body = wrapper(handle, FILE_CHUNK) if wrapper else _chunks(handle)
         return _STATUS[200], headers, body
+
+    def _file_type(self, job_id: str) -> str:
+        """The type the job's download was sniffed as (with ``mime_type`` or ``extract_image_size``),
+        else ``application/octet-stream``; a file outlives neither Redis nor its record, but it is
+        served the same while Redis is away."""
+        try:
+            job = self.store.get_job(job_id)
+        except StoreUnavailable:
+            job = None
+        return (job.status.mime if job is not None else "") or "application/octet-stream"
 
     def get_index(self, environ: dict) -> Response:
         return _text(200, self.index_html, "text/html; charset=utf-8")

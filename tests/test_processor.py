@@ -285,3 +285,20 @@ def test_go_failures_count_our_own_failures_only():
     snapshot = stats.snapshot()
     assert (snapshot["failures"], snapshot["download.response.tls"]) == (1, 1)
     assert "download.response.body" not in snapshot
+
+
+def test_a_file_is_served_with_its_sniffed_type(run_service, files):
+    png = image_bytes("PNG", 3, 2)
+    files.add("/a.png", png, headers={"Content-Type": "application/octet-stream"})
+    files.add("/b.png", png)
+    running = run_service(ROLES)
+    sniffed = enqueue(running, files.url("/a.png"), extract_image_size=True)
+    plain = enqueue(running, files.url("/b.png"))  # neither mime_type nor extract_image_size: not sniffed
+    assert finished(running, sniffed)["mime"] == "image/png"
+    assert finished(running, plain)["mime"] == ""
+    response = running.get(f"/files/{sniffed[:3]}/{sniffed}")
+    assert (response.status_code, response.content) == (200, png)
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert running.get(f"/files/{plain[:3]}/{plain}").headers["Content-Type"] == "application/octet-stream"
