@@ -13,6 +13,8 @@ import re
 import sys
 import time
 
+import gevent
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SUBJECT_RE = re.compile(r"(?:^|: )(aggr|job) (\S+?)(?=:)")  # lookahead: "aggr a: job j:" has both
 
@@ -49,8 +51,6 @@ def _route_gevent_errors() -> None:
     exception nobody caught) go through logging instead, as one event in the
     chosen format. Disk calls never get there (:mod:`gdl.diskio` hands their
     exceptions back to the caller); this catches whatever else would."""
-    import gevent  # here, not at the top: the CLI patches before gevent's hub exists
-
     def print_exception(context: object, kind: type, value: BaseException, tb: object) -> None:
         logging.getLogger("gdl.gevent").error("%s failed with %s: %s", context, kind.__name__, value,
                                               exc_info=(kind, value, tb))  # type: ignore[arg-type]
