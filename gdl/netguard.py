@@ -48,6 +48,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from gdl.config import allowed_networks_hint
 from gdl.errors import BlockedAddress
 
 # The unpatched poll: used only with a zero timeout (see _QuickLivenessCheck).
@@ -214,7 +215,7 @@ class AddressGuard:
 
 def _message(host: str, address: str, reason: str, *, role: str = "") -> str:
     verb = "is" if _same_address(host, address) else f"resolves to {address},"
-    return f"refused: {role}{host} {verb} {reason} ({SETTING})"
+    return f"refused: {role}{host} {verb} {reason} ({allowed_networks_hint(address)})"
 
 
 def _same_address(host: str, address: str) -> bool:

@@ -26,6 +26,7 @@ import gevent
 import gevent.server
 import pytest
 
+from gdl.config import allowed_networks_hint
 from gdl.download import Downloader
 from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
 from gdl.job import Job, new_id
@@ -37,7 +38,12 @@ from tests.httpserver import LoopbackServer
 from tests.samples import fetched_body
 from tests.servers import CallbackReceiver
 
-SETTING = "(security.block_private_networks)"
+SETTING = "(security.block_private_networks)"  # refusals that allowed_networks cannot lift (socks, a proxied localhost)
+
+
+def refused_by(address: str) -> str:
+    """The end of a refusal of ``address``: the setting, and how to allow it."""
+    return f"({allowed_networks_hint(address)})"
 HEADERS = {"User-Agent": "gdl-test/1", "Accept": "*/*"}
 LOOPBACK = ["127.0.0.0/8"]
 
@@ -235,7 +241,9 @@ def test_loopback_url_is_refused_by_default(server, make_downloader, storage_dir
     server.add("/a", b"secret")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard()).fetch(job(server.url("/a")), timeout=5)
-    assert str(info.value) == f"refused: 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == ("refused: 127.0.0.1 is a loopback address (security.block_private_networks; to "
+                               "allow it, add 127.0.0.0/8 to security.allowed_networks or set "
+                               "GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8)")
     assert info.value.retriable is False
     assert info.value.response_code == 0
     assert server.count("/a") == 0
@@ -254,7 +262,8 @@ def test_public_looking_name_resolving_to_loopback_is_refused(server, make_downl
     guard = AddressGuard(resolve=resolver({"public.example": "127.0.0.1"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(f"http://public.example:{server.port}/a"), timeout=5)
-    assert str(info.value) == f"refused: public.example resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == \
+        f"refused: public.example resolves to 127.0.0.1, a loopback address {refused_by('127.0.0.1')}"
     assert server.count("/a") == 0
 
 
@@ -296,7 +305,8 @@ def test_address_spellings_are_refused(server, make_downloader, host: str, messa
     url = f"http://{host}:{server.port}/a"
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard()).fetch(job(url), timeout=5)
-    assert str(info.value) == f"refused: {message} {SETTING}"
+    address = "0.0.0.0" if host == "0.0.0.0" else "127.0.0.1"
+    assert str(info.value) == f"refused: {message} {refused_by(address)}"
     assert server.count("/a") == 0
 
 
@@ -312,7 +322,7 @@ def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, st
     server.add_redirect("/r", "http://169.254.169.254/latest/meta-data/")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/r")), timeout=5)
-    assert str(info.value) == (f"refused: 169.254.169.254 is a link-local address {SETTING}, "
+    assert str(info.value) == (f"refused: 169.254.169.254 is a link-local address {refused_by('169.254.169.254')}, "
                                "at redirect 1 to http://169.254.169.254/latest/meta-data/")
     assert info.value.retriable is False
     assert server.count("/r") == 1
@@ -324,8 +334,8 @@ def test_redirect_to_a_name_resolving_to_a_private_address_is_refused(server, ma
     guard = AddressGuard(LOOPBACK, resolve=resolver({"intranet.example": "10.0.0.7"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(server.url("/r")), timeout=5)
-    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address {SETTING}, "
-                               "at redirect 1 to http://intranet.example/admin")
+    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address "
+                               f"{refused_by('10.0.0.7')}, at redirect 1 to http://intranet.example/admin")
 
 
 @pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:6379/_x"])
@@ -373,7 +383,7 @@ def test_a_private_proxy_is_refused(server, make_downloader) -> None:
     downloader = make_downloader(AddressGuard(), proxy=server.base_url)
     with pytest.raises(BlockedAddress) as info:
         downloader.fetch(job("http://gdl-test.invalid/p"), timeout=5)
-    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {refused_by('127.0.0.1')}"
     assert server.count("/p") == 0
 
 
@@ -385,23 +395,26 @@ def test_an_allowed_proxy_carries_a_public_name(server, make_downloader) -> None
     assert [r.target for r in server.requests_for("/p")] == ["http://gdl-test.invalid/p"]
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("http://10.0.0.1/p", "10.0.0.1 is a private address"),
-    ("http://169.254.169.254/p", "169.254.169.254 is a link-local address"),
-    ("http://0xa9fea9fe/p", "0xa9fea9fe resolves to 169.254.169.254, a link-local address"),
-    ("http://[::ffff:a9fe:a9fe]/p", "::ffff:a9fe:a9fe is a link-local address (IPv4-mapped 169.254.169.254)"),
-    ("https://192.168.0.1/p", "192.168.0.1 is a private address"),
-    ("http://localhost/p", "localhost names the loopback interface"),
-    ("http://admin.localhost./p", "admin.localhost. names the loopback interface"),
+@pytest.mark.parametrize(("url", "message", "ending"), [
+    ("http://10.0.0.1/p", "10.0.0.1 is a private address", refused_by("10.0.0.1")),
+    ("http://169.254.169.254/p", "169.254.169.254 is a link-local address", refused_by("169.254.169.254")),
+    ("http://0xa9fea9fe/p", "0xa9fea9fe resolves to 169.254.169.254, a link-local address",
+     refused_by("169.254.169.254")),
+    ("http://[::ffff:a9fe:a9fe]/p", "::ffff:a9fe:a9fe is a link-local address (IPv4-mapped 169.254.169.254)",
+     refused_by("169.254.169.254")),
+    ("https://192.168.0.1/p", "192.168.0.1 is a private address", refused_by("192.168.0.1")),
+    # the proxy resolves a name: allowed_networks cannot vouch for it, so no hint to allow it
+    ("http://localhost/p", "localhost names the loopback interface", SETTING),
+    ("http://admin.localhost./p", "admin.localhost. names the loopback interface", SETTING),
 ])
 def test_literal_private_targets_are_refused_through_a_proxy(server, make_downloader, url: str,
-                                                             message: str) -> None:
+                                                             message: str, ending: str) -> None:
     # The proxy would resolve the name; the URL's literal address is what gdl can see.
     server.add("/p", b"internal")
     downloader = make_downloader(AddressGuard(["127.0.0.1/32"]), proxy=server.base_url)
     with pytest.raises(BlockedAddress) as info:
         downloader.fetch(job(url), timeout=5)
-    assert str(info.value) == f"refused: {message} {SETTING}"
+    assert str(info.value) == f"refused: {message} {ending}"
     assert server.count("/p") == 0
 
 
@@ -573,16 +586,62 @@ def settled(running, job_id: str) -> dict:
 
 
 def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver) -> None:
-    running = run_service(security={"block_private_networks": True})
+    # Literal private destinations are refused at submit (tests below); to reach the refusal
+    # where the connection is made, the api accepts them (its guard off) and the workers' guard is on.
+    running = run_service(("api",), security={"block_private_networks": False})
+    run_service(("processor", "notifier"), security={"block_private_networks": True})
     job_id = running.enqueue(url="http://10.255.255.1/secret", aggr_id="a", aggr_limit=1, max_retries=3,
                              callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
     assert (record["state"], record["attempts"]) == ("failed", 1)
-    assert record["error"] == f"refused: 10.255.255.1 is a private address {SETTING}"
+    assert record["error"] == f"refused: 10.255.255.1 is a private address {refused_by('10.255.255.1')}"
     assert (record["callback_state"], record["callback_attempts"]) == ("failed", 1)
     assert record["callback_error"] == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback "
-                                        f"address {SETTING}")
+                                        f"address {refused_by('127.0.0.1')}")
     assert receiver.bodies() == []
+
+
+# ---------------------------------------------------------------------------- at submit: literal destinations
+
+HINT_LOOPBACK = ("refused by security.block_private_networks; to allow it, add 127.0.0.0/8 to "
+                 "security.allowed_networks or set GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8")
+SUBMIT = {"url": "http://example.com/a", "aggr_id": "a", "aggr_limit": 1, "callback_url": "http://example.com/cb"}
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"url": "http://127.0.0.1:8080/a"}, f"url: 127.0.0.1 is a loopback address, {HINT_LOOPBACK}"),
+    ({"url": "http://[::1]/a"}, "url: ::1 is a loopback address, refused by security.block_private_networks; "
+                                "to allow it, add ::1/128 to security.allowed_networks or set "
+                                "GDL_SECURITY_ALLOWED_NETWORKS=::1/128"),
+    ({"url": "http://2130706433/a"}, f"url: 2130706433 is 127.0.0.1, a loopback address, {HINT_LOOPBACK}"),
+    ({"callback_url": "http://localhost:9999/cb"}, f"callback_url: localhost names the loopback interface, "
+                                                   f"{HINT_LOOPBACK}"),
+    ({"callback_url": None, "callback_type": "http", "callback_dst": "http://10.0.0.5/cb"},
+     "callback_dst: 10.0.0.5 is a private address, refused by security.block_private_networks; to allow it, add "
+     "10.0.0.5/32 to security.allowed_networks or set GDL_SECURITY_ALLOWED_NETWORKS=10.0.0.5/32"),
+])
+def test_a_literal_refused_destination_is_400_at_submit(run_service, store, fields: dict, error: str) -> None:
+    running = run_service(("api",), security={"block_private_networks": True})
+    body = {k: v for k, v in {**SUBMIT, **fields}.items() if v is not None}
+    response = running.post("/download", body)
+    assert (response.status_code, response.json()) == (400, {"error": error})
+    assert store.redis.keys("*job:*") == []
+
+
+@pytest.mark.parametrize("security", [
+    {"block_private_networks": True, "allowed_networks": ["127.0.0.0/8"]},
+    {"block_private_networks": False},
+])
+def test_allowed_or_unguarded_literal_destinations_are_accepted(run_service, security: dict) -> None:
+    running = run_service(("api",), security=security)
+    running.enqueue(**{**SUBMIT, "url": "http://127.0.0.1:8080/a", "callback_url": "http://localhost:9999/cb"})
+
+
+def test_names_and_kafka_topics_are_left_to_the_guard_at_connect_time(run_service) -> None:
+    running = run_service(("api",), security={"block_private_networks": True})
+    running.enqueue(**{**SUBMIT, "url": "http://intranet.example/a"})  # may resolve anywhere by then
+    running.enqueue(**{k: v for k, v in SUBMIT.items() if k != "callback_url"}, callback_type="kafka",
+                    callback_dst="localhost")
 
 
 def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver) -> None:
