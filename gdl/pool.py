@@ -297,7 +297,8 @@ class AggregationPool(TakingPool):
             if err.retry_after is not None:
                 delay = max(delay, err.retry_after)
             due = now + int(delay * 1000)
-            self.log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, max_retries, delay)
+            which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
+            self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
             self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, attempts=attempts, error=str(err),
                 response_code=err.response_code))
