@@ -298,7 +298,8 @@ def shared_downloaders(cfg: Config) -> Downloaders:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
                           storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
-                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS)
+                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
+                          engine=cfg.http.engine)
 
     return Downloaders(make)
 

@@ -94,6 +94,12 @@ def pings(store: Store) -> bool:
         return False
 
 
+@pytest.fixture(params=["curl", "requests"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each HTTP engine in turn: the download, security and callback tests are one contract suite."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

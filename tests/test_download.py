@@ -52,11 +52,12 @@ def storage_dir(tmp_path) -> str:
 
 
 @pytest.fixture
-def make_downloader(storage_dir):
+def make_downloader(storage_dir, engine):
     made: list[Downloader] = []
 
     def make(**overrides) -> Downloader:
-        options = {"proxy": "", "default_headers": DEFAULT_HEADERS, "storage_dir": storage_dir, "chunk_size": 1024}
+        options = {"proxy": "", "default_headers": DEFAULT_HEADERS, "storage_dir": storage_dir, "chunk_size": 1024,
+                   "engine": engine}
         options.update(overrides)
         downloader = Downloader(**options)
         made.append(downloader)
