@@ -66,6 +66,7 @@ HIGH_WATER = 256 * 1024
 # libcurl's own deadline comes this long after the exchange's: the caller's
 # (a gevent.Timeout over the whole download) speaks first.
 BACKSTOP_MS = 1000
+CHAIN_PROBLEM = "SSL certificate problem: "  # how libcurl prefixes OpenSSL's verification error
 SUPPRESS_CONNECT_HEADERS = 265  # CURLOPT_SUPPRESS_CONNECT_HEADERS, which pycurl does not name
 IDLE_CONNECTIONS = 1000  # the most idle connections the process's multi keeps, all hosts together
 
@@ -277,7 +278,6 @@ class _Transfer:
         if code:
             handle = self.handle
             self.info = {"os_errno": handle.getinfo(pycurl.OS_ERRNO),
-                         "verify": handle.getinfo(pycurl.SSL_VERIFYRESULT),
                          "connected": handle.getinfo(pycurl.CONNECT_TIME) > 0}
         self.event.set()
 
@@ -310,8 +310,10 @@ class _Transfer:
         return pycurl.error(self.code, self.message)
 
     def _tls_error(self) -> DownloadError:
-        if self.code == pycurl.E_PEER_FAILED_VERIFICATION and not self.info.get("verify"):
-            # The chain was good: the name was not (libcurl checks it after OpenSSL).
+        if self.code == pycurl.E_PEER_FAILED_VERIFICATION and CHAIN_PROBLEM not in self.message:
+            # The chain was good, the name was not: libcurl checks it after OpenSSL's
+            # verification (and reports no X509 code of its own for it). Only the
+            # words depend on the text; the type is TLSError either way.
             return certificate_not_valid_for(Peer.of(Exchange("GET", self.exchange.url)).host)
         return tls_failed(_openssl_words(self.message))
 
@@ -325,7 +327,7 @@ class _Transfer:
 def _openssl_words(message: str) -> str:
     """The reason in a libcurl TLS message: "SSL certificate problem: certificate has expired",
     "OpenSSL/3.0: error:0A00010B:SSL routines::wrong version number" -> the last part."""
-    for marker in ("SSL certificate problem: ", "::"):
+    for marker in (CHAIN_PROBLEM, "::"):
         if marker in message:
             return message.rsplit(marker, 1)[1].strip()
     return message
