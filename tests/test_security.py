@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,15 @@ import gevent.server
 import pytest
 
 from gdl.download import Downloader
-from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
+from gdl.errors import (
+    BlockedAddress,
+    DownloadTimeout,
+    InvalidURL,
+    TLSError,
+    TooLarge,
+    TooManyRedirects,
+    TruncatedBody,
+)
 from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
 from gdl.redis_server import find_binary
@@ -89,54 +96,6 @@ def resolver(names: dict[str, str], calls: list[str] | None = None) -> Callable[
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))]
     return resolve
-
-
-class RawServer:
-    """A loopback TCP (or TLS) server whose ``answer(sock, request)`` writes whatever bytes a test wants."""
-
-    def __init__(self, answer: Callable[[socket.socket, bytes], None], ssl_context: ssl.SSLContext | None = None):
-        self.answer = answer
-        self.requests: list[bytes] = []
-        tls = {"ssl_context": ssl_context} if ssl_context else {}
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle, **tls)
-        self.server.start()
-
-    @property
-    def port(self) -> int:
-        return self.server.server_port
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def _handle(self, sock: socket.socket, _address: object) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = sock.recv(65536)
-            if not data:
-                return
-            request += data
-        self.requests.append(request)
-        try:
-            self.answer(sock, request)
-        except OSError:
-            pass  # the client hung up, as it should
-
-    def stop(self) -> None:
-        self.server.stop(timeout=1)
-
-
-@pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], RawServer]]:
-    started: list[RawServer] = []
-
-    def start(answer: Callable[[socket.socket, bytes], None], **options) -> RawServer:
-        srv = RawServer(answer, **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
 
 
 @functools.cache
@@ -503,6 +462,20 @@ def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_do
     assert os.listdir(storage_dir) == []
 
 
+def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, storage_dir) -> None:
+    def reset(sock: socket.socket, _request: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 20_000)
+        gevent.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # linger 0: a reset
+
+    with pytest.raises(TruncatedBody) as info:
+        make_downloader(AddressGuard(LOOPBACK)).fetch(job(raw_server(reset).url("/x")), timeout=5)
+    assert str(info.value).endswith(" bytes: connection reset by peer")
+    assert (info.value.retriable, info.value.response_code) == (True, 200)
+    assert os.listdir(storage_dir) == []
+
+
 def test_a_gzip_bomb_is_stored_as_sent(server, make_downloader) -> None:
     bomb = gzip_of_zeros(128 << 20)  # 128 MiB of zeros in about 130 KB
     server.add("/bomb", bomb, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
@@ -566,8 +539,8 @@ def settled(running, job_id: str) -> dict:
     return wait_until(done, timeout=15)
 
 
-def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver) -> None:
-    running = run_service(security={"block_private_networks": True})
+def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver, engine) -> None:
+    running = run_service(security={"block_private_networks": True}, http={"engine": engine})
     job_id = running.enqueue(url="http://10.255.255.1/secret", aggr_id="a", aggr_limit=1, max_retries=3,
                              callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
@@ -579,9 +552,10 @@ def test_refused_download_and_callback_fail_at_once_saying_why(run_service, rece
     assert receiver.bodies() == []
 
 
-def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver) -> None:
+def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver, engine) -> None:
     server.add("/a", b"allowed")
-    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK})
+    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK},
+                          http={"engine": engine})
     job_id = running.enqueue(url=server.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
     assert (record["state"], record["bytes"], record["callback_state"]) == ("succeeded", 7, "delivered")

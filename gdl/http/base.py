@@ -215,7 +215,13 @@ def certificate_not_valid_for(host: str) -> TLSError:
     return tls_failed(f"certificate is not valid for {host}")
 
 
-def cut_short(received: int, why: str, response_code: int) -> TruncatedBody:
+ENDED_EARLY = "the connection closed before its end"
+
+
+def cut_short(received: int, why: str | int, response_code: int) -> TruncatedBody:
+    """``why``: an errno (a reset), or words (:data:`ENDED_EARLY`, or the library's own)."""
+    if isinstance(why, int):
+        why = os.strerror(why).lower()
     return TruncatedBody(f"the body was cut short after {received} bytes: {why}", response_code=response_code)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import socket
 import weakref
 from collections import deque
@@ -41,6 +42,7 @@ import pycurl
 from gdl.errors import BlockedAddress, DownloadError, InvalidURL
 from gdl.http.base import (
     CHUNK_SIZE,
+    ENDED_EARLY,
     Engine,
     Exchange,
     Headers,
@@ -66,7 +68,9 @@ HIGH_WATER = 256 * 1024
 # libcurl's own deadline comes this long after the exchange's: the caller's
 # (a gevent.Timeout over the whole download) speaks first.
 BACKSTOP_MS = 1000
-CHAIN_PROBLEM = "SSL certificate problem: "  # how libcurl prefixes OpenSSL's verification error
+# How libcurl (8.x, then 7.x) introduces OpenSSL's verification error: "SSL certificate
+# OpenSSL verify result: self-signed certificate (18)", "SSL certificate problem: ...".
+CHAIN_PROBLEM = ("verify result: ", "SSL certificate problem: ")
 SUPPRESS_CONNECT_HEADERS = 265  # CURLOPT_SUPPRESS_CONNECT_HEADERS, which pycurl does not name
 IDLE_CONNECTIONS = 1000  # the most idle connections the process's multi keeps, all hosts together
 
@@ -310,7 +314,8 @@ class _Transfer:
         return pycurl.error(self.code, self.message)
 
     def _tls_error(self) -> DownloadError:
-        if self.code == pycurl.E_PEER_FAILED_VERIFICATION and CHAIN_PROBLEM not in self.message:
+        chain_problem = any(marker in self.message for marker in CHAIN_PROBLEM)
+        if self.code == pycurl.E_PEER_FAILED_VERIFICATION and not chain_problem:
             # The chain was good, the name was not: libcurl checks it after OpenSSL's
             # verification (and reports no X509 code of its own for it). Only the
             # words depend on the text; the type is TLSError either way.
@@ -321,15 +326,17 @@ class _Transfer:
         """What cut the body short, in the seam's words."""
         if self.code == pycurl.E_OPERATION_TIMEDOUT:
             return timed_out(self.exchange.timeout)
-        return cut_short(self.received, self.message, self.status)
+        if self.code == pycurl.E_PARTIAL_FILE:
+            return cut_short(self.received, ENDED_EARLY, self.status)
+        return cut_short(self.received, self.info.get("os_errno") or self.message, self.status)
 
 
 def _openssl_words(message: str) -> str:
-    """The reason in a libcurl TLS message: "SSL certificate problem: certificate has expired",
-    "OpenSSL/3.0: error:0A00010B:SSL routines::wrong version number" -> the last part."""
-    for marker in (CHAIN_PROBLEM, "::"):
+    """OpenSSL's reason in a libcurl TLS message: "... verify result: certificate has expired (10)",
+    "OpenSSL/3.0: error:0A00010B:SSL routines::wrong version number" -> the reason alone."""
+    for marker in (*CHAIN_PROBLEM, "::"):
         if marker in message:
-            return message.rsplit(marker, 1)[1].strip()
+            return re.sub(r" \(\d+\)$", "", message.rsplit(marker, 1)[1].strip())
     return message
 
 

@@ -38,6 +38,7 @@ from urllib3.util import SKIP_HEADER
 from gdl.errors import BlockedAddress, DownloadError, InvalidURL
 from gdl.http.base import (
     CHUNK_SIZE,
+    ENDED_EARLY,
     Engine,
     Exchange,
     Headers,
@@ -114,7 +115,7 @@ class RequestsResponse(Response):
             raise timed_out(self.exchange.timeout) from exc
         except urllib3.exceptions.HTTPError as exc:
             # ProtocolError (IncompleteRead, a reset), SSLError mid-body: the body was cut short.
-            raise cut_short(received, _innermost_words(exc), self.status) from exc
+            raise cut_short(received, _body_words(exc), self.status) from exc
 
     def close(self) -> None:
         self.response.close()
@@ -171,6 +172,15 @@ def _tls_error(exc: ssl.SSLError, exchange: Exchange) -> DownloadError:
         return tls_failed(str(exc.verify_message))
     reason = exc.reason if isinstance(exc.reason, str) else str(exc)
     return tls_failed(reason.replace("_", " ").lower())
+
+
+def _body_words(exc: BaseException) -> str | int:
+    """Why a body stopped: an errno, the seam's words for an early end, or the innermost error's text."""
+    chain = list(_causes(exc))
+    if any(isinstance(e, (urllib3.exceptions.IncompleteRead, http.client.IncompleteRead)) for e in chain):
+        return ENDED_EARLY
+    errno = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
+    return errno if errno is not None else _innermost_words(exc)
 
 
 def _innermost_words(exc: BaseException) -> str:
