@@ -53,6 +53,15 @@ def get(http: Engine, url: str, **options) -> tuple[int, bytes]:
         return response.status, b"".join(response.chunks())
 
 
+def body_failure(http: Engine, url: str) -> TruncatedBody:
+    """What reading ``url``'s body (500 bytes at a time where the engine reads by size) raised."""
+    with http.send(Exchange("GET", url)) as response:
+        with pytest.raises(TruncatedBody) as info:
+            for _ in response.chunks(500):
+                pass
+    return info.value
+
+
 def closed_port() -> int:
     return free_port()  # bound and closed again: nothing listens there
 
@@ -91,12 +100,9 @@ def test_a_head_after_100_continue_is_the_final_one(raw_server, new_engine) -> N
 
 def test_a_body_ending_before_its_length_in_words(server, new_engine) -> None:
     server.add_truncated("/cut", b"x" * 1000, declared_length=10_000)
-    with new_engine().send(Exchange("GET", server.url("/cut"))) as response:
-        with pytest.raises(TruncatedBody) as info:
-            for _ in response.chunks(500):
-                pass
-    assert str(info.value) == "the body was cut short after 1000 bytes: the connection closed before its end"
-    assert (info.value.retriable, info.value.response_code) == (True, 200)
+    error = body_failure(new_engine(), server.url("/cut"))
+    assert str(error) == "the body was cut short after 1000 bytes: the connection closed before its end"
+    assert (error.retriable, error.response_code) == (True, 200)
 
 
 def test_a_response_closed_early_leaves_a_clean_engine(server, new_engine) -> None:
@@ -188,12 +194,9 @@ def test_a_reset_mid_body_is_a_truncated_body(raw_server, new_engine) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # linger 0: a reset, not a clean end
 
-    with new_engine().send(Exchange("GET", raw_server(reset).url("/x"))) as response:
-        with pytest.raises(TruncatedBody) as info:
-            for _ in response.chunks(500):
-                pass
-    assert str(info.value) == "the body was cut short after 1000 bytes: connection reset by peer"
-    assert (info.value.retriable, info.value.response_code) == (True, 200)
+    error = body_failure(new_engine(), raw_server(reset).url("/x"))
+    assert str(error) == "the body was cut short after 1000 bytes: connection reset by peer"
+    assert (error.retriable, error.response_code) == (True, 200)
 
 
 # ---------------------------------------------------------------------------- the guard, where sockets are made

@@ -10,9 +10,9 @@ Above the seam, written once for every engine (:mod:`gdl.download`,
 :mod:`gdl.backends.http`): redirects and the cookies carried between hops,
 credentials stripped on a host change, the guard's proxy rules, size limits,
 mime sniffing, retries and the whole-download deadline. At the seam, also
-written once (here): the words of every connection failure and the error
-types they map to, so that both engines say ``cannot resolve
-www.python.org`` or ``connection refused by 10.0.0.5:443`` alike.
+written once (:mod:`gdl.http.failures`): the words of every connection
+failure and the error types they map to, so that both engines say ``cannot
+resolve www.python.org`` or ``connection refused by 10.0.0.5:443`` alike.
 
 An engine is given the :class:`~gdl.netguard.AddressGuard` (or None) and
 must apply it where the socket is made, to the address actually connected
@@ -26,14 +26,12 @@ connections alive between exchanges.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import urlsplit
 
-from gdl.errors import ConnectionFailed, DownloadError, DownloadTimeout, TLSError, TruncatedBody
+from gdl.errors import DownloadError
 
 if TYPE_CHECKING:
     from gdl.netguard import AddressGuard
@@ -153,78 +151,3 @@ def default_ca_bundle() -> str:
     import certifi
 
     return certifi.where()
-
-
-# ---------------------------------------------------------------------------- the words of failures
-#
-# Each engine finds out what failed (its own way) and says it with these, so the
-# two engines read alike and map to the same types.
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Whom an exchange connects to: the proxy when there is one, else the URL's host."""
-
-    host: str
-    port: int
-    role: str  # "" or "proxy "
-
-    @classmethod
-    def of(cls, exchange: Exchange) -> Peer:
-        url, role = (exchange.proxy, "proxy ") if exchange.proxy else (exchange.url, "")
-        parts = urlsplit(url)
-        default = 443 if parts.scheme.lower() == "https" else (1080 if parts.scheme.startswith("socks") else 80)
-        try:
-            port = parts.port or default
-        except ValueError:
-            port = default
-        return cls(parts.hostname or "", port, role)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.role}{host}:{self.port}"
-
-
-def cannot_resolve(peer: Peer) -> ConnectionFailed:
-    return ConnectionFailed(f"cannot resolve {peer.role}{peer.host}")
-
-
-def refused(peer: Peer) -> ConnectionFailed:
-    return ConnectionFailed(f"connection refused by {peer}")
-
-
-def cannot_connect(peer: Peer, errno: int) -> ConnectionFailed:
-    reason = os.strerror(errno).lower() if errno else "no connection could be made"
-    return ConnectionFailed(f"cannot connect to {peer}: {reason}")
-
-
-def dropped(peer: Peer) -> ConnectionFailed:
-    return ConnectionFailed(f"{peer} closed the connection before answering")
-
-
-def timed_out(seconds: float, *, connecting: Peer | None = None) -> DownloadTimeout:
-    where = f" connecting to {connecting}" if connecting else ""
-    return DownloadTimeout(f"timed out after {seconds:g}s{where}")
-
-
-def tls_failed(reason: str) -> TLSError:
-    return TLSError(f"TLS: {reason}")
-
-
-def certificate_not_valid_for(host: str) -> TLSError:
-    return tls_failed(f"certificate is not valid for {host}")
-
-
-ENDED_EARLY = "the connection closed before its end"
-
-
-def cut_short(received: int, why: str | int, response_code: int) -> TruncatedBody:
-    """``why``: an errno (a reset), or words (:data:`ENDED_EARLY`, or the library's own)."""
-    if isinstance(why, int):
-        why = os.strerror(why).lower()
-    return TruncatedBody(f"the body was cut short after {received} bytes: {why}", response_code=response_code)
-
-
-def failed(peer: Peer, why: str) -> ConnectionFailed:
-    """Anything else that broke the exchange before a response arrived."""
-    return ConnectionFailed(f"exchange with {peer} failed: {why}")

@@ -1,6 +1,6 @@
 """The curl engine: libcurl (pycurl) driven by the gevent hub.
 
-One ``CurlMulti`` per hub (:class:`_Multi`) runs every transfer of the
+One ``CurlMulti`` per hub (:class:`HubMulti`) runs every transfer of the
 process. libcurl tells it which sockets to watch (``M_SOCKETFUNCTION``) and
 when to wake it (``M_TIMERFUNCTION``); those become the hub's own io and
 timer watchers, so libcurl parses HTTP in C while each greenlet waits
@@ -40,24 +40,9 @@ import gevent.event
 import pycurl
 
 from gdl.errors import BlockedAddress, DownloadError, InvalidURL
-from gdl.http.base import (
-    CHUNK_SIZE,
-    ENDED_EARLY,
-    Engine,
-    Exchange,
-    Headers,
-    Peer,
-    Response,
-    cannot_connect,
-    cannot_resolve,
-    certificate_not_valid_for,
-    cut_short,
-    dropped,
-    failed,
-    refused,
-    timed_out,
-    tls_failed,
-)
+from gdl.http import failures
+from gdl.http.base import CHUNK_SIZE, Engine, Exchange, Headers, Response
+from gdl.http.failures import Peer
 from gdl.netguard import literal_address
 
 log = logging.getLogger(__name__)
@@ -91,7 +76,7 @@ class CurlEngine(Engine):
 
     def send(self, exchange: Exchange) -> Response:
         peer = Peer.of(exchange)
-        transfer = _Transfer(_multi(), exchange, peer, self)
+        transfer = _Transfer(hub_multi(), exchange, peer, self)
         try:
             self._configure(transfer)
             transfer.start()
@@ -135,7 +120,7 @@ class CurlEngine(Engine):
         try:
             allowed = self.guard.resolve(peer.host, peer.port, role=peer.role)
         except OSError as exc:
-            raise cannot_resolve(peer) from exc
+            raise failures.cannot_resolve(peer) from exc
         if literal_address(peer.host) is None:
             addresses = ",".join(f"[{ip}]" if ":" in ip else ip for ip in allowed)
             transfer.handle.setopt(pycurl.RESOLVE, [f"{peer.host}:{peer.port}:{addresses}"])
@@ -169,7 +154,7 @@ class CurlResponse(Response):
 class _Transfer:
     """One exchange in the multi: libcurl's callbacks fill it, the reading greenlet empties it."""
 
-    def __init__(self, multi: _Multi, exchange: Exchange, peer: Peer, engine: CurlEngine):
+    def __init__(self, multi: HubMulti, exchange: Exchange, peer: Peer, engine: CurlEngine):
         self.multi = multi
         self.handle = multi.take_handle()
         self.exchange = exchange
@@ -293,21 +278,23 @@ class _Transfer:
         if self.blocked is not None:
             return self.blocked
         if code in (pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY):
-            return cannot_resolve(peer)
+            return failures.cannot_resolve(peer)
         if code == pycurl.E_COULDNT_CONNECT:
             os_errno = self.info.get("os_errno", 0)
-            return refused(peer) if os_errno == errno.ECONNREFUSED else cannot_connect(peer, os_errno)
+            if os_errno == errno.ECONNREFUSED:
+                return failures.refused(peer)
+            return failures.cannot_connect(peer, os_errno)
         if code == pycurl.E_OPERATION_TIMEDOUT:
             if self.info.get("connected"):
-                return timed_out(exchange.timeout)
-            return timed_out(exchange.connect_timeout, connecting=peer)
+                return failures.timed_out(exchange.timeout)
+            return failures.timed_out(exchange.connect_timeout, connecting=peer)
         if code in _TLS_ERRORS:
             return self._tls_error()
         if code in (pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT):
             return InvalidURL(f"invalid URL {exchange.url!r}: {self.message}")
         if code in _DROPPED:
-            return dropped(peer)
-        return failed(peer, self.message)
+            return failures.dropped(peer)
+        return failures.failed(peer, self.message)
 
     def cause(self) -> pycurl.error:
         """libcurl's own account of the failure, chained under ours."""
@@ -319,16 +306,16 @@ class _Transfer:
             # The chain was good, the name was not: libcurl checks it after OpenSSL's
             # verification (and reports no X509 code of its own for it). Only the
             # words depend on the text; the type is TLSError either way.
-            return certificate_not_valid_for(Peer.of(Exchange("GET", self.exchange.url)).host)
-        return tls_failed(_openssl_words(self.message))
+            return failures.certificate_not_valid_for(self.exchange.url)
+        return failures.tls_failed(_openssl_words(self.message))
 
     def body_error(self) -> DownloadError:
         """What cut the body short, in the seam's words."""
         if self.code == pycurl.E_OPERATION_TIMEDOUT:
-            return timed_out(self.exchange.timeout)
+            return failures.timed_out(self.exchange.timeout)
         if self.code == pycurl.E_PARTIAL_FILE:
-            return cut_short(self.received, ENDED_EARLY, self.status)
-        return cut_short(self.received, self.info.get("os_errno") or self.message, self.status)
+            return failures.cut_short(self.received, failures.ENDED_EARLY, self.status)
+        return failures.cut_short(self.received, self.info.get("os_errno") or self.message, self.status)
 
 
 def _openssl_words(message: str) -> str:
@@ -359,8 +346,13 @@ def _set_method(handle: pycurl.Curl, exchange: Exchange) -> None:
         handle.setopt(pycurl.CUSTOMREQUEST, method)
 
 
-class _Multi:
-    """The hub's one CurlMulti: libcurl's sockets and timer as hub watchers."""
+class HubMulti:
+    """The hub's one CurlMulti: libcurl's sockets and timer as hub watchers.
+
+    It runs transfers: objects with a ``handle`` (a configured ``pycurl.Curl``),
+    a ``running`` flag and ``finished(code, message)``, called in the hub when
+    libcurl is done with it (code 0: success). bench/curl_loop.py drives it too.
+    """
 
     def __init__(self) -> None:
         self.loop = gevent.get_hub().loop
@@ -451,13 +443,13 @@ class _Multi:
             transfer.finished(code, message)
 
 
-_MULTIS: weakref.WeakKeyDictionary[Any, _Multi] = weakref.WeakKeyDictionary()
+_MULTIS: weakref.WeakKeyDictionary[Any, HubMulti] = weakref.WeakKeyDictionary()
 
 
-def _multi() -> _Multi:
+def hub_multi() -> HubMulti:
     """This hub's multi, made on first use."""
     hub = gevent.get_hub()
     multi = _MULTIS.get(hub)
     if multi is None:
-        multi = _MULTIS[hub] = _Multi()
+        multi = _MULTIS[hub] = HubMulti()
     return multi

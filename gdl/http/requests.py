@@ -36,24 +36,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import SKIP_HEADER
 
 from gdl.errors import BlockedAddress, DownloadError, InvalidURL
-from gdl.http.base import (
-    CHUNK_SIZE,
-    ENDED_EARLY,
-    Engine,
-    Exchange,
-    Headers,
-    Peer,
-    Response,
-    cannot_connect,
-    cannot_resolve,
-    certificate_not_valid_for,
-    cut_short,
-    dropped,
-    failed,
-    refused,
-    timed_out,
-    tls_failed,
-)
+from gdl.http import failures
+from gdl.http.base import CHUNK_SIZE, Engine, Exchange, Headers, Response
+from gdl.http.failures import Peer
 from gdl.netguard import AddressGuard
 
 # The unpatched poll: used only with a zero timeout (see _QuickLivenessCheck).
@@ -112,10 +97,10 @@ class RequestsResponse(Response):
                 received += len(chunk)
                 yield chunk
         except urllib3.exceptions.ReadTimeoutError as exc:
-            raise timed_out(self.exchange.timeout) from exc
+            raise failures.timed_out(self.exchange.timeout) from exc
         except urllib3.exceptions.HTTPError as exc:
             # ProtocolError (IncompleteRead, a reset), SSLError mid-body: the body was cut short.
-            raise cut_short(received, _body_words(exc), self.status) from exc
+            raise failures.cut_short(received, _body_words(exc), self.status) from exc
 
     def close(self) -> None:
         self.response.close()
@@ -137,18 +122,18 @@ def translate(exc: Exception, exchange: Exchange) -> DownloadError:
              urllib3.exceptions.LocationParseError) is not None:
         return InvalidURL(f"invalid URL {exchange.url!r}: {exc}")
     if first(socket.gaierror, urllib3.exceptions.NameResolutionError) is not None:
-        return cannot_resolve(peer)
+        return failures.cannot_resolve(peer)
     if first(ConnectionRefusedError) is not None:
-        return refused(peer)
+        return failures.refused(peer)
     if first(urllib3.exceptions.ConnectTimeoutError) is not None:
-        return timed_out(exchange.connect_timeout, connecting=peer)
+        return failures.timed_out(exchange.connect_timeout, connecting=peer)
     if first(urllib3.exceptions.ReadTimeoutError, TimeoutError) is not None:
-        return timed_out(exchange.timeout)
+        return failures.timed_out(exchange.timeout)
     if (os_error := first(OSError)) is not None and os_error.errno:
-        return cannot_connect(peer, os_error.errno)
+        return failures.cannot_connect(peer, os_error.errno)
     if first(urllib3.exceptions.ProtocolError, http.client.RemoteDisconnected) is not None:
-        return dropped(peer)
-    return failed(peer, _innermost_words(exc))
+        return failures.dropped(peer)
+    return failures.failed(peer, _innermost_words(exc))
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:
@@ -168,17 +153,17 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
 def _tls_error(exc: ssl.SSLError, exchange: Exchange) -> DownloadError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         if exc.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
-            return certificate_not_valid_for(Peer.of(Exchange("GET", exchange.url)).host)
-        return tls_failed(str(exc.verify_message))
+            return failures.certificate_not_valid_for(exchange.url)
+        return failures.tls_failed(str(exc.verify_message))
     reason = exc.reason if isinstance(exc.reason, str) else str(exc)
-    return tls_failed(reason.replace("_", " ").lower())
+    return failures.tls_failed(reason.replace("_", " ").lower())
 
 
 def _body_words(exc: BaseException) -> str | int:
     """Why a body stopped: an errno, the seam's words for an early end, or the innermost error's text."""
     chain = list(_causes(exc))
     if any(isinstance(e, (urllib3.exceptions.IncompleteRead, http.client.IncompleteRead)) for e in chain):
-        return ENDED_EARLY
+        return failures.ENDED_EARLY
     errno = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
     return errno if errno is not None else _innermost_words(exc)
 
