@@ -211,6 +211,13 @@ def test_a_name_resolving_to_loopback_is_never_connected_to(raw_server, new_engi
     assert srv.connections == 0
 
 
+def test_a_guarded_connection_is_kept_alive_too(server, new_engine) -> None:
+    server.add("/a", b"a" * 5000)
+    http = new_engine(guard=AddressGuard(["127.0.0.0/8"]))
+    assert [get(http, server.url("/a")) for _ in range(3)] == [(200, b"a" * 5000)] * 3
+    assert len({r.client_port for r in server.requests_for("/a")}) == 1
+
+
 class _UncheckedLookup(AddressGuard):
     """A guard whose lookup lets every address through, as a resolver bug or a
     lookup made elsewhere would: only the check where the socket is made is left."""

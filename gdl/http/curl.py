@@ -255,8 +255,11 @@ class _Transfer:
         except BlockedAddress as exc:
             self.blocked = self.blocked or exc
             return pycurl.SOCKET_BAD
-        sock = socket.socket(address.family, address.socktype, address.protocol)
-        self.sockets.append(sock)
+        try:
+            sock = socket.socket(address.family, address.socktype, address.protocol)
+        except OSError:
+            return pycurl.SOCKET_BAD  # out of descriptors, say: libcurl reports it could not connect
+        self.sockets.append(sock)  # pycurl hands libcurl a duplicate; this one is closed with the transfer
         return sock
 
     def finished(self, code: int, message: str) -> None:
