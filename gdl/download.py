@@ -49,6 +49,7 @@ from gdl.errors import (
     TruncatedBody,
 )
 from gdl.http import DEFAULT_ENGINE, Exchange, Headers, Response, make_engine
+from gdl.http.base import wire_url
 from gdl.job import Job
 from gdl.netguard import AddressGuard
 
@@ -159,7 +160,7 @@ class Downloader:
                 if hop:
                     raise BlockedAddress(f"{exc}, at redirect {hop} to {url}") from exc
                 raise
-            location = response.headers.get("Location") if response.status in REDIRECTS else None
+            location = _location(response)
             if location is None:
                 return response
             cookies.extract_cookies(_CookieResponse(response.headers), urllib.request.Request(url))  # type: ignore[arg-type]
@@ -184,7 +185,7 @@ class Downloader:
             cookies.add_cookie_header(request)
             if request.unredirected_hdrs.get("Cookie"):
                 pairs.append(("Cookie", request.unredirected_hdrs["Cookie"]))
-        return self.http.send(Exchange("GET", url, pairs, proxy=self.proxy, timeout=timeout))
+        return self.http.send(Exchange("GET", wire_url(url), pairs, proxy=self.proxy, timeout=timeout))
 
     def _check_url(self, url: str) -> None:
         try:
@@ -272,6 +273,18 @@ class Downloaders:
 
     def __len__(self) -> int:
         return len(self._shared)
+
+
+def _location(response: Response) -> str | None:
+    """Where a redirect leads, or None for any other response. Servers send UTF-8 in
+    headers that HTTP reads as latin-1: read back as UTF-8 where it is (as requests does)."""
+    location = response.headers.get("Location") if response.status in REDIRECTS else None
+    if location is None:
+        return None
+    try:
+        return location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return location
 
 
 def _overlay(defaults: dict[str, str], overrides: dict[str, str]) -> dict[str, tuple[str, str]]:

@@ -472,6 +472,20 @@ def test_redirects_are_followed(server, downloader) -> None:
     assert [server.count(p) for p in ("/old", "/middle", "/new")] == [1, 1, 1]
 
 
+def test_urls_are_quoted_as_requests_quotes_them(server, downloader) -> None:
+    server.add("/a%20b/%C3%A9", b"quoted")  # the test server routes by the path as sent
+    fetched = downloader.fetch(make_job(server.url("/a b/é?q=1 2&r=%41")), timeout=5)
+    assert fetched_body(fetched) == b"quoted"
+    # %41 is an unreserved character: unquoted, as requests does
+    assert [r.target for r in server.requests_for("/a%20b/%C3%A9")] == ["/a%20b/%C3%A9?q=1%202&r=A"]
+
+
+def test_a_utf8_location_is_followed(server, downloader) -> None:
+    server.add_redirect("/old", "/né".encode().decode("latin-1"))  # UTF-8 bytes on the wire
+    server.add("/n%C3%A9", b"moved")
+    assert fetched_body(downloader.fetch(make_job(server.url("/old")), timeout=5)) == b"moved"
+
+
 def test_too_many_redirects(server, make_downloader, storage_dir) -> None:
     server.add_redirect("/loop", "/loop")
     with pytest.raises(TooManyRedirects) as info:

@@ -18,6 +18,7 @@ import gevent
 from gdl import __version__
 from gdl.errors import BlockedAddress, CallbackError, DownloadError, InvalidURL
 from gdl.http import DEFAULT_ENGINE, Engine, Exchange, make_engine
+from gdl.http.base import wire_url
 from gdl.netguard import AddressGuard
 
 HEADERS = [("Content-Type", "application/json"), ("User-Agent", f"gdl/{__version__}"), ("Accept", "*/*")]
@@ -44,7 +45,8 @@ class HTTPBackend:
         deadline = gevent.Timeout(self.timeout)
         deadline.start()
         try:
-            response = self.engine.send(Exchange("POST", destination, HEADERS, body=body, timeout=self.timeout))
+            exchange = Exchange("POST", wire_url(destination), HEADERS, body=body, timeout=self.timeout)
+            response = self.engine.send(exchange)
             response.discard()
         except (BlockedAddress, InvalidURL) as exc:
             raise CallbackError(f"callback to {destination} {exc}", retriable=False) from exc

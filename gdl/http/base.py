@@ -30,8 +30,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
-from gdl.errors import DownloadError
+import idna
+from requests.utils import requote_uri
+
+from gdl.errors import DownloadError, InvalidURL
 
 if TYPE_CHECKING:
     from gdl.netguard import AddressGuard
@@ -144,6 +148,22 @@ class Engine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Let go of what this engine keeps (idle connections it alone holds)."""
+
+
+def wire_url(url: str) -> str:
+    """``url`` as it is sent, prepared as requests prepares it: a non-ASCII host in IDNA, and what
+    needs quoting in the path and query (spaces, non-ASCII) percent-quoted, the rest left as given.
+    Raises InvalidURL for a host IDNA cannot encode."""
+    parts = urlsplit(url)
+    if not parts.netloc.isascii() and parts.hostname:
+        try:
+            host = idna.encode(parts.hostname, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise InvalidURL(f"invalid URL {url!r}: {exc}") from exc
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{userinfo}{at}{host}{port}")
+    return requote_uri(urlunsplit(parts))
 
 
 def default_ca_bundle() -> str:

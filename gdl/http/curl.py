@@ -78,7 +78,10 @@ class CurlEngine(Engine):
         peer = Peer.of(exchange)
         transfer = _Transfer(hub_multi(), exchange, peer, self)
         try:
-            self._configure(transfer)
+            try:
+                self._configure(transfer)
+            except (UnicodeError, pycurl.error) as exc:  # libcurl takes ASCII URLs only (see base.wire_url)
+                raise InvalidURL(f"invalid URL {exchange.url!r}: {exc}") from exc
             transfer.start()
             transfer.wait_for_head()
         except BaseException:
@@ -330,11 +333,19 @@ def _openssl_words(message: str) -> str:
     return message
 
 
-def _header_lines(headers: list[tuple[str, str]]) -> list[str]:
+def _header_lines(headers: list[tuple[str, str]]) -> list[bytes]:
+    """libcurl's header lines; values in latin-1 as http.client sends them (UTF-8 beyond it)."""
     lines = [f"{name}: {value}" if value else f"{name};" for name, value in headers]
     given = {name.lower() for name, _ in headers}
     lines += [f"{name}:" for name in _SUPPRESSED if name.lower() not in given]
-    return lines
+    return [_latin1(line) for line in lines]
+
+
+def _latin1(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 def _set_method(handle: pycurl.Curl, exchange: Exchange) -> None:
