@@ -198,14 +198,14 @@ def gdl_roles(layout: str, processors: int = 1) -> list[tuple[str, str | None]]:
     return [("api", "api"), *procs, ("notifier", "notifier")]
 
 
-def gdl_name(layout: str, processors: int = 1, engine: str = "curl") -> str:
+def gdl_name(layout: str, processors: int, engine: str) -> str:
     """The row name of a gdl run in the tables, its HTTP engine last: ``gdl (one per role), curl``."""
     if layout == "split" and processors != 1:
         return f"gdl (api + {processors} processors + notifier), {engine}"
     return f"{LAYOUT_NAMES[layout]}, {engine}"
 
 
-def gdl_tool(layout: str, processors: int = 1, engine: str = "curl") -> str:
+def gdl_tool(layout: str, processors: int, engine: str) -> str:
     """The ``tool`` of a gdl run in the JSON lines: ``gdl split curl``, ``gdl single requests``,
     ``gdl split x2 curl``."""
     return f"gdl {layout}" + (f" x{processors}" if layout == "split" and processors != 1 else "") + f" {engine}"
@@ -1092,10 +1092,10 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
         await_callbacks(receiver, gdl, "big files", timeout=120 + size * len(names) / (20 * MB))
         last = max(receiver.arrivals[k][0] for k in keys)
         first = min(enqueuer.starts.values())
-        row = Row(gdl_name(layout, gdl.processors), last - first, size * len(names),
+        row = Row(gdl_name(layout, gdl.processors, gdl.engine), last - first, size * len(names),
                   gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
                   server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-                  machine_cpu=machine_busy_seconds() - machine_cpu, key=gdl_tool(layout, gdl.processors),
+                  machine_cpu=machine_busy_seconds() - machine_cpu, key=gdl_tool(layout, gdl.processors, gdl.engine),
                   peak_rss=gdl.peak_rss_kib())
         report.big_rss = (rss_start, proc_status_kib(gdl.processor_pid, "VmHWM"))
         payloads = check_callbacks(receiver, keys, "big files")
@@ -1223,7 +1223,7 @@ def many_aggregations(args: argparse.Namespace, nginx: Nginx, names: list[str], 
         jobs = [Job(f"many-{i}", nginx.url(names[i % len(names)]), f"many{i % args.many_aggregations}",
                     args.many_limit) for i in range(count)]
         log.info("many aggregations: %s: %d jobs in %d aggregations of limit %d over %d connections",
-                 gdl_name(args.layout, gdl.processors), len(jobs), args.many_aggregations, args.many_limit,
+                 gdl_name(args.layout, gdl.processors, gdl.engine), len(jobs), args.many_aggregations, args.many_limit,
                  args.connections)
         row = measure_gdl(args, gdl, nginx, receiver, jobs, "many aggregations", SMALL_BYTES)
     discard(gdl.dir, args)
@@ -1447,7 +1447,7 @@ def print_big(report: Report) -> None:
 
 def print_latency(report: Report, args: argparse.Namespace) -> None:
     lat = report.latency
-    print(f"3. pickup latency ({gdl_name(args.layout, args.processors)}): {lat['jobs']} jobs at "
+    print(f"3. pickup latency ({gdl_name(args.layout, args.processors, args.engine)}): {lat['jobs']} jobs at "
           f"{args.trickle_rate:g}/s over {lat['span']:.1f}s into {args.trickle_aggregations} aggregations, "
           "enqueue request start -> callback received, ms")
     print(f"{'':36} {'jobs':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
@@ -1460,7 +1460,7 @@ def print_latency(report: Report, args: argparse.Namespace) -> None:
 
 def print_util(report: Report, args: argparse.Namespace) -> None:
     u = report.util
-    print(f"4. utilisation ({gdl_name(args.layout, args.processors)}): {u['jobs']} jobs of "
+    print(f"4. utilisation ({gdl_name(args.layout, args.processors, args.engine)}): {u['jobs']} jobs of "
           f"{args.util_hold * 1000:.0f} ms in {len(u['per_aggr'])} aggregations; {u['elapsed']:.2f}s for an ideal "
           f"{u['ideal']:.2f}s")
     print(f"{'aggregation':14} {'limit':>5} {'jobs':>5} {'max in flight':>13} {'busy while queued':>17}")
@@ -1671,14 +1671,15 @@ def latency_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
         return {"p50_ms": percentile(values, 50), "p90_ms": percentile(values, 90), "p99_ms": percentile(values, 99),
                 "max_ms": max(values)}
 
-    return {"workload": "latency", "tool": gdl_tool(args.layout, args.processors), "jobs": lat["jobs"],
+    return {"workload": "latency", "tool": gdl_tool(args.layout, args.processors, args.engine),
+            "jobs": lat["jobs"],
             "rate_per_s": args.trickle_rate, "aggregations": args.trickle_aggregations, **percentiles(lat["all"]),
             "first_of_aggregation": percentiles(lat["first"]), "others": percentiles(lat["rest"])}
 
 
 def util_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
     u = report.util
-    return {"workload": "util", "tool": gdl_tool(args.layout, args.processors), "jobs": u["jobs"],
+    return {"workload": "util", "tool": gdl_tool(args.layout, args.processors, args.engine), "jobs": u["jobs"],
             "aggregations": len(u["per_aggr"]), "hold_ms": args.util_hold * 1000, "seconds": u["elapsed"],
             "ideal_seconds": u["ideal"], "jobs_per_s": u["achieved"], "jobs_per_s_needed": u["demand"],
             "busy_ratio_all_queued": u["ratio_a"], "busy_ratio_usable": u["ratio_b"],
