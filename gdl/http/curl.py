@@ -59,7 +59,11 @@ CHAIN_PROBLEM = ("verify result: ", "SSL certificate problem: ")
 SUPPRESS_CONNECT_HEADERS = 265  # CURLOPT_SUPPRESS_CONNECT_HEADERS, which pycurl does not name
 IDLE_CONNECTIONS = 1000  # the most idle connections the process's multi keeps, all hosts together
 
-_TLS_ERRORS = frozenset({35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98})
+# libcurl's TLS results (libcurl-errors(3)): SSL_CONNECT_ERROR 35, PEER_FAILED_VERIFICATION 60,
+# SSL_ENGINE_* 53 54 66, SSL_CERTPROBLEM 58, SSL_CIPHER 59, USE_SSL_FAILED 64, SSL_CACERT_BADFILE 77,
+# SSL_SHUTDOWN_FAILED 80, SSL_CRL_BADFILE 82, SSL_ISSUER_ERROR 83, SSL_PINNEDPUBKEYNOTMATCH 90,
+# SSL_INVALIDCERTSTATUS 91, SSL_CLIENTCERT 98.
+_TLS_ERRORS = frozenset({35, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98})
 _DROPPED = frozenset({pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
 # Headers libcurl adds unless told not to: gdl sends exactly what it is given.
 _SUPPRESSED = ("Accept", "Expect", "Content-Type")
@@ -105,6 +109,7 @@ class CurlEngine(Engine):
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
         handle.setopt(pycurl.CAINFO, self.ca_bundle)
+        handle.setopt(pycurl.PROXY_CAINFO, self.ca_bundle)  # an https:// proxy is verified alike
         handle.setopt(pycurl.PROXY, exchange.proxy)  # "" also keeps http_proxy & co. from the environment out
         handle.setopt(SUPPRESS_CONNECT_HEADERS, 1)
         handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(exchange.connect_timeout * 1000))
