@@ -244,12 +244,14 @@ class Downloaders:
     """One :class:`Downloader` per proxy, shared by all of a process's aggregation pools.
 
     Aggregations often fetch from the same hosts (a CDN, a platform that
-    hosts many shops). With a session each, every pool opened its own
+    hosts many shops). With an HTTP client each, every pool opened its own
     connections and closed them when it ended; shared, a kept-alive
     connection outlives the pool that opened it and serves the next
     aggregation. ``make(proxy)`` builds a Downloader on first use; it is
-    closed when the last pool using it lets go. Each pool still runs at most
-    ``aggr_limit`` downloads: the limit is the pool's, not the session's.
+    closed when the last pool using it lets go (the curl engine's
+    connections are the process's and outlive it too). Each pool still runs
+    at most ``aggr_limit`` downloads: the limit is the pool's, not the
+    engine's.
     """
 
     def __init__(self, make: Callable[[str], Downloader]):

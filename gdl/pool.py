@@ -283,9 +283,10 @@ class AggregationPool(TakingPool):
             self.log.warning("job %s: left to the sweep, redis unavailable: %s", job.id, exc)
 
 
-# A process's pools share one session per proxy (Downloaders), so it keeps
+# A process's pools share one Downloader per proxy (Downloaders), so it keeps
 # idle connections for as many downloads as all of them run at once, and
-# pools for as many hosts as they fetch from.
+# pools for as many hosts as they fetch from (the requests engine's sizes;
+# the curl engine keeps its idle connections in the process's multi handle).
 SHARED_CONNECTIONS_PER_HOST = 1024
 SHARED_HOSTS = 1024
 
