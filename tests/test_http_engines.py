@@ -79,6 +79,19 @@ def test_an_exchange_sends_exactly_the_headers_it_is_given(server, new_engine) -
     assert (seen["User-Agent"], seen["X-Token"]) == ("t/1", "abc")
 
 
+def test_proxies_and_credentials_from_the_environment_are_not_used(server, new_engine, monkeypatch,
+                                                                   tmp_path) -> None:
+    server.add("/direct", b"direct")
+    dead = f"http://127.0.0.1:{closed_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead)
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login user password secret\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert get(new_engine(), server.url("/direct")) == (200, b"direct")
+    assert "Authorization" not in server.requests_for("/direct")[0].headers
+
+
 def test_repeated_response_headers_are_all_kept(raw_server, new_engine) -> None:
     def answer(sock: socket.socket, _request: bytes) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n")
