@@ -40,10 +40,23 @@ def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
                         help="default: $GDL_LOG_FORMAT, else text")
 
 
+class _Version(argparse.Action):
+    """``--version``: gdl's version and which HTTP engines can run here (importing them only then)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs.get("help")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        from gdl.http import availability
+
+        sys.stdout.write(f"gdl {__version__} (engines: {availability()})\n")  # as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gdl", description="Asynchronous, rate-limited download service.")
     _global_options(parser, None)
-    parser.add_argument("--version", action="version", version=f"gdl {__version__}")
+    parser.add_argument("--version", action=_Version, help="print gdl's version and its HTTP engines, and exit")
     # The global options may also follow the role or command; there they must not
     # overwrite a value given before it, hence SUPPRESS.
     common = argparse.ArgumentParser(add_help=False)

@@ -99,6 +99,11 @@ class NotifierConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    engine: str = _key("curl", "HTTP client of downloads and callbacks: curl (libcurl, via pycurl) or requests")
+
+
+@dataclass(frozen=True)
 class BackendsConfig:
     http: dict = _key({"timeout": 30}, "HTTP callback backend settings")
     kafka: dict = _key({}, "librdkafka settings; empty: Kafka callbacks off")
@@ -127,6 +132,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     notifier: NotifierConfig = field(default_factory=NotifierConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     backends: BackendsConfig = field(default_factory=BackendsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     sentry: SentryConfig = field(default_factory=SentryConfig)
@@ -403,6 +409,7 @@ def _check_relations(cfg: Config) -> None:
     for name, value in cfg.processor.request_headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise ConfigError(f"processor.request_headers.{name}: header values must be strings")
+    _check_engine(cfg.http.engine)
     timeout = cfg.backends.http.get("timeout", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
@@ -421,3 +428,16 @@ def _known_keys(key: str, mapping: dict, names: tuple[str, ...], kind: str) -> N
         if name not in names:
             raise ConfigError(f"{key}.{name}: unknown key for {kind} storage"
                               f"{_did_you_mean(str(name), list(names), key + '.')}")
+
+
+def _check_engine(name: str) -> None:
+    """``http.engine`` names an engine, and its library imports here."""
+    from gdl import http
+
+    if name not in http.ENGINES:
+        raise ConfigError(f"http.engine: must be {' or '.join(http.ENGINES)} (got {name!r})")
+    why = http.unavailable(name)
+    if why is not None:
+        package = http.ENGINES[name][2]
+        raise ConfigError(f"http.engine: {name} cannot run: {why}; install it (pip install {package}) "
+                          "or set http.engine: requests")

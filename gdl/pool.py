@@ -328,9 +328,10 @@ class AggregationPool(TakingPool):
             self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
 
 
-# A process's pools share one session per proxy (Downloaders), so it keeps
+# A process's pools share one Downloader per proxy (Downloaders), so it keeps
 # idle connections for as many downloads as all of them run at once, and
-# pools for as many hosts as they fetch from.
+# pools for as many hosts as they fetch from (the requests engine's sizes;
+# the curl engine keeps its idle connections in the process's multi handle).
 SHARED_CONNECTIONS_PER_HOST = 1024
 SHARED_HOSTS = 1024
 
@@ -343,7 +344,8 @@ def shared_downloaders(cfg: Config) -> Downloaders:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
                           storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
-                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS)
+                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
+                          engine=cfg.http.engine)
 
     return Downloaders(make)
 

@@ -31,7 +31,7 @@ from gdl import config  # noqa: E402
 from gdl.redis_server import find_binary  # noqa: E402
 from gdl.store import Store  # noqa: E402
 from tests.httpserver import LoopbackServer  # noqa: E402
-from tests.servers import CallbackReceiver  # noqa: E402
+from tests.servers import CallbackReceiver, RawServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,6 +162,12 @@ def pings(store: Store) -> bool:
         return False
 
 
+@pytest.fixture(params=["curl", "requests"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each HTTP engine in turn: the download, security and callback tests are one contract suite."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
@@ -182,6 +188,21 @@ def receiver() -> Iterator[CallbackReceiver]:
     server = CallbackReceiver()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., RawServer]]:
+    """Start :class:`RawServer` s: ``raw_server(answer, ssl_context=None)``; stopped after the test."""
+    started: list[RawServer] = []
+
+    def start(answer: Callable[[socket.socket, bytes], None], **options: Any) -> RawServer:
+        srv = RawServer(answer, **options)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture

@@ -58,9 +58,41 @@ def stop(proc, timeout: float = 10) -> int:
     return status
 
 
-def test_version(tmp_path: Path) -> None:
+def test_version_names_both_engines(tmp_path: Path) -> None:
+    import pycurl
+
     result = run_gdl(tmp_path, "--version")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "gdl 0.1.0\n", "")
+    libcurl = pycurl.version_info()[1]
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (f"gdl 0.1.0 (engines: curl available (libcurl {libcurl}), "
+                             f"requests available (requests {requests.__version__}))\n")
+
+
+def test_version_says_when_pycurl_is_missing(tmp_path: Path) -> None:
+    result = run_python_without_pycurl(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("gdl 0.1.0 (engines: curl unavailable: pycurl cannot be imported (")
+    assert result.stdout.endswith(f"), requests available (requests {requests.__version__}))\n")
+
+
+def test_the_curl_engine_without_pycurl_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "gdl.yaml", {"http": {"engine": "curl"}})
+    line = one_error_line(run_python_without_pycurl(tmp_path, "--config", str(path), "api"))
+    assert line.startswith("gdl: http.engine: curl cannot run: pycurl cannot be imported ("), line
+    assert line.endswith("; install it (pip install pycurl) or set http.engine: requests"), line
+
+
+def test_an_unknown_engine_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "gdl.yaml", {"http": {"engine": "urllib"}})
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), "api"))
+    assert line == "gdl: http.engine: must be curl or requests (got 'urllib')"
+
+
+def run_python_without_pycurl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``gdl ARGS`` in a Python where ``import pycurl`` fails, as on a platform without its wheel."""
+    code = f"import sys; sys.modules['pycurl'] = None; from gdl.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=str(cwd), capture_output=True, text=True, check=False,
+                          timeout=20)
 
 
 @pytest.mark.parametrize(("data", "env", "key"), [

@@ -43,6 +43,7 @@ CONTRACT_DEFAULTS = {
         "disk": {"high": 95, "low": 90, "interval": 60},
     },
     "notifier": {"concurrency": 10, "deletion_interval": 180, "retry_backoff": 600, "max_retries": 2},
+    "http": {"engine": "curl"},
     "backends": {"http": {"timeout": 30}},
     "security": {"block_private_networks": True, "allowed_networks": [], "max_download_bytes": 0,
                  "max_redirects": 10, "api_tokens": []},
@@ -155,6 +156,7 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
      {"type": "filesystem", "rootdir": "/srv/files"}),
     ("GDL_BACKENDS_HTTP_TIMEOUT", "5", ("backends", "http"), {"timeout": 5}),
     ("GDL_PROCESSOR_MAX_RETRIES", "0", ("processor", "max_retries"), 0),
+    ("GDL_HTTP_ENGINE", "requests", ("http", "engine"), "requests"),
 ])
 def test_environment_values(name: str, value: str, attr: tuple[str, str], expected: object) -> None:
     cfg = config.load(None, environ={name: value})
@@ -205,6 +207,8 @@ BAD_FILES = [
     ({"processor": {"download_url": "files.example.com"}}, "processor.download_url:"),
     ({"security": {"allowed_networks": ["10.0.0.0/33"]}}, "security.allowed_networks:"),
     ({"security": {"allowed_networks": ["intranet"]}}, "security.allowed_networks:"),
+    ({"http": {"engine": "urllib3"}}, "http.engine:"),
+    ({"http": {"engine": 1}}, "http.engine:"),
 ]
 
 

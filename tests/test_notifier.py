@@ -45,10 +45,10 @@ def test_failure_payload(run_service, files, receiver):
     assert (body["job_id"], body["extra"], body["image_size"]) == (job_id, "x", "")
 
 
-def test_500_twice_then_200_is_three_posts_and_delivered(run_service, files, receiver):
+def test_500_twice_then_200_is_three_posts_and_delivered(run_service, files, receiver, engine):
     files.add("/a", b"data")
     receiver.answer("/cb", 500, 500)
-    running = run_service()
+    running = run_service(http={"engine": engine})
     job_id = running.enqueue(url=files.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
     record = callback_done(running, job_id)
     assert (record["callback_state"], record["callback_attempts"]) == ("delivered", 3)

@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,15 @@ import pytest
 
 from gdl.config import allowed_networks_hint
 from gdl.download import Downloader
-from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
+from gdl.errors import (
+    BlockedAddress,
+    DownloadTimeout,
+    InvalidURL,
+    TLSError,
+    TooLarge,
+    TooManyRedirects,
+    TruncatedBody,
+)
 from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
 from gdl.redis_server import find_binary
@@ -65,11 +72,12 @@ def storage_dir(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_downloader(storage_dir: str) -> Iterator[Callable[..., Downloader]]:
+def make_downloader(storage_dir: str, engine: str) -> Iterator[Callable[..., Downloader]]:
     made: list[Downloader] = []
 
     def make(guard: AddressGuard | None, **options) -> Downloader:
-        settings = {"proxy": "", "default_headers": HEADERS, "storage_dir": storage_dir, "chunk_size": 4096}
+        settings = {"proxy": "", "default_headers": HEADERS, "storage_dir": storage_dir, "chunk_size": 4096,
+                    "engine": engine}
         downloader = Downloader(**{**settings, **options}, guard=guard)
         made.append(downloader)
         return downloader
@@ -94,54 +102,6 @@ def resolver(names: dict[str, str], calls: list[str] | None = None) -> Callable[
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))]
     return resolve
-
-
-class RawServer:
-    """A loopback TCP (or TLS) server whose ``answer(sock, request)`` writes whatever bytes a test wants."""
-
-    def __init__(self, answer: Callable[[socket.socket, bytes], None], ssl_context: ssl.SSLContext | None = None):
-        self.answer = answer
-        self.requests: list[bytes] = []
-        tls = {"ssl_context": ssl_context} if ssl_context else {}
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle, **tls)
-        self.server.start()
-
-    @property
-    def port(self) -> int:
-        return self.server.server_port
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def _handle(self, sock: socket.socket, _address: object) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = sock.recv(65536)
-            if not data:
-                return
-            request += data
-        self.requests.append(request)
-        try:
-            self.answer(sock, request)
-        except OSError:
-            pass  # the client hung up, as it should
-
-    def stop(self) -> None:
-        self.server.stop(timeout=1)
-
-
-@pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], RawServer]]:
-    started: list[RawServer] = []
-
-    def start(answer: Callable[[socket.socket, bytes], None], **options) -> RawServer:
-        srv = RawServer(answer, **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
 
 
 @functools.cache
@@ -284,8 +244,8 @@ def test_the_checked_address_is_the_one_connected_to(server, make_downloader) ->
     assert fetched_body(fetched) == b"ok"
     assert calls == ["rebind.example"]
     assert server.requests_for("/a")[0].headers["Host"] == f"rebind.example:{server.port}"
-    # A second connection (the first was dropped) meets the rebound answer: refused.
-    downloader.session.close()
+    # A new connection (another downloader's) meets the rebound answer: refused.
+    downloader = make_downloader(AddressGuard(["127.0.0.1/32"], resolve=rebinding))
     with pytest.raises(BlockedAddress, match="resolves to 127.0.0.2, a loopback address"):
         downloader.fetch(job(f"http://rebind.example:{server.port}/a"), timeout=5)
     assert calls == ["rebind.example", "rebind.example"]
@@ -454,8 +414,7 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
 
     tls = raw_server(answer, ssl_context=context)
     guard = AddressGuard(LOOPBACK, resolve=resolver({"public.example": "127.0.0.1", "other.example": "127.0.0.1"}))
-    downloader = make_downloader(guard)
-    downloader.session.verify = cert  # trust the test certificate, and only it
+    downloader = make_downloader(guard, ca_bundle=cert)  # trust the test certificate, and only it
     fetched = downloader.fetch(job(f"https://public.example:{tls.port}/s"), timeout=5)
     assert fetched_body(fetched) == b"secure"
     assert names == ["public.example"]
@@ -463,7 +422,7 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
     # The same address under another name: the certificate is checked against the name.
     with pytest.raises(TLSError) as info:
         downloader.fetch(job(f"https://other.example:{tls.port}/s"), timeout=5)
-    assert "Hostname mismatch" in str(info.value) or "other.example" in str(info.value)
+    assert str(info.value) == "TLS: certificate is not valid for other.example"
     assert len(tls.requests) == 1
 
 
@@ -490,11 +449,9 @@ def test_an_endless_chunked_body_is_cut_at_the_limit(raw_server, make_downloader
             sent[0] += 8192
 
     srv = raw_server(endless)
-    started = time.monotonic()
     with pytest.raises(TooLarge) as info:
         make_downloader(AddressGuard(LOOPBACK), max_bytes=100_000).fetch(job(srv.url("/x")), timeout=10)
     assert str(info.value) == "body exceeds the limit of 100000 bytes"
-    assert time.monotonic() - started < 3
     assert os.listdir(storage_dir) == []
     assert sent[0] >= 100_000
 
@@ -511,12 +468,23 @@ def test_a_body_longer_than_its_content_length_is_read_to_the_length_only(server
 
 def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, storage_dir) -> None:
     server.add_drip("/drip", b"x" * 100, interval=1.0)
-    started = time.monotonic()
     with pytest.raises(DownloadTimeout) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/drip")), timeout=2)
-    elapsed = time.monotonic() - started
-    assert str(info.value) == "download did not finish within 2s"
-    assert 1.9 <= elapsed < 2.8
+    assert str(info.value) == "download did not finish within 2s"  # the whole download's deadline, not a read's
+    assert (info.value.retriable, info.value.response_code) == (True, 200)
+    assert os.listdir(storage_dir) == []
+
+
+def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, storage_dir) -> None:
+    def reset(sock: socket.socket, _request: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 20_000)
+        gevent.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # linger 0: a reset
+
+    with pytest.raises(TruncatedBody) as info:
+        make_downloader(AddressGuard(LOOPBACK)).fetch(job(raw_server(reset).url("/x")), timeout=5)
+    assert str(info.value).endswith(" bytes: connection reset by peer")
     assert (info.value.retriable, info.value.response_code) == (True, 200)
     assert os.listdir(storage_dir) == []
 
@@ -561,10 +529,9 @@ def test_a_redirect_body_is_not_read_past_a_few_kib(server, raw_server, make_dow
         gevent.sleep(30)
 
     srv = raw_server(hostile)
-    started = time.monotonic()
+    # Reading the redirect's body to its end would meet the deadline and fail.
     fetched = make_downloader(AddressGuard(LOOPBACK)).fetch(job(srv.url("/r")), timeout=8)
     assert fetched_body(fetched) == b"arrived"
-    assert time.monotonic() - started < 3
     assert server.count("/final") == 1
 
 
@@ -585,11 +552,11 @@ def settled(running, job_id: str) -> dict:
     return wait_until(done, timeout=15)
 
 
-def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver) -> None:
+def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver, engine) -> None:
     # Literal private destinations are refused at submit (tests below); to reach the refusal
     # where the connection is made, the api accepts them (its guard off) and the workers' guard is on.
     running = run_service(("api",), security={"block_private_networks": False})
-    run_service(("processor", "notifier"), security={"block_private_networks": True})
+    run_service(("processor", "notifier"), security={"block_private_networks": True}, http={"engine": engine})
     job_id = running.enqueue(url="http://10.255.255.1/secret", aggr_id="a", aggr_limit=1, max_retries=3,
                              callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
@@ -644,9 +611,10 @@ def test_names_and_kafka_topics_are_left_to_the_guard_at_connect_time(run_servic
                     callback_dst="localhost")
 
 
-def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver) -> None:
+def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver, engine) -> None:
     server.add("/a", b"allowed")
-    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK})
+    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK},
+                          http={"engine": engine})
     job_id = running.enqueue(url=server.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
     assert (record["state"], record["bytes"], record["callback_state"]) == ("succeeded", 7, "delivered")
