@@ -19,6 +19,7 @@ import gevent
 import pytest
 
 from gdl.backends.http import HTTPBackend
+from gdl.config import allowed_networks_hint
 from gdl.errors import BlockedAddress, CallbackError, ConnectionFailed, DownloadTimeout, TLSError, TruncatedBody
 from gdl.http import Engine, Exchange, make_engine
 from gdl.netguard import AddressGuard
@@ -26,7 +27,7 @@ from tests.conftest import free_port, wait_until
 from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver
 
-SETTING = "(security.block_private_networks)"
+LOOPBACK_REFUSED = f"({allowed_networks_hint('127.0.0.1')})"  # the setting, and how to allow it
 
 
 @pytest.fixture
@@ -219,7 +220,7 @@ def test_a_name_resolving_to_loopback_is_never_connected_to(raw_server, new_engi
     srv = raw_server(lambda sock, _request: sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     with pytest.raises(BlockedAddress) as info:
         get(new_engine(guard=AddressGuard()), f"http://localhost:{srv.port}/x")
-    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {LOOPBACK_REFUSED}"
     assert info.value.retriable is False
     assert srv.connections == 0
 
@@ -247,7 +248,7 @@ def test_the_curl_engine_checks_the_address_it_connects_to(raw_server) -> None:
             get(http, f"http://localhost:{srv.port}/x")
     finally:
         http.close()
-    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {LOOPBACK_REFUSED}"
     assert srv.connections == 0
 
 
@@ -255,7 +256,7 @@ def test_a_refused_proxy_is_never_connected_to(raw_server, new_engine) -> None:
     srv = raw_server(lambda sock, _request: sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     with pytest.raises(BlockedAddress) as info:
         get(new_engine(guard=AddressGuard()), "http://example.com/x", proxy=srv.url(""))
-    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {LOOPBACK_REFUSED}"
     assert srv.connections == 0
 
 
@@ -329,6 +330,7 @@ def test_a_refused_callback_is_retried_and_says_why(backend) -> None:
 def test_a_guarded_callback_to_loopback_fails_at_once(receiver: CallbackReceiver, backend) -> None:
     with pytest.raises(CallbackError) as info:
         backend(guard=AddressGuard()).notify(receiver.url("/cb"), b"{}")
-    assert str(info.value) == f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
+                               f"{LOOPBACK_REFUSED}")
     assert info.value.retriable is False
     assert receiver.bodies() == []
