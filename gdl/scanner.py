@@ -42,7 +42,7 @@ from gdl.filestorage import Storages
 from gdl.lease import Keeper
 from gdl.pool import AggregationPool, shared_downloaders
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, OVER_SHARE, Store, now_ms
+from gdl.store import DOWNLOADS, ClaimOutcome, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,13 @@ class Scanner:
         sent = self.keeper.monotonic()
         claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self.slots,
                                    fair=fair)
-        if claimed is OVER_SHARE:
+        if claimed.outcome is ClaimOutcome.OVER_SHARE:
             log.debug("aggr %s: left to a processor below its share for %.2fs", aggr_id, FAIR_SHARE_WAIT)
             self._deferred[aggr_id] = time.monotonic() + FAIR_SHARE_WAIT
             return
-        if not isinstance(claimed, tuple):  # another process runs it, or it has no record: nothing to run
+        if not claimed:  # another process runs it, or it has no record: nothing to run
             return
-        limit, proxy = claimed
+        limit, proxy = claimed.limit, claimed.proxy
         pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
                                storages=self.storages, downloaders=self.downloaders, stats=self.stats,
                                gate=self.healthy, clock=self.clock)

@@ -54,14 +54,17 @@ move between them is one script, so a crash at any instant loses nothing:
 anything left in an in-flight set past its deadline is put back by the sweep.
 """
 
-from gdl.store.core import OVER_SHARE, Health, JobStore, Renewal, Settled, Taken, now_ms
+from gdl.store.core import JobStore
+from gdl.store.health import Health, now_ms
 from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
 from gdl.store.operator import OperatorView
+from gdl.store.results import Claim, ClaimOutcome, Renewal, Settled, Taken
 
 
 class Store(OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["OVER_SHARE", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms", *_layout_names]
+__all__ = ["Claim", "ClaimOutcome", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms",
+           *_layout_names]

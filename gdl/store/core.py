@@ -2,20 +2,17 @@
 
 Every method is one Redis call or one script (``gdl/lua/``); Redis errors
 that mean "not now" become :class:`~gdl.errors.StoreUnavailable`, and
-:class:`Health` logs each outage once.
+:class:`~gdl.store.health.Health` logs each outage once. What the steps
+answer is typed in :mod:`gdl.store.results`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import redis
 import redis.exceptions
@@ -25,6 +22,9 @@ from redis.sentinel import Sentinel
 from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
+from gdl.store.health import UNAVAILABLE as _UNAVAILABLE
+from gdl.store.health import Health, now_ms
+from gdl.store.health import translated as _translated
 from gdl.store.layout import (
     ACTIVE,
     CALLBACK_QUEUE,
@@ -46,116 +46,13 @@ from gdl.store.layout import (
     log_key,
     queue_key,
 )
+from gdl.store.results import _SETTLED, Claim, Renewal, Settled, Taken, claim_from_reply
 
 log = logging.getLogger("gdl.store")
 
 
-# Redis failures that mean "not now" rather than "wrong": translated to StoreUnavailable.
-# (A ReadOnlyError is a master demoted by a failover: the next connection finds the new one.)
-_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,  # a cluster still forming, or failing over a master
-    redis.exceptions.OutOfMemoryError,
-    OSError,
-)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Health:
-    """Whether Redis answers, as this process last saw it.
-
-    Every greenlet meets an outage; only this object logs it: one line when
-    it starts, one when it ends (once :meth:`watch` is called: before that,
-    at start-up or in a one-shot command, the caller reports the failure).
-    ``errors`` counts failed calls for metrics.
-    """
-
-    def __init__(self) -> None:
-        self.down_since: float | None = None
-        self.errors = 0
-        self.outages = 0
-        self.watching = False
-
-    def watch(self) -> None:
-        self.watching = True
-
-    def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            self.outages += 1
-            if self.watching:
-                log.warning("redis: unavailable (%s); work pauses and resumes when it is back", exc)
-
-    def answered(self) -> None:
-        if self.down_since is not None:
-            if self.watching:
-                log.warning("redis: back after %.1fs", time.monotonic() - self.down_since)
-            self.down_since = None
-
-
-def _translated(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: JobStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            result = fn(self, *args, **kwargs)
-        except _UNAVAILABLE as exc:
-            self.health.failed(exc)
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        if self.health.down_since is not None:
-            self.health.answered()
-        return result
-    return wrapper  # type: ignore[return-value]
-
-
 # How many of a queue's first ids a take reports, to name as the next take's candidates.
 HEAD_SEEN = 16
-
-# What a fair claim returns when the caller is over its share (Store.claim).
-OVER_SHARE = "over share"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass
-class Taken:
-    """Jobs moved into an in-flight set, when the queue's next job is due, and
-    the aggregation's current limit (None for the callback queue)."""
-
-    jobs: list[Job]
-    next_due: int | None
-    limit: int | None = None
-    lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
-
-
-class Settled(StrEnum):
-    """What became of an outcome written by a settle script (settle.lua)."""
-
-    RECORDED = "recorded"
-    NOT_OURS = "the job is no longer ours"
-    LEASE_LOST = "this process no longer holds the aggregation's lease"
-
-    def __bool__(self) -> bool:
-        return self is Settled.RECORDED
-
-
-_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST}
-
-
-@dataclass
-class Renewal:
-    """One renewal of a process's leases (renew_leases.lua)."""
-
-    lost: list[str]
-    margin_ms: int | None  # least time to live a held lease had left; None when none was held
-
 
 class JobStore:
     """Typed operations on gdl's Redis layout: the data flow of a job."""
@@ -316,21 +213,17 @@ class JobStore:
 
     @_translated
     def claim(self, aggr_id: str, owner: str, ttl_ms: int, *, now: int = 0, slots: int = 0,
-              fair: bool = False) -> tuple[int, str] | str | None:
-        """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
-        or None when a process holds the lease or the aggregation has no record.
+              fair: bool = False) -> Claim:
+        """Take ``aggr_id``'s lease for a pool and mark it active: claimed with its
+        limit and proxy, or refused (another process holds the lease, or the
+        aggregation has no record).
 
         ``slots`` is what the caller's pools hold already. A ``fair`` claim by a
-        registered processor (:meth:`register_processor`) returns
-        :data:`OVER_SHARE` instead of claiming when that is more than its share
-        of all registered processors' slots (see claim.lua)."""
+        registered processor (:meth:`register_processor`) is refused
+        ``OVER_SHARE`` when that is more than its share of all registered
+        processors' slots (see claim.lua)."""
         keys = [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE, PROCESSORS, PROCESSOR_SLOTS]
-        reply = self._run_batched("claim", keys, [owner, ttl_ms, aggr_id, now, slots, int(fair)])
-        if reply == -2:
-            return OVER_SHARE
-        if not isinstance(reply, list):
-            return None
-        return int(reply[0]), reply[1]
+        return claim_from_reply(self._run_batched("claim", keys, [owner, ttl_ms, aggr_id, now, slots, int(fair)]))
 
     @_translated
     def register_processor(self, owner: str, *, until: int, slots: int) -> None:
