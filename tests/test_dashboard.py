@@ -6,7 +6,7 @@ The browser test needs Debian's chromium at /usr/bin/chromium and the
 playwright package (the `test` extra); without them it fails, it is never
 skipped. Its screenshot is saved under the test's tmp_path, and also into the
 directory named by GDL_SCREENSHOTS when that is set (`GDL_SCREENSHOTS=docs`
-refreshes the README's picture).
+refreshes docs/dashboard.png, the picture in docs/operating.md).
 """
 
 import os

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Every key carries one hash tag, ``{gdl}``: on a Redis Cluster all of them
 # live in one slot, so that every script's keys are on one node (tier 1: a
-# cluster-mode Redis runs gdl unchanged; see README's design notes for tier 2).
+# cluster-mode Redis runs gdl unchanged; see docs/design.md for tier 2).
 PREFIX = "{gdl}:"
 # Keys of the layout before the hash tag, renamed at start (upgrade_layout).
 LEGACY_PREFIX = "gdl:"
