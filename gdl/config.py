@@ -94,6 +94,11 @@ class ProcessorConfig:
 class NotifierConfig:
     concurrency: int = _key(10, "callbacks delivered at once by one process", min=1)
     deletion_interval: float = _key(180.0, "minutes after a delivered callback before the file is deleted", min=0)
+
+    @property
+    def deletion_delay_ms(self) -> int:
+        """``deletion_interval`` (minutes, the Go service's unit) in milliseconds."""
+        return int(self.deletion_interval * 60_000)
     retry_backoff: float = _key(600.0, "seconds; the Nth retry of a callback waits N * retry_backoff", min=0)
     max_retries: int = _key(2, "retries of a failed callback delivery", min=0)
 

@@ -98,7 +98,7 @@ class Notifier(TakingPool):
     def _delivered(self, job: Job, status: int, started: float) -> None:
         now = self.clock()
         attempts = job.status.callback_attempts + 1
-        delete_at = now + int(self.cfg.deletion_interval * 60_000)
+        delete_at = now + self.cfg.deletion_delay_ms
         log.info("job %s: callback delivered to %s (%d) in %.0f ms", job.id, job.callback_dst, status,
                  (time.monotonic() - started) * 1000)
         self.stats.incr("successful")
@@ -129,7 +129,7 @@ class Notifier(TakingPool):
         self.stats.incr("failed")
         entry["outcome"] = "failed"
         self.settle("callback failure", job, lambda: self.store.callback_failed(
-            job, self.keeper.owner, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
+            job, self.keeper.owner, now=now, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
             callback_code=err.status, callback_due_at=0))
 
     def _put_back(self, job: Job) -> None:

@@ -195,7 +195,7 @@ class AggregationPool(TakingPool):
         self.aggr_id = aggr_id
         self.store = store
         self.cfg = cfg.processor
-        self.deletion_interval = cfg.notifier.deletion_interval
+        self.deletion_delay_ms = cfg.notifier.deletion_delay_ms
         self.storages = storages
         self.stats = stats
         self.downloaders = downloaders
@@ -312,7 +312,7 @@ class AggregationPool(TakingPool):
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""
-        return now + int(self.deletion_interval * 60_000)
+        return now + self.deletion_delay_ms
 
     def _put_back(self, job: Job) -> None:
         """Interrupted (shutdown, or a lease that may lapse): due now again, no attempt counted."""

@@ -253,7 +253,7 @@ def plant_failed_callback(store: Store, aggr: str, callback: str, error: str = "
                                  state="succeeded")
     taken = store.take_callbacks("planter", now=now_ms(), count=100, deadline=now_ms() + 60_000).jobs
     [cb] = [j for j in taken if j.id == job.id]
-    assert store.callback_failed(cb, "planter", log_entry={"at": now_ms()}, callback_attempts=3,
+    assert store.callback_failed(cb, "planter", now=now_ms(), log_entry={}, callback_attempts=3,
                                  callback_error=error, callback_code=500)
     return job.id
 

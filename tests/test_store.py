@@ -286,7 +286,8 @@ def test_failed_callback_can_be_retried_once_failed(store):
     assert store.retry_failed_callback(job.id, now=NOW) == -1
     assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
-    store.callback_failed(cb, OWNER, log_entry={}, callback_attempts=3, callback_error="500")
+    store.callback_failed(cb, OWNER, now=NOW + 1, log_entry={}, callback_attempts=3, callback_error="500")
+    assert store.redis.zscore(keys.FAILED_CALLBACKS, job.id) == NOW + 1
     assert store.retry_failed_callback(job.id, now=NOW + 5) == 1
     record = store.get_job(job.id)
     assert (record.status.callback_state, record.status.callback_attempts) == ("queued", 0)

@@ -23,7 +23,7 @@ from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
 from gdl.store.health import UNAVAILABLE as _UNAVAILABLE
-from gdl.store.health import Health, now_ms
+from gdl.store.health import Health
 from gdl.store.health import translated as _translated
 from gdl.store.layout import (
     ACTIVE,
@@ -356,11 +356,10 @@ class JobStore:
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
 
     @_translated
-    def callback_failed(self, job: Job, owner: str, *, log_entry: dict, **status: Any) -> Settled:
-        """Mark the callback failed and list it in ``callbacks:failed`` (the retry list)."""
+    def callback_failed(self, job: Job, owner: str, *, now: int, log_entry: dict, **status: Any) -> Settled:
+        """Mark the callback failed and list it in ``callbacks:failed`` (the retry list), as of ``now``."""
         status["callback_state"] = "failed"
-        failed_at = int(log_entry.get("at") or now_ms())
-        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=failed_at)
+        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=now)
 
     @_translated
     def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
