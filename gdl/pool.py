@@ -32,7 +32,7 @@ from gdl.config import Config
 from gdl.download import Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
 from gdl.filestorage import Storages
-from gdl.job import Job
+from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
@@ -275,7 +275,7 @@ class AggregationPool(TakingPool):
                            bytes=fetched.size)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-            state="succeeded", attempts=attempts, error="",
+            state=JobState.SUCCEEDED, attempts=attempts, error="",
             response_code=fetched.response_code, bytes=fetched.size, image_size=fetched.image_size,
             mime=fetched.mime, finished_at=now))
 
@@ -307,7 +307,7 @@ class AggregationPool(TakingPool):
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-                state="failed", attempts=attempts,
+                state=JobState.FAILED, attempts=attempts,
                 error=str(err), response_code=err.response_code, finished_at=now))
 
     def _forget_at(self, now: int) -> int:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from gdl.commands import EXIT_OK, EXIT_PROBLEMS, open_store, table
 from gdl.config import Config
 from gdl.errors import StartupError
+from gdl.job import CallbackState, JobState
 from gdl.store import Store
 
 SUBMIT_TRIES = 4  # a 503 (Redis away) or a dropped connection is tried again, with backoff
@@ -40,6 +41,8 @@ WAIT_BATCH = 1000
 REJECTIONS_SHOWN = 20
 REASON_LENGTH = 100
 SUCCEEDED = "succeeded"
+FINISHED = (JobState.SUCCEEDED, JobState.FAILED)
+SETTLED_CALLBACK = (CallbackState.DELIVERED, CallbackState.FAILED, CallbackState.NONE)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
@@ -196,13 +199,13 @@ def outcome(record: dict[str, str] | None) -> str | None:
     """A finished job's result (``succeeded`` or a reason), None while it is under way."""
     if record is None:
         return "gone (deleted before it was seen finished)"
-    state, callback = record["state"], record["callback_state"]
-    if state not in ("succeeded", "failed") or callback not in ("delivered", "failed", "none"):
+    state, callback = JobState(record["state"]), CallbackState(record["callback_state"])
+    if state not in FINISHED or callback not in SETTLED_CALLBACK:
         return None
-    if state == "failed":
+    if state is JobState.FAILED:
         reason = f"download failed: {_short(record['error'])}"
-        return reason + (" (callback failed too)" if callback == "failed" else "")
-    if callback == "failed":
+        return reason + (" (callback failed too)" if callback is CallbackState.FAILED else "")
+    if callback is CallbackState.FAILED:
         return f"callback failed: {_short(record['callback_error'])}"
     return SUCCEEDED
 

@@ -34,7 +34,7 @@ from gdl import store as keys
 from gdl.commands import EXIT_OK, EXIT_PROBLEMS, open_store, table
 from gdl.config import Config
 from gdl.filestorage import FileStorage, FilesystemStorage, from_config
-from gdl.job import is_valid_id
+from gdl.job import CallbackState, JobState, is_valid_id
 from gdl.store import CALLBACKS, DOWNLOADS, Store, now_ms
 
 SHOWN = 50  # rows listed by retry-failed; examples listed per fsck check
@@ -141,9 +141,9 @@ def check_job_records(store: Store, storage: FileStorage, sets: JobSets, now: in
         for job_id, record in zip(chunk, store.job_fields(chunk, "state", "callback_state", "s3_bucket")):
             if record is None:
                 continue  # forgotten meanwhile
-            if (record["callback_state"] == "failed") != (job_id in failed_listed):
+            if (record["callback_state"] == CallbackState.FAILED) != (job_id in failed_listed):
                 failed_index.found.append(job_id)
-            if (record["state"] == "succeeded" and not record["s3_bucket"]
+            if (record["state"] == JobState.SUCCEEDED and not record["s3_bucket"]
                     and deletions.get(job_id, FOREVER) > now and not storage.exists(job_id)):
                 missing.found.append(job_id)
                 if job_id in deletions:

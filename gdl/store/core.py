@@ -20,7 +20,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
-from gdl.job import Job, new_id, status_fields
+from gdl.job import CallbackState, Job, JobState, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
 from gdl.store.health import UNAVAILABLE as _UNAVAILABLE
 from gdl.store.health import Health
@@ -286,7 +286,7 @@ class JobStore:
         (fenced: ``Taken.lease_lost`` otherwise); a take extends the lease by
         ``lease_ttl_ms``, so that what it starts is covered for that long."""
         keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id)]
-        return self._take(keys, [now, count, deadline, owner, "state", "in_flight", aggr_id, lease_ttl_ms])
+        return self._take(keys, [now, count, deadline, owner, "state", JobState.IN_FLIGHT, aggr_id, lease_ttl_ms])
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
@@ -295,10 +295,10 @@ class JobStore:
         callback (its own S3 bucket) goes straight to the deletion queue, due at
         ``forget_at``, so that its record does not outlive its usefulness."""
         if job.wants_callback:
-            status["callback_state"] = "queued"
+            status["callback_state"] = CallbackState.QUEUED
             return self._settle(job, owner, DOWNLOADS, log_entry, status,
                                 enter=CALLBACK_QUEUE, score=now, wake=(WAKE_CALLBACKS, job.id))
-        status["callback_state"] = "none"
+        status["callback_state"] = CallbackState.NONE
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=DELETIONS, score=forget_at)
 
     @_translated
@@ -309,7 +309,7 @@ class JobStore:
         Only work due now wakes the scanners; later work is found by the
         scanner's timed wait on the due index.
         """
-        status["state"] = "queued"
+        status["state"] = JobState.QUEUED
         wake = (WAKE_AGGR, job.aggr_id) if due <= now else None
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=queue_key(job.aggr_id),
                             score=due, due_index=True, wake=wake)
@@ -319,7 +319,7 @@ class JobStore:
     @_translated
     def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
-        return self._take(keys, [now, count, deadline, owner, "callback_state", "in_flight", "", 0])
+        return self._take(keys, [now, count, deadline, owner, "callback_state", CallbackState.IN_FLIGHT, "", 0])
 
     def _take(self, keys: list[str], args: list[Any]) -> Taken:
         """Run take.lua on the queue ``keys[0]``, naming as candidates its head as
@@ -352,19 +352,19 @@ class JobStore:
 
     @_translated
     def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> Settled:
-        status["callback_state"] = "delivered"
+        status["callback_state"] = CallbackState.DELIVERED
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
 
     @_translated
     def callback_failed(self, job: Job, owner: str, *, now: int, log_entry: dict, **status: Any) -> Settled:
         """Mark the callback failed and list it in ``callbacks:failed`` (the retry list), as of ``now``."""
-        status["callback_state"] = "failed"
+        status["callback_state"] = CallbackState.FAILED
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=now)
 
     @_translated
     def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
                              **status: Any) -> Settled:
-        status["callback_state"] = "queued"
+        status["callback_state"] = CallbackState.QUEUED
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=CALLBACK_QUEUE,
                             score=due, wake=(WAKE_CALLBACKS, job.id))
 
