@@ -293,3 +293,26 @@ def gdl_process(tmp_path: Path) -> Iterator[Callable[..., GdlProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 server on loopback, one for the session (tests/brokers.py)."""
+    from tests.brokers import MotoServer  # brokers imports this module: not at the top
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty moto, and the AWS chain pointed at test credentials only."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    moto_server.reset()
+    return moto_server
