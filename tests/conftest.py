@@ -170,6 +170,15 @@ def make_config(tmp: Path, redis_url: str, **sections: dict) -> config.Config:
     return config.load(path, environ={})
 
 
+def backend_from_config(directory: Path, kind: str, **sections: dict) -> Any:
+    """The ``kind`` callback backend as gdl makes it from a config file of ``sections`` (not started)."""
+    from gdl.backends import from_config
+
+    path = directory / f"gdl-{kind}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump({"notifier": {"concurrency": 10}, **sections}))
+    return from_config(config.load(path, environ={}))[kind]
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, redis_server: RedisServer, store: Store) -> Callable[..., config.Config]:
     """Configs on this test's directories and on an emptied test Redis."""
