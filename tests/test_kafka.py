@@ -6,7 +6,7 @@ import gevent
 import pytest
 from confluent_kafka import KafkaError
 
-from gdl.backends.kafka import KafkaBackend
+from gdl.backends.kafka import PERMANENT_ERRORS, UNKNOWN_TOPIC_ERRORS, KafkaBackend
 from gdl.errors import CallbackError, ConfigError, UnknownTopic
 from tests.brokers import KafkaBroker
 from tests.conftest import free_port, wait_until
@@ -140,6 +140,7 @@ def backend() -> KafkaBackend:
     (KafkaError._UNKNOWN_TOPIC, UnknownTopic, False),
     (KafkaError._UNKNOWN_PARTITION, UnknownTopic, False),
     (KafkaError.TOPIC_AUTHORIZATION_FAILED, CallbackError, False),
+    (KafkaError.TOPIC_EXCEPTION, CallbackError, False),  # an invalid topic name
     (KafkaError.MSG_SIZE_TOO_LARGE, CallbackError, False),
     (KafkaError._MSG_TIMED_OUT, CallbackError, True),
     (KafkaError._TRANSPORT, CallbackError, True),
@@ -149,6 +150,12 @@ def test_delivery_errors_are_typed_by_code(code: int, kind: type, retriable: boo
     err = backend()._error("t", KafkaError(code))
     assert (type(err), err.retriable) == (kind, retriable)
     assert str(err).startswith(f"kafka: delivery to topic t failed: {KafkaError(code).name()}: ")
+
+
+def test_every_error_name_the_backend_classifies_is_one_of_confluent_kafkas() -> None:
+    # A misspelt name would be skipped in silence, and its error retried.
+    names = UNKNOWN_TOPIC_ERRORS + PERMANENT_ERRORS
+    assert [name for name in names if not hasattr(KafkaError, name)] == []
 
 
 @pytest.mark.parametrize(("settings", "message"), [
