@@ -124,6 +124,12 @@ class KafkaBroker:
         subprocess.run([self.binary, "topic", "create", name, "--broker", f"tcp://{self.address}",
                         "--partitions", str(partitions)], check=True, capture_output=True, timeout=10)
 
+    def topics(self) -> list[str]:
+        """The topics the broker has, from tansu's own CLI."""
+        listed = subprocess.run([self.binary, "topic", "list", "--broker", f"tcp://{self.address}"], check=True,
+                                capture_output=True, timeout=10)
+        return sorted(topic["name"] for topic in json.loads(listed.stdout))
+
     def consume(self, topic: str, *, partition: int = 0, at_least: int = 1, timeout: float = 10.0,
                 settle: float = 0.3) -> list[dict]:
         """The JSON messages of ``topic``'s partition from offset 0: waits for ``at_least``,

@@ -15,10 +15,11 @@ What every backend promises:
   exactly the body's bytes: UTF-8 JSON, a large body, an empty body.
 - Deliveries one after another arrive in order, each once; deliveries made
   at once from many greenlets each arrive exactly once.
-- A destination the backend can never deliver to (HTTP: not an http(s)
-  URL; Kafka: a topic the broker does not have) fails at once with a
-  :class:`~gdl.errors.CallbackError` that is not retriable; an unreachable
-  one (nothing listening) with a retriable one and no status. Either way
+- A destination the backend can never deliver to (empty; malformed: not a
+  URL, not a valid topic name; missing: not an http(s) URL, a topic the
+  broker does not have) fails at once with a
+  :class:`~gdl.errors.CallbackError` that is not retriable and has no
+  status; an unreachable one (nothing listening) with a retriable one. Either way
   nothing arrives, and the backend goes on delivering elsewhere.
 - ``stop`` lets a delivery already under way finish.
 
@@ -82,10 +83,11 @@ class Harness:
         raise NotImplementedError
 
     def nothing_arrived(self, destination: str) -> bool:
+        """Nothing at all arrived for a destination that was refused."""
         raise NotImplementedError
 
-    def refused(self) -> str:
-        """A destination this backend can never deliver to."""
+    def refused(self) -> dict[str, str]:
+        """Destinations this backend can never deliver to: empty, malformed, missing."""
         raise NotImplementedError
 
     def unreachable(self) -> tuple[Backend, str]:
@@ -120,10 +122,10 @@ class HTTPHarness(Harness):
         return list(self.receiver.raw[path])
 
     def nothing_arrived(self, destination: str) -> bool:
-        return sum(len(bodies) for bodies in self.receiver.raw.values()) == 0
+        return dict(self.receiver.raw) == {}
 
-    def refused(self) -> str:
-        return "ftp://127.0.0.1/cb"
+    def refused(self) -> dict[str, str]:
+        return {"empty": "", "malformed": "not a URL", "missing": "ftp://127.0.0.1/cb"}
 
     def unreachable(self) -> tuple[Backend, str]:
         return self.backend, f"http://127.0.0.1:{free_port()}/cb"
@@ -157,10 +159,11 @@ class KafkaHarness(Harness):
         return self.broker.values(destination, at_least=count, settle=0.2)
 
     def nothing_arrived(self, destination: str) -> bool:
-        return self.broker.values(destination, at_least=1, timeout=0.5) == []
+        """A refused topic was not made (by auto-creation) to take the message."""
+        return destination not in self.broker.topics()
 
-    def refused(self) -> str:
-        return f"no-such-topic-{self.directory.name}"
+    def refused(self) -> dict[str, str]:
+        return {"empty": "", "malformed": "not a topic!", "missing": f"no-such-topic-{self.directory.name}"}
 
     def unreachable(self) -> tuple[Backend, str]:
         return self.make(servers=f"127.0.0.1:{free_port()}"), "downloads"
@@ -239,12 +242,14 @@ def test_deliveries_at_once_each_arrive_exactly_once(harness: Harness) -> None:
 # --------------------------------------------------------------------------- failing
 
 
-def test_a_destination_the_backend_can_never_deliver_to_fails_at_once_not_retriable(harness: Harness) -> None:
-    refused = harness.refused()
+@pytest.mark.parametrize("which", ["empty", "malformed", "missing"])
+def test_a_destination_the_backend_can_never_deliver_to_fails_at_once_not_retriable(harness: Harness,
+                                                                                     which: str) -> None:
+    refused = harness.refused()[which]
     with pytest.raises(CallbackError) as info:
         harness.backend.notify(refused, payload())
-    assert info.value.retriable is False
-    assert refused in str(info.value)
+    assert (info.value.retriable, info.value.status) == (False, 0)
+    assert f" {refused} " in str(info.value)
     assert harness.nothing_arrived(refused) is True
     destination = harness.destination("after-refusal")
     assert harness.backend.notify(destination, payload(1)) == harness.delivered_code
