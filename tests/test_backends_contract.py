@@ -16,7 +16,7 @@ What every backend promises:
 - Deliveries one after another arrive in order, each once; deliveries made
   at once from many greenlets each arrive exactly once.
 - A destination the backend can never deliver to (empty; malformed: not a
-  URL, not a valid topic name; missing: not an http(s) URL, a topic the
+  URL, the topic name ``..``; missing: not an http(s) URL, a topic the
   broker does not have) fails at once with a
   :class:`~gdl.errors.CallbackError` that is not retriable and has no
   status; an unreachable one (nothing listening) with a retriable one. Either way
@@ -163,7 +163,8 @@ class KafkaHarness(Harness):
         return destination not in self.broker.topics()
 
     def refused(self) -> dict[str, str]:
-        return {"empty": "", "malformed": "not a topic!", "missing": f"no-such-topic-{self.directory.name}"}
+        # "..": a name the API's topic pattern lets through, which Kafka refuses.
+        return {"empty": "", "malformed": "..", "missing": f"no-such-topic-{self.directory.name}"}
 
     def unreachable(self) -> tuple[Backend, str]:
         return self.make(servers=f"127.0.0.1:{free_port()}"), "downloads"
