@@ -11,7 +11,7 @@ address, refused at once. The backend is built by
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,17 @@ BODY = b'{"success":true,"job_id":"6QEywYsd0jrKAg"}'
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Iterator[Any]:
+def started(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Any]:
     """``started(**sections)``: the HTTP backend of that config, started; stopped at the end."""
-    made: list[Any] = []
 
     def start(**sections: Any) -> Any:
         sections.setdefault("security", {"block_private_networks": False})
         backend = backend_from_config(tmp_path, "http", **sections)
         backend.start()
-        made.append(backend)
+        request.addfinalizer(backend.stop)
         return backend
 
-    yield start
-    for backend in made:
-        backend.stop()
+    return start
 
 
 @pytest.fixture
