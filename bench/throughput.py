@@ -85,6 +85,7 @@ SMALL_BYTES = 16 * 1024
 MIB = 1024 * 1024
 MB = 1_000_000
 LAYOUTS = ("single", "split")
+ENGINES = ("curl", "requests")  # gdl's http.engine
 LAYOUT_NAMES = {"single": "gdl (1 process, all roles)", "split": "gdl (api + processor + notifier)"}
 WORKLOADS = ("small", "big", "latency", "util", "many", "scaleout")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -197,24 +198,27 @@ def gdl_roles(layout: str, processors: int = 1) -> list[tuple[str, str | None]]:
     return [("api", "api"), *procs, ("notifier", "notifier")]
 
 
-def gdl_name(layout: str, processors: int = 1) -> str:
-    """The row name of a gdl run in the tables."""
+def gdl_name(layout: str, processors: int, engine: str) -> str:
+    """The row name of a gdl run in the tables, its HTTP engine last: ``gdl (one per role), curl``."""
     if layout == "split" and processors != 1:
-        return f"gdl (api + {processors} processors + notifier)"
-    return LAYOUT_NAMES[layout]
+        return f"gdl (api + {processors} processors + notifier), {engine}"
+    return f"{LAYOUT_NAMES[layout]}, {engine}"
 
 
-def gdl_tool(layout: str, processors: int = 1) -> str:
-    """The ``tool`` of a gdl run in the JSON lines: ``gdl split``, ``gdl single``, ``gdl split x2``."""
-    return f"gdl {layout}" + (f" x{processors}" if layout == "split" and processors != 1 else "")
+def gdl_tool(layout: str, processors: int, engine: str) -> str:
+    """The ``tool`` of a gdl run in the JSON lines: ``gdl split curl``, ``gdl single requests``,
+    ``gdl split x2 curl``."""
+    return f"gdl {layout}" + (f" x{processors}" if layout == "split" and processors != 1 else "") + f" {engine}"
 
 
 class Gdl(Started):
     """A redis-server (AOF on, on a unix socket) and gdl in one process or one per role, in a temp dir."""
 
-    def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int, processors: int = 1):
+    def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int, processors: int = 1,
+                 engine: str = "curl"):
         self.dir = workdir
         self.layout = layout
+        self.engine = engine  # http.engine
         self.processors = processors if layout == "split" else 1
         self.log_level = log_level
         self.notifier_concurrency = notifier_concurrency
@@ -250,6 +254,7 @@ class Gdl(Started):
             processor={"download_url": f"http://127.0.0.1:{self.api_port}/files"},
             notifier={"concurrency": self.notifier_concurrency, "deletion_interval": 1_000_000},
             security={"block_private_networks": False},
+            http={"engine": self.engine},
         )
 
     def log_path(self, name: str) -> Path:
@@ -323,8 +328,8 @@ class ProcessorsAlone(Gdl):
     """Workload 6's "processor role alone": :class:`Gdl`'s redis-server and config with gdl's API alone, to
     enqueue; then, the API stopped, processor processes alone (no notifier) to download."""
 
-    def __init__(self, workdir: Path, log_level: str, notifier_concurrency: int):
-        super().__init__(workdir, "split", log_level, notifier_concurrency)
+    def __init__(self, workdir: Path, log_level: str, notifier_concurrency: int, engine: str = "curl"):
+        super().__init__(workdir, "split", log_level, notifier_concurrency, engine=engine)
         self.config: Path | None = None
         self.stopped: list[str] = []  # processes stopped before the end, whose logs still count
 
@@ -945,11 +950,11 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
     last = max(receiver.arrivals[k][0] for k in keys)
     first = min(enqueuer.starts.values())
     by_process = {k: v - start.by_process[k] for k, v in end.by_process.items()}
-    row = Row(gdl_name(gdl.layout, gdl.processors), last - first, len(jobs), sum(by_process.values()),
+    row = Row(gdl_name(gdl.layout, gdl.processors, gdl.engine), last - first, len(jobs), sum(by_process.values()),
               redis_cpu=by_process["redis-server"], server_cpu=end.nginx - start.nginx,
               bench_cpu=end.bench - start.bench, note=f"enqueue {enqueued:.1f}s",
               machine_cpu=end.machine - start.machine, by_process=by_process, connections=end.peers - start.peers,
-              key=gdl_tool(gdl.layout, gdl.processors), peak_rss=gdl.peak_rss_kib())
+              key=gdl_tool(gdl.layout, gdl.processors, gdl.engine), peak_rss=gdl.peak_rss_kib())
     payloads = check_callbacks(receiver, keys, what)
     check_files(gdl.rootdir, payloads, size, what)
     log.info("%s: %d callbacks, all success, all files %d bytes; %d gdl log lines", what, len(payloads), size,
@@ -960,14 +965,17 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
 
 
 def small_gdl(args: argparse.Namespace, layout: str, nginx: Nginx, names: list[str], workdir: Path,
-              receiver: CallbackReceiver, processors: int = 1, tag: str = "small") -> Row:
-    """Workload 1 for one gdl layout: ``names`` into ``--small-aggregations`` of ``--small-limit``."""
-    run = f"{tag}-{gdl_tool(layout, processors).replace(' ', '-')}"  # small-gdl-split, scaleout-gdl-split-x2
-    with Gdl(workdir / run, layout, args.gdl_log_level, args.notifier_concurrency, processors) as gdl:
+              receiver: CallbackReceiver, processors: int = 1, tag: str = "small", engine: str = "") -> Row:
+    """Workload 1 for one gdl layout and engine (``--engine`` by default): ``names`` into
+    ``--small-aggregations`` of ``--small-limit``."""
+    engine = engine or args.engine
+    run = f"{tag}-{gdl_tool(layout, processors, engine).replace(' ', '-')}"  # small-gdl-split-curl
+    with Gdl(workdir / run, layout, args.gdl_log_level, args.notifier_concurrency, processors, engine) as gdl:
         jobs = [Job(f"{run}-{i}", nginx.url(name), f"small{i % args.small_aggregations}", args.small_limit)
                 for i, name in enumerate(names)]
         log.info("%s: %s: %d jobs in %d aggregations of limit %d over %d connections", tag,
-                 gdl_name(layout, processors), len(jobs), args.small_aggregations, args.small_limit, args.connections)
+                 gdl_name(layout, processors, engine), len(jobs), args.small_aggregations, args.small_limit,
+                 args.connections)
         row = measure_gdl(args, gdl, nginx, receiver, jobs, run, SMALL_BYTES)
     discard(gdl.dir, args)
     return row
@@ -1067,7 +1075,8 @@ def big_aria2c(args: argparse.Namespace, nginx: Nginx, names: list[str], size: i
 def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int, workdir: Path,
             receiver: CallbackReceiver, report: Report) -> Row:
     layout = args.layout
-    with Gdl(workdir / "gdl-big", layout, args.gdl_log_level, args.notifier_concurrency, args.processors) as gdl:
+    with Gdl(workdir / "gdl-big", layout, args.gdl_log_level, args.notifier_concurrency, args.processors,
+             args.engine) as gdl:
         rss_start = proc_status_kib(gdl.processor_pid, "VmRSS")
         jobs = [Job(f"big-{i}", nginx.url(name), f"big{i % args.big_aggregations}", args.big_limit)
                 for i, name in enumerate(names)]
@@ -1083,10 +1092,10 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
         await_callbacks(receiver, gdl, "big files", timeout=120 + size * len(names) / (20 * MB))
         last = max(receiver.arrivals[k][0] for k in keys)
         first = min(enqueuer.starts.values())
-        row = Row(gdl_name(layout, gdl.processors), last - first, size * len(names),
+        row = Row(gdl_name(layout, gdl.processors, gdl.engine), last - first, size * len(names),
                   gdl.gdl_cpu() - gdl_cpu + gdl.redis_cpu() - redis_cpu, redis_cpu=gdl.redis_cpu() - redis_cpu,
                   server_cpu=nginx.cpu() - nginx_cpu, bench_cpu=time.process_time() - bench_cpu,
-                  machine_cpu=machine_busy_seconds() - machine_cpu, key=gdl_tool(layout, gdl.processors),
+                  machine_cpu=machine_busy_seconds() - machine_cpu, key=gdl_tool(layout, gdl.processors, gdl.engine),
                   peak_rss=gdl.peak_rss_kib())
         report.big_rss = (rss_start, proc_status_kib(gdl.processor_pid, "VmHWM"))
         payloads = check_callbacks(receiver, keys, "big files")
@@ -1100,7 +1109,7 @@ def big_gdl(args: argparse.Namespace, nginx: Nginx, names: list[str], size: int,
 def pickup_latency(args: argparse.Namespace, nginx: Nginx, names: list[str], workdir: Path,
                    receiver: CallbackReceiver) -> dict[str, Any]:
     with Gdl(workdir / "gdl-latency", args.layout, args.gdl_log_level, args.notifier_concurrency,
-             args.processors) as gdl:
+             args.processors, args.engine) as gdl:
         enqueuer = Enqueuer(gdl.api_port, receiver.url)
         # Warm up connections and lazy imports in an aggregation of its own, then leave gdl idle.
         warm = [Job(f"warm-{i}", nginx.url(names[i]), "warmup", 8) for i in range(10)]
@@ -1145,7 +1154,7 @@ def utilisation(args: argparse.Namespace, workdir: Path, receiver: CallbackRecei
     samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
     try:
         with Gdl(workdir / "gdl-util", args.layout, args.gdl_log_level, args.notifier_concurrency,
-                 args.processors) as gdl:
+                 args.processors, args.engine) as gdl:
             receiver.expect(j.key for j in jobs)
             enqueuer = Enqueuer(gdl.api_port, receiver.url)
             prepared = enqueuer.prepare(jobs)
@@ -1210,11 +1219,11 @@ def many_aggregations(args: argparse.Namespace, nginx: Nginx, names: list[str], 
     """Workload 1's files and measure, spread over ``--many-aggregations`` small aggregations."""
     count = args.many_aggregations * args.many_jobs_per_aggregation
     with Gdl(workdir / "gdl-many", args.layout, args.gdl_log_level, args.notifier_concurrency,
-             args.processors) as gdl:
+             args.processors, args.engine) as gdl:
         jobs = [Job(f"many-{i}", nginx.url(names[i % len(names)]), f"many{i % args.many_aggregations}",
                     args.many_limit) for i in range(count)]
         log.info("many aggregations: %s: %d jobs in %d aggregations of limit %d over %d connections",
-                 gdl_name(args.layout, gdl.processors), len(jobs), args.many_aggregations, args.many_limit,
+                 gdl_name(args.layout, gdl.processors, gdl.engine), len(jobs), args.many_aggregations, args.many_limit,
                  args.connections)
         row = measure_gdl(args, gdl, nginx, receiver, jobs, "many aggregations", SMALL_BYTES)
     discard(gdl.dir, args)
@@ -1242,7 +1251,7 @@ def processor_alone(args: argparse.Namespace, nginx: Nginx, names: list[str], wo
     callback queue holds them all (no notifier runs, so nothing leaves it)."""
     run = f"scaleout-alone-x{processors}"
     what = f"processor role alone, {processors} processor{'s' if processors > 1 else ''}"
-    with ProcessorsAlone(workdir / run, args.gdl_log_level, args.notifier_concurrency) as gdl:
+    with ProcessorsAlone(workdir / run, args.gdl_log_level, args.notifier_concurrency, args.engine) as gdl:
         jobs = [Job(f"{run}-{i}", nginx.url(name), f"small{i % args.small_aggregations}", args.small_limit)
                 for i, name in enumerate(names)]
         enqueuer = Enqueuer(gdl.api_port, receiver.url)
@@ -1438,7 +1447,7 @@ def print_big(report: Report) -> None:
 
 def print_latency(report: Report, args: argparse.Namespace) -> None:
     lat = report.latency
-    print(f"3. pickup latency ({gdl_name(args.layout, args.processors)}): {lat['jobs']} jobs at "
+    print(f"3. pickup latency ({gdl_name(args.layout, args.processors, args.engine)}): {lat['jobs']} jobs at "
           f"{args.trickle_rate:g}/s over {lat['span']:.1f}s into {args.trickle_aggregations} aggregations, "
           "enqueue request start -> callback received, ms")
     print(f"{'':36} {'jobs':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
@@ -1451,7 +1460,7 @@ def print_latency(report: Report, args: argparse.Namespace) -> None:
 
 def print_util(report: Report, args: argparse.Namespace) -> None:
     u = report.util
-    print(f"4. utilisation ({gdl_name(args.layout, args.processors)}): {u['jobs']} jobs of "
+    print(f"4. utilisation ({gdl_name(args.layout, args.processors, args.engine)}): {u['jobs']} jobs of "
           f"{args.util_hold * 1000:.0f} ms in {len(u['per_aggr'])} aggregations; {u['elapsed']:.2f}s for an ideal "
           f"{u['ideal']:.2f}s")
     print(f"{'aggregation':14} {'limit':>5} {'jobs':>5} {'max in flight':>13} {'busy while queued':>17}")
@@ -1662,14 +1671,15 @@ def latency_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
         return {"p50_ms": percentile(values, 50), "p90_ms": percentile(values, 90), "p99_ms": percentile(values, 99),
                 "max_ms": max(values)}
 
-    return {"workload": "latency", "tool": gdl_tool(args.layout, args.processors), "jobs": lat["jobs"],
+    return {"workload": "latency", "tool": gdl_tool(args.layout, args.processors, args.engine),
+            "jobs": lat["jobs"],
             "rate_per_s": args.trickle_rate, "aggregations": args.trickle_aggregations, **percentiles(lat["all"]),
             "first_of_aggregation": percentiles(lat["first"]), "others": percentiles(lat["rest"])}
 
 
 def util_record(report: Report, args: argparse.Namespace) -> dict[str, Any]:
     u = report.util
-    return {"workload": "util", "tool": gdl_tool(args.layout, args.processors), "jobs": u["jobs"],
+    return {"workload": "util", "tool": gdl_tool(args.layout, args.processors, args.engine), "jobs": u["jobs"],
             "aggregations": len(u["per_aggr"]), "hold_ms": args.util_hold * 1000, "seconds": u["elapsed"],
             "ideal_seconds": u["ideal"], "jobs_per_s": u["achieved"], "jobs_per_s_needed": u["demand"],
             "busy_ratio_all_queued": u["ratio_a"], "busy_ratio_usable": u["ratio_b"],
@@ -1747,6 +1757,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default), single = one process with every role")
     parser.add_argument("--processors", type=int, default=1,
                         help="processor processes in the split layout (workloads 1-5; default 1)")
+    parser.add_argument("--engine", choices=ENGINES, default="curl",
+                        help="gdl's http.engine in workloads 2-6 (default curl)")
+    parser.add_argument("--small-engines", default="curl,requests",
+                        help="gdl's http.engines measured side by side in workload 1 (default: both)")
     parser.add_argument("--small-layouts", default="single,split",
                         help="gdl layouts measured in workload 1 (default: both)")
     parser.add_argument("--small-jobs", type=int, help="small files (default 10000, quick 2000)")
@@ -1792,6 +1806,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--workloads: unknown {', '.join(sorted(unknown))}")
     if args.processors < 1 or args.scaleout_processors < 2:
         parser.error("--processors must be at least 1, --scaleout-processors at least 2")
+    args.small_engines = [w.strip() for w in args.small_engines.split(",") if w.strip()]
+    if not set(args.small_engines) <= set(ENGINES):
+        parser.error("--small-engines: curl and/or requests")
     args.small_layouts = [w.strip() for w in args.small_layouts.split(",") if w.strip()]
     if not set(args.small_layouts) <= set(LAYOUTS):
         parser.error("--small-layouts: single and/or split")
@@ -1837,7 +1854,9 @@ def main(argv: list[str] | None = None) -> int:
                 if curl is not None:
                     report.small_refs.append(curl)
                 for layout in args.small_layouts:
-                    report.small.append(small_gdl(args, layout, nginx, mine, workdir, receiver, args.processors))
+                    for engine in args.small_engines:  # side by side, against the same references
+                        report.small.append(small_gdl(args, layout, nginx, mine, workdir, receiver, args.processors,
+                                                      engine=engine))
             if "big" in args.workloads:
                 size = args.big_mib * MIB
                 report.big_desc = (f"{args.big_files} x {args.big_mib} MiB from nginx; gdl ({args.layout}): "

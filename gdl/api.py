@@ -34,11 +34,12 @@ from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, dashboard, metrics, sentry
+from gdl import __version__, dashboard, destinations, metrics, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
 from gdl.job import ID_LENGTH, is_valid_id, new_id, parse_request
+from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Store, now_ms
 
@@ -49,6 +50,9 @@ Response = tuple[str, list[tuple[str, str]], Iterable[bytes]]
 
 COMPONENTS = ("processor", "notifier")
 FILE_CHUNK = 256 * 1024
+# A stored file is whatever a job's URL answered, served from the dashboard's origin (where a
+# typed-in API token is kept): browsers must not sniff it into something else, nor run it.
+FILE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "sandbox; default-src 'none'")]
 
 _STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
            401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
@@ -115,11 +119,12 @@ class API:
         self.storage = storage
         self.clock = clock
         self.tokens = [t.encode() for t in cfg.security.api_tokens]
+        self.guard = AddressGuard.from_config(cfg.security)  # refuses literal private destinations at submit
         self.stale_ms = int(cfg.processor.stats_interval * 1000 * STALE_AFTER_INTERVALS)
         self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("POST", re.compile(r"^/download$"), self.post_download),
             ("GET", re.compile(r"^/hb$"), self.get_heartbeat),
-            ("POST", re.compile(r"^/retry/([^/]+)$"), self.post_retry),
+            ("POST", re.compile(r"^/retry/([^/]*)$"), self.post_retry),  # an empty id is a 400, not a 404
             ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
             ("GET", re.compile(r"^/stats/([^/]+)$"), self.get_stats),
             ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
@@ -186,11 +191,14 @@ class API:
         body = self._read_json(environ)
         now = self.clock()
         job = parse_request(body, job_id=new_id(), now_ms=now)
+        destinations.check(job, body, self.guard)
         job = self.store.enqueue(job, now=now)
         log.info("job %s: accepted for aggr %s: %s", job.id, job.aggr_id, job.url)
         return _json(201, {"id": job.id})
 
     def post_retry(self, environ: dict, job_id: str) -> Response:
+        if not job_id:
+            raise HTTPError(400, "job id: missing (POST /retry/<job id>)")
         self._check_id(job_id, 400)
         result = self.store.retry_failed_callback(job_id, now=self.clock())
         if result == 0:
@@ -260,13 +268,23 @@ class API:
         if handle is None:
             raise HTTPError(404, "no such file")
         size = os.fstat(handle.fileno()).st_size
-        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        headers = [("Content-Type", self._file_type(job_id)), ("Content-Length", str(size)), *FILE_HEADERS]
         if environ["REQUEST_METHOD"] == "HEAD":
             handle.close()
             return _STATUS[200], headers, []
         wrapper = environ.get("wsgi.file_wrapper")
         body = wrapper(handle, FILE_CHUNK) if wrapper else _chunks(handle)
         return _STATUS[200], headers, body
+
+    def _file_type(self, job_id: str) -> str:
+        """The type the job's download was sniffed as (with ``mime_type`` or ``extract_image_size``),
+        else ``application/octet-stream``; a file outlives neither Redis nor its record, but it is
+        served the same while Redis is away."""
+        try:
+            job = self.store.get_job(job_id)
+        except StoreUnavailable:
+            job = None
+        return (job.status.mime if job is not None else "") or "application/octet-stream"
 
     def get_index(self, environ: dict) -> Response:
         return _text(200, self.index_html, "text/html; charset=utf-8")

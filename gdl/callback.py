@@ -8,8 +8,11 @@ Field for field the Go service's payload, so its clients work unchanged::
      "job_id": "6QEywYsd0jrKAg", "response_code": 200,
      "delivered": true, "delivery_error": "", "image_size": "10x10"}
 
-``delivered`` says whether the file reached its storage (so it equals
-``success``), ``delivery_error`` why not.
+``delivered`` and ``delivery_error`` describe the callback's own delivery,
+as in the Go service: a payload being sent is being delivered, so they are
+``true`` and ``""`` in every callback, failed downloads included (a Go
+client reads ``false`` as "this callback was not delivered"). ``success``
+and ``error`` describe the download.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def payload(job: Job, *, download_url: str) -> dict[str, Any]:
         "download_url": download_url if success else "",
         "job_id": job.id,
         "response_code": job.status.response_code,
-        "delivered": success,
-        "delivery_error": "" if success else job.status.error,
+        "delivered": True,
+        "delivery_error": "",
         "image_size": job.status.image_size,
     }
 

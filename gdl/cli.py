@@ -16,6 +16,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 
@@ -27,20 +28,35 @@ log = logging.getLogger("gdl")
 EXIT_USAGE = 2
 ROLES = ("api", "processor", "notifier")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", default=default,
                         help="YAML config (default: built-in defaults)")
     parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
-                        help="default: info for the service, warning for commands")
-    parser.add_argument("--log-format", default=default, choices=["text", "json"])
+                        help="default: $GDL_LOG_LEVEL, else info for the service, warning for commands")
+    parser.add_argument("--log-format", default=default, choices=LOG_FORMATS,
+                        help="default: $GDL_LOG_FORMAT, else text")
+
+
+class _Version(argparse.Action):
+    """``--version``: gdl's version and which HTTP engines can run here (importing them only then)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs.get("help")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        from gdl.http import availability
+
+        sys.stdout.write(f"gdl {__version__} (engines: {availability()})\n")  # as argparse's own version action
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gdl", description="Asynchronous, rate-limited download service.")
     _global_options(parser, None)
-    parser.add_argument("--version", action="version", version=f"gdl {__version__}")
+    parser.add_argument("--version", action=_Version, help="print gdl's version and its HTTP engines, and exit")
     # The global options may also follow the role or command; there they must not
     # overwrite a value given before it, hence SUPPRESS.
     common = argparse.ArgumentParser(add_help=False)
@@ -56,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command if args.command in commands.COMMANDS else None
-    logs.setup(args.log_level or ("warning" if command else "info"), args.log_format or "text")
+    try:
+        level = _option(args.log_level, "GDL_LOG_LEVEL", LOG_LEVELS) or ("warning" if command else "info")
+        logs.setup(level, _option(args.log_format, "GDL_LOG_FORMAT", LOG_FORMATS) or "text")
+    except ConfigError as exc:
+        print(f"gdl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = config.load(args.config)
         if command:
@@ -69,9 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _option(given: str | None, variable: str, choices: tuple[str, ...]) -> str | None:
+    """A logging option: the command line's, else the environment's (checked like the line's)."""
+    if given is not None:
+        return given
+    value = os.environ.get(variable) or None
+    if value is not None and value not in choices:
+        raise ConfigError(f"{variable}: must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
 def run_service(cfg: config.Config, role: str | None) -> int:
+    # Imported here, not at the top: the operator commands need none of it. A missing
+    # library (libmagic) is a StartupError raised by this import: one line, exit 2.
+    from gdl import mime
     from gdl.service import ROLES, Service
 
+    if role in (None, "processor"):
+        mime.check_libmagic()
     raise_open_files_limit()
     service = Service(cfg, (role,) if role else ROLES)
     service.install_signal_handlers()

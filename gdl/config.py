@@ -5,14 +5,20 @@ validation of every key. The result is a tree of frozen dataclasses; nothing
 else in gdl reads the YAML or the environment for settings.
 
 A bad value raises :class:`ConfigError` whose message starts with the dotted
-key (``processor.disk.high: ...``); the CLI prints that one line and exits 2.
+key (``processor.disk.high: ...``), or with the environment variable and the
+key when the value came from the environment (``GDL_PROCESSOR_DISK_HIGH
+(processor.disk.high): ...``); the CLI prints that one line and exits 2. An
+unknown key, or a ``GDL_*`` variable that names no key, is an error that
+suggests the closest valid name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,12 @@ import yaml
 from gdl.errors import ConfigError
 
 ENV_PREFIX = "GDL_"
+# GDL_* variables that are not config keys, and who reads them: they pass the unknown-variable check.
+OTHER_VARIABLES = {
+    "GDL_LOG_LEVEL": "the default of --log-level (gdl/cli.py)",
+    "GDL_LOG_FORMAT": "the default of --log-format (gdl/cli.py)",
+    "GDL_SCREENSHOTS": "where tests/test_dashboard.py saves the dashboard's screenshots",
+}
 
 
 def _key(default: Any, help: str, **meta: Any) -> Any:
@@ -39,6 +51,7 @@ class RedisConfig:
     embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
     sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
     master_name: str = _key("", "sentinel master name")
+    cluster_nodes: list = _key([], "host:port of Redis Cluster nodes (cluster mode); replaces url")
     wait_replicas: int = _key(0, "replicas that must confirm a new job before POST /download answers 201",
                               min=0, max=10)
 
@@ -86,6 +99,11 @@ class NotifierConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    engine: str = _key("curl", "HTTP client of downloads and callbacks: curl (libcurl, via pycurl) or requests")
+
+
+@dataclass(frozen=True)
 class BackendsConfig:
     http: dict = _key({"timeout": 30}, "HTTP callback backend settings")
     kafka: dict = _key({}, "librdkafka settings; empty: Kafka callbacks off")
@@ -114,6 +132,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     notifier: NotifierConfig = field(default_factory=NotifierConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     backends: BackendsConfig = field(default_factory=BackendsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     sentry: SentryConfig = field(default_factory=SentryConfig)
@@ -132,11 +151,52 @@ def load(path: str | os.PathLike | None, environ: Mapping[str, str] | None = Non
     raw: dict = {}
     if path is not None:
         raw = _read_yaml(Path(path))
-    _apply_environment(raw, environ)
-    cfg = _build(Config, raw, prefix="")
-    cfg = dataclasses.replace(cfg, source=str(path) if path else "<defaults>")
-    _check_relations(cfg)
-    return cfg
+    from_env = _apply_environment(raw, environ)
+    try:
+        cfg = _build(Config, raw, prefix="")
+        _check_relations(cfg)
+    except ConfigError as exc:
+        raise ConfigError(_name_variables(str(exc), from_env)) from exc
+    return dataclasses.replace(cfg, source=str(path) if path else "<defaults>")
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets the dotted ``key``: ``GDL_PROCESSOR_DISK_HIGH``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def allowed_networks_hint(address: str) -> str:
+    """How to let ``address`` past ``security.block_private_networks``, for every refusal message.
+
+    It suggests the loopback network for a loopback address (local testing), and
+    the address alone for anything else: a whole private or link-local range (the
+    cloud metadata endpoint's) is the operator's decision, not a hint's.
+    """
+    ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        network = "127.0.0.0/8" if ip.version == 4 else "::1/128"
+    else:
+        network = f"{ip}/{ip.max_prefixlen}"
+    key = "security.allowed_networks"
+    return f"security.block_private_networks; to allow it, add {network} to {key} or set {env_name(key)}={network}"
+
+
+def _name_variables(message: str, from_env: dict[str, str]) -> str:
+    """A config error whose keys were set from the environment, saying by which variable.
+
+    The message starts with the key at fault (:class:`ConfigError`'s rule): when the
+    environment set it, the variable leads; other keys it names (a relation between
+    two keys) are followed by theirs.
+    """
+    key, sep, rest = message.partition(": ")
+    if sep and key in from_env:
+        message = f"{from_env[key]} ({key}): {rest}"
+    mentioned = [k for k in from_env if k != key and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", rest)]
+    if mentioned:
+        message += " (" + ", ".join(f"{k} from {from_env[k]}" for k in mentioned) + ")"
+    return message
 
 
 def _read_yaml(path: Path) -> dict:
@@ -157,14 +217,21 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_environment(raw: dict, environ: Mapping[str, str]) -> None:
-    """``GDL_PROCESSOR_DISK_HIGH=80`` sets processor.disk.high; values are YAML."""
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX):
+def _apply_environment(raw: dict, environ: Mapping[str, str]) -> dict[str, str]:
+    """``GDL_PROCESSOR_DISK_HIGH=80`` sets processor.disk.high; values are YAML.
+
+    Returns the dotted keys set, each with its variable's name. A ``GDL_*``
+    variable that names no key (and is not one of :data:`OTHER_VARIABLES`) is a
+    typo that would otherwise pass unnoticed: a :class:`ConfigError`.
+    """
+    from_env: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES:
             continue
         path = _env_key_path(name[len(ENV_PREFIX):].lower())
         if path is None:
-            continue  # GDL_* variables that are not config keys (e.g. GDL_LOG_LEVEL)
+            raise ConfigError(f"{name}: no such setting{_did_you_mean(name, [*_env_names(), *OTHER_VARIABLES])}")
+        from_env[".".join(path)] = name
         kind = _leaf_kind(path)
         try:
             parsed = yaml.safe_load(value) if value != "" and kind is not str else value
@@ -184,6 +251,29 @@ def _apply_environment(raw: dict, environ: Mapping[str, str]) -> None:
                 node[part] = dict(defaults) if isinstance(defaults, dict) else {}
             node = node[part]
         node[path[-1]] = parsed
+    return from_env
+
+
+def _env_names(cls: Any = Config, prefix: str = ENV_PREFIX) -> list[str]:
+    """Every variable that names a key: the schema's leaves, and the keys of mappings' defaults."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        name, sub = prefix + f.name.upper(), _field_type(cls, f.name)
+        if dataclasses.is_dataclass(sub):
+            out += _env_names(sub, name + "_")
+        else:
+            out.append(name)
+            if sub is dict:
+                out += [f"{name}_{k}".upper() for k in getattr(cls(), f.name)]
+    return out
+
+
+def _did_you_mean(name: str, candidates: list[str], prefix: str = "") -> str:
+    """``"; did you mean <prefix><closest>?"``, or nothing when no candidate is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _env_key_path(rest: str, cls: Any = Config) -> list[str] | None:
@@ -232,7 +322,7 @@ def _build(cls: Any, raw: Any, prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     for name in raw:
         if name not in known:
-            raise ConfigError(f"{prefix}{name}: unknown key")
+            raise ConfigError(f"{prefix}{name}: unknown key{_did_you_mean(str(name), list(known), prefix)}")
     values = {}
     for name, f in known.items():
         key = prefix + name
@@ -283,23 +373,27 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
     if cfg.redis.sentinel and not cfg.redis.master_name:
         raise ConfigError("redis.master_name: required when redis.sentinel is set")
-    for addr in cfg.redis.sentinel:
-        host, _, port = str(addr).rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"redis.sentinel: {addr!r} is not host:port")
+    for key in ("sentinel", "cluster_nodes"):
+        for addr in getattr(cfg.redis, key):
+            host, _, port = str(addr).rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"redis.{key}: {addr!r} is not host:port")
+    if cfg.redis.cluster_nodes and cfg.redis.sentinel:
+        raise ConfigError("redis.cluster_nodes: a Redis Cluster has no sentinels; set one of the two")
+    if cfg.redis.cluster_nodes and cfg.redis.wait_replicas:
+        raise ConfigError("redis.wait_replicas: not supported with redis.cluster_nodes (WAIT names no key)")
     if cfg.processor.disk.low > cfg.processor.disk.high:
         raise ConfigError("processor.disk.low: must not be above processor.disk.high")
     fs = cfg.processor.filestorage
     kind = fs.get("type")
     if kind == "filesystem":
+        _known_keys("processor.filestorage", fs, ("type", "rootdir"), "filesystem")
         if not isinstance(fs.get("rootdir"), str) or not fs["rootdir"]:
             raise ConfigError("processor.filestorage.rootdir: required for filesystem storage")
     elif kind == "s3":
         # rootdir is tolerated: the default mapping carries it, and GDL_PROCESSOR_FILESTORAGE_TYPE=s3
         # amends that default rather than replacing it.
-        for name in fs:
-            if name not in ("type", "bucket", "region", "endpoint_url", "rootdir"):
-                raise ConfigError(f"processor.filestorage.{name}: unknown key for s3 storage")
+        _known_keys("processor.filestorage", fs, ("type", "bucket", "region", "endpoint_url", "rootdir"), "s3")
         for name in ("bucket", "region"):
             if not isinstance(fs.get(name), str) or not fs[name]:
                 raise ConfigError(f"processor.filestorage.{name}: required for s3 storage")
@@ -315,6 +409,7 @@ def _check_relations(cfg: Config) -> None:
     for name, value in cfg.processor.request_headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise ConfigError(f"processor.request_headers.{name}: header values must be strings")
+    _check_engine(cfg.http.engine)
     timeout = cfg.backends.http.get("timeout", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
@@ -326,3 +421,23 @@ def _check_relations(cfg: Config) -> None:
     for token in cfg.security.api_tokens:
         if not isinstance(token, str) or not token:
             raise ConfigError("security.api_tokens: tokens must be non-empty strings")
+
+
+def _known_keys(key: str, mapping: dict, names: tuple[str, ...], kind: str) -> None:
+    for name in mapping:
+        if name not in names:
+            raise ConfigError(f"{key}.{name}: unknown key for {kind} storage"
+                              f"{_did_you_mean(str(name), list(names), key + '.')}")
+
+
+def _check_engine(name: str) -> None:
+    """``http.engine`` names an engine, and its library imports here."""
+    from gdl import http
+
+    if name not in http.ENGINES:
+        raise ConfigError(f"http.engine: must be {' or '.join(http.ENGINES)} (got {name!r})")
+    why = http.unavailable(name)
+    if why is not None:
+        package = http.ENGINES[name][2]
+        raise ConfigError(f"http.engine: {name} cannot run: {why}; install it (pip install {package}) "
+                          "or set http.engine: requests")

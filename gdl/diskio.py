@@ -5,11 +5,17 @@ directory and renaming can wait on the disk; made from a greenlet they stop
 every other greenlet of the process meanwhile (measured: close to half the
 processor's wall time on small files). These run in the hub's threadpool,
 so only the calling greenlet waits.
+
+An exception in a pool thread comes back to the caller as a value and is
+raised there (:func:`_capture`): left to gevent, the hub would also print
+it to stderr itself (its traceback and a ``ThreadPoolWorker ... failed
+with`` line), beside the caller's log line and outside ``logging``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,11 +28,36 @@ import gevent.threadpool
 from gdl.errors import StartupError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class _Raised:
+    """An exception raised in a pool thread, carried back to the hub as a value."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _capture(fn: Callable[..., T], args: tuple) -> T | _Raised:
+    """Run in the pool thread: what ``fn`` returns or raises, never an exception for gevent to print."""
+    try:
+        return fn(*args)
+    except BaseException as exc:  # every failure goes back to the caller, which logs it (once)
+        return _Raised(exc)
+
+
+def _unwrap(value: T | _Raised) -> T:
+    if isinstance(value, _Raised):
+        error, value.error = value.error, None  # type: ignore[assignment]  # no cycle through the frame
+        raise error
+    return value
 
 
 def off_hub(fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` in the hub's threadpool; exceptions come back to the caller."""
-    return gevent.get_hub().threadpool.apply(fn, args)
+    return _unwrap(gevent.get_hub().threadpool.apply(_capture, (fn, args)))
 
 
 def flush_sync_close(file: BinaryIO) -> None:
@@ -77,9 +108,9 @@ def mkstemp(directory: str, prefix: str) -> tuple[int, str]:
     A caller interrupted meanwhile (a shutdown kills downloads in flight)
     never learns the path of the file the thread goes on to make: that file
     is closed and removed as soon as it exists, or nothing would."""
-    result = gevent.get_hub().threadpool.spawn(tempfile.mkstemp, "", prefix, directory)
+    result = gevent.get_hub().threadpool.spawn(_capture, tempfile.mkstemp, ("", prefix, directory))
     try:
-        return result.get()
+        return _unwrap(result.get())
     except BaseException:
         if not result.ready():
             result.rawlink(_remove_made_file)
@@ -87,7 +118,7 @@ def mkstemp(directory: str, prefix: str) -> tuple[int, str]:
 
 
 def _remove_made_file(result: Any) -> None:
-    if not result.successful():
+    if not result.successful() or isinstance(result.value, _Raised):
         return
     fd, path = result.value
     try:
@@ -131,7 +162,7 @@ class Writeback:
         own = os.dup(fd)
         self.queued += 1
         self.requested += 1
-        self._thread.spawn(self._start, own, start, length).rawlink(self._done)
+        self._thread.spawn(_capture, self._start, (own, start, length)).rawlink(self._done)
 
     def _start(self, fd: int, start: int, length: int) -> None:
         try:
@@ -139,8 +170,10 @@ class Writeback:
         finally:
             os.close(fd)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, result: Any) -> None:
         self.queued -= 1
+        if isinstance(result.value, _Raised):  # a hint that failed: worth a line, not a traceback
+            log.warning("disk: writeback request failed: %s", result.value.error)
 
 
 def check_writable(key: str, path: str) -> None:

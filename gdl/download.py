@@ -1,63 +1,62 @@
 """One HTTP download into a temp file.
 
-:class:`Downloader` holds one keep-alive ``requests.Session`` for one
-proxy (or none); :class:`Downloaders` shares it between every aggregation
-pool of a process that uses that proxy. :meth:`Downloader.fetch` GETs a
-job's URL and streams the body, exactly as served, into a temp file in
-``storage_dir``, checking the job's mime patterns on the first bytes and
-reading the image size at the end. It returns a :class:`Fetched` or raises a
-:class:`~gdl.errors.DownloadError` subclass; on every failure the temp file is
-gone. Where the file goes next is :mod:`gdl.filestorage`'s business; this
-module knows nothing of Redis.
+:class:`Downloader` sends a job's GET through one HTTP engine
+(:mod:`gdl.http`: ``curl`` or ``requests``, ``http.engine``) for one proxy
+(or none); :class:`Downloaders` shares it between every aggregation pool of
+a process that uses that proxy. :meth:`Downloader.fetch` streams the body,
+exactly as served, into a temp file in ``storage_dir``, checking the job's
+mime patterns on the first bytes and reading the image size at the end. It
+returns a :class:`Fetched` or raises a :class:`~gdl.errors.DownloadError`
+subclass; on every failure the temp file is gone. Where the file goes next
+is :mod:`gdl.filestorage`'s business; this module knows nothing of Redis.
 
-Redirects are followed here, hop by hop, not by requests: each hop's scheme
-is checked (http and https only), its connection goes through the
-:class:`~gdl.netguard.AddressGuard` when one is given, a redirect's body is
-dropped after at most a few KiB, and ``max_redirects`` hops are followed.
+Everything above the engine's one hop is here, the same for every engine:
+redirects are followed hop by hop (each hop's scheme checked, http and https
+only; a redirect's body dropped after at most a few KiB; ``max_redirects``
+hops), cookies set by one hop go to the next ones, credentials are dropped
+on a change of host, the guard's proxy rules apply, and the size limit,
+mime check and whole-download deadline hold. The engine applies the guard
+(:class:`~gdl.netguard.AddressGuard`) to every connection it makes.
 """
 
 from __future__ import annotations
 
 import email.utils
-import http.cookiejar
 import logging
 import os
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import CookieJar
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import gevent
-import requests
-import urllib3.exceptions
-from requests.cookies import RequestsCookieJar, extract_cookies_to_jar
-from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
-from urllib3.util import SKIP_HEADER
 
 from gdl import diskio, mime
 from gdl.errors import (
     BlockedAddress,
-    ConnectionFailed,
     DownloadError,
     DownloadTimeout,
     HTTPStatusError,
     InvalidURL,
     MimeMismatch,
     StorageError,
-    TLSError,
     TooLarge,
     TooManyRedirects,
     TruncatedBody,
 )
+from gdl.http import DEFAULT_ENGINE, Exchange, Headers, Response, make_engine
+from gdl.http.base import wire_url
 from gdl.job import Job
-from gdl.netguard import AddressGuard, HopSession, discard_body, mount_adapters
+from gdl.netguard import AddressGuard
 
 log = logging.getLogger(__name__)
 
-# The connect phase never gets more than this, however long the whole download may take.
-MAX_CONNECT_TIMEOUT = 30.0
+# Redirect statuses that carry a Location to follow (as requests follows).
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass
@@ -82,32 +81,34 @@ class _Attempt:
 
 
 class Downloader:
-    """Downloads jobs through one keep-alive session, direct or through one proxy.
+    """Downloads jobs through one HTTP engine, direct or through one proxy.
 
     With a ``guard``, every connection (the URL's host, each redirect hop's,
-    the proxy's) is checked by it, and a target reached through the proxy is
-    checked as far as its URL shows.
+    the proxy's) is checked by the engine, and a target reached through the
+    proxy is checked here as far as its URL shows.
     """
 
     def __init__(self, *, proxy: str, default_headers: dict[str, str], storage_dir: str, chunk_size: int,
                  max_bytes: int = 0, max_redirects: int = 10, guard: AddressGuard | None = None,
-                 pool_size: int = 10, hosts: int = 10):
+                 pool_size: int = 10, hosts: int = 10, engine: str = DEFAULT_ENGINE,
+                 ca_bundle: str | None = None):
         self.storage_dir = storage_dir
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.proxy = proxy
         self.guard = guard
-        self.session = _make_session(proxy, default_headers, guard, pool_size, hosts)
+        self.default_headers = dict(default_headers)
+        self.http = make_engine(engine, guard=guard, pool_size=pool_size, hosts=hosts, ca_bundle=ca_bundle)
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
     def fetch(self, job: Job, *, timeout: float) -> Fetched:
         """Download ``job.url`` into a temp file within ``timeout`` seconds, all phases included."""
         attempt = _Attempt()
         # One deadline over connect, every read and every write: a server that
-        # drips a byte a second never trips requests' per-read timeout.
+        # drips a byte a second never trips a per-read timeout.
         deadline = gevent.Timeout(timeout)
         deadline.start()
         try:
@@ -129,7 +130,7 @@ class Downloader:
     def _fetch(self, job: Job, timeout: float, attempt: _Attempt) -> Fetched:
         response = self._request(job, timeout)
         with response:
-            attempt.response_code = response.status_code
+            attempt.response_code = response.status
             check_status(response)
             declared = self._check_declared_length(response)
             # A body declared to fit one chunk stays in memory: the storage then
@@ -143,15 +144,15 @@ class Downloader:
         if job.extract_image_size:
             image_size = mime.image_size(attempt.temp.path if body is None else body, found_mime)
         log.debug("job %s: fetched %d bytes of %s (%d) from %s", job.id, size, found_mime,
-                  response.status_code, response.url)
-        return Fetched(path=attempt.temp.path, size=size, response_code=response.status_code,
+                  response.status, response.url)
+        return Fetched(path=attempt.temp.path, size=size, response_code=response.status,
                        mime=found_mime, image_size=image_size or "", body=body)
 
-    def _request(self, job: Job, timeout: float) -> requests.Response:
-        """Send the GET and follow redirects; returns with the final response's headers read."""
+    def _request(self, job: Job, timeout: float) -> Response:
+        """Send the GET and follow redirects; returns with the final response's head read."""
         url = job.url
-        headers = CaseInsensitiveDict(job.request_headers)  # overlaid on the session's defaults
-        cookies = RequestsCookieJar()  # cookies set by one hop go to the next ones, as browsers do
+        headers = _overlay(self.default_headers, job.request_headers)
+        cookies = CookieJar()  # cookies set by one hop go to the next ones, as browsers do
         for hop in range(self.max_redirects + 1):
             try:
                 response = self._send(url, headers, cookies, timeout)
@@ -159,35 +160,38 @@ class Downloader:
                 if hop:
                     raise BlockedAddress(f"{exc}, at redirect {hop} to {url}") from exc
                 raise
-            location = self.session.get_redirect_target(response)
+            location = _location(response)
             if location is None:
                 return response
-            extract_cookies_to_jar(cookies, response.request, response.raw)
-            discard_body(response)
+            cookies.extract_cookies(_CookieResponse(response.headers), urllib.request.Request(url))  # type: ignore[arg-type]
+            response.discard()
             if hop == self.max_redirects:
                 raise TooManyRedirects(f"more than {self.max_redirects} redirects (security.max_redirects)",
-                                       response_code=response.status_code)
-            next_url = redirect_url(response.url, location)
-            if self.session.should_strip_auth(url, next_url):
-                headers.pop("Authorization", None)
-            headers.pop("Cookie", None)  # from here on, cookies come from the jar only (as in requests)
+                                       response_code=response.status)
+            next_url = redirect_url(url, location)
+            if should_strip_auth(url, next_url):
+                headers.pop("authorization", None)
+            headers.pop("cookie", None)  # from here on, cookies come from the jar only (as in requests)
             url = next_url
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def _send(self, url: str, headers: CaseInsensitiveDict, cookies: RequestsCookieJar,
-              timeout: float) -> requests.Response:
+    def _send(self, url: str, headers: dict[str, tuple[str, str]], cookies: CookieJar,
+              timeout: float) -> Response:
         """One GET, no redirect followed."""
         self._check_url(url)
-        try:
-            return self.session.send_one("GET", url, headers=headers, cookies=cookies,
-                                         timeout=(min(timeout, MAX_CONNECT_TIMEOUT), timeout))
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise request_error(exc) from exc
+        pairs = list(headers.values())
+        if len(cookies) and "cookie" not in headers:
+            request = urllib.request.Request(url)
+            cookies.add_cookie_header(request)
+            if request.unredirected_hdrs.get("Cookie"):
+                pairs.append(("Cookie", request.unredirected_hdrs["Cookie"]))
+        return self.http.send(Exchange("GET", wire_url(url), pairs, proxy=self.proxy, timeout=timeout))
 
     def _check_url(self, url: str) -> None:
         try:
             parts = urlsplit(url)
             host = parts.hostname
+            parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise InvalidURL(f"invalid URL {url!r}: {exc}") from exc
         if parts.scheme.lower() not in ("http", "https"):
@@ -195,17 +199,18 @@ class Downloader:
         if not host:
             raise InvalidURL(f"invalid URL {url!r}: no host")
         if self.guard is not None and self.proxy:
+            self.guard.check_proxy(self.proxy)
             self.guard.check_proxied_target(host)
 
-    def _check_declared_length(self, response: requests.Response) -> int | None:
+    def _check_declared_length(self, response: Response) -> int | None:
         """The response's Content-Length (None without one), refused when over ``max_bytes``."""
-        declared = content_length(response)
+        declared = content_length(response.headers)
         if self.max_bytes and declared is not None and declared > self.max_bytes:
             raise TooLarge(f"Content-Length {declared} exceeds the limit of {self.max_bytes} bytes",
-                           response_code=response.status_code)
+                           response_code=response.status)
         return declared
 
-    def _stream_body(self, job: Job, response: requests.Response, declared: int | None, temp: _TempFile) -> str:
+    def _stream_body(self, job: Job, response: Response, declared: int | None, temp: _TempFile) -> str:
         """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type
         ("" when the job has neither ``mime_type`` nor ``extract_image_size``).
 
@@ -216,26 +221,18 @@ class Downloader:
         # libmagic costs up to a few hundred microseconds a body (text and random
         # bytes most): only a job that checks the type or wants an image size pays it.
         sniffing = patterns is not None or job.extract_image_size
-        code = response.status_code
+        code = response.status
         head = bytearray()
         found_mime = ""
-        try:
-            # decode_content=False: bytes are stored as served, gzip included.
-            for chunk in response.raw.stream(self.chunk_size, decode_content=False):
-                if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
-                    raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
-                temp.write(chunk)
-                if sniffing:
-                    head += chunk
-                    if len(head) >= mime.SNIFF_BYTES:
-                        found_mime = check_mime(head, job.mime_type, patterns, code)
-                        sniffing, head = False, bytearray()
-        except urllib3.exceptions.ReadTimeoutError as exc:
-            raise DownloadTimeout(f"reading the body timed out: {exc}", response_code=code) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            # ProtocolError (IncompleteRead, a reset), SSLError mid-body: the body was cut short.
-            raise TruncatedBody(f"the body was cut short after {temp.size} bytes: {exc}",
-                                response_code=code) from exc
+        for chunk in response.chunks(self.chunk_size):  # the engine raises TruncatedBody or DownloadTimeout
+            if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
+                raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
+            temp.write(chunk)
+            if sniffing:
+                head += chunk
+                if len(head) >= mime.SNIFF_BYTES:
+                    found_mime = check_mime(head, job.mime_type, patterns, code)
+                    sniffing, head = False, bytearray()
         if sniffing:
             found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
         if declared is not None and temp.size != declared:
@@ -247,12 +244,14 @@ class Downloaders:
     """One :class:`Downloader` per proxy, shared by all of a process's aggregation pools.
 
     Aggregations often fetch from the same hosts (a CDN, a platform that
-    hosts many shops). With a session each, every pool opened its own
+    hosts many shops). With an HTTP client each, every pool opened its own
     connections and closed them when it ended; shared, a kept-alive
     connection outlives the pool that opened it and serves the next
     aggregation. ``make(proxy)`` builds a Downloader on first use; it is
-    closed when the last pool using it lets go. Each pool still runs at most
-    ``aggr_limit`` downloads: the limit is the pool's, not the session's.
+    closed when the last pool using it lets go (the curl engine's
+    connections are the process's and outlive it too). Each pool still runs
+    at most ``aggr_limit`` downloads: the limit is the pool's, not the
+    engine's.
     """
 
     def __init__(self, make: Callable[[str], Downloader]):
@@ -278,39 +277,53 @@ class Downloaders:
         return len(self._shared)
 
 
-def _make_session(proxy: str, default_headers: dict[str, str], guard: AddressGuard | None,
-                  pool_size: int, hosts: int) -> HopSession:
-    session = HopSession()
-    # Only the configured headers: no requests defaults (Accept-Encoding: gzip
-    # would ask for bytes other than the resource's). SKIP_HEADER keeps
-    # http.client from adding its own "Accept-Encoding: identity".
-    headers = CaseInsensitiveDict(default_headers)
-    headers.setdefault("Accept-Encoding", SKIP_HEADER)
-    session.headers = headers  # type: ignore[assignment]  # a SKIP_HEADER value is not a str
-    mount_adapters(session, guard, pool_size=pool_size, hosts=hosts)
-    if proxy:
-        session.proxies = {"http": proxy, "https": proxy}
-    # The environment must not pick proxies or send .netrc credentials to the
-    # hosts that jobs name.
-    session.trust_env = False
-    # Cookies set while downloading one job must not be sent with the next one;
-    # within a redirect chain requests still carries them from hop to hop.
-    session.cookies.set_policy(_NoCookies())
-    return session
+def _location(response: Response) -> str | None:
+    """Where a redirect leads, or None for any other response. Servers send UTF-8 in
+    headers that HTTP reads as latin-1: read back as UTF-8 where it is (as requests does)."""
+    location = response.headers.get("Location") if response.status in REDIRECTS else None
+    if location is None:
+        return None
+    try:
+        return location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return location
 
 
-class _NoCookies(http.cookiejar.DefaultCookiePolicy):
-    """Refuses to keep any cookie in the session's jar."""
+def _overlay(defaults: dict[str, str], overrides: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Headers by lower-case name: the job's override the configured ones, whatever their case."""
+    merged = {name.lower(): (name, value) for name, value in defaults.items()}
+    merged.update((name.lower(), (name, value)) for name, value in overrides.items())
+    return merged
 
-    def set_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
+
+class _CookieResponse:
+    """What ``http.cookiejar`` reads of a response: its headers, through ``info()``."""
+
+    def __init__(self, headers: Headers):
+        self.headers = headers
+
+    def info(self) -> Headers:
+        return self.headers
+
+
+def should_strip_auth(old_url: str, new_url: str) -> bool:
+    """Whether credentials must be dropped on a redirect from ``old_url`` to ``new_url`` (as requests
+    decides): on a change of host, except http -> https on the default ports."""
+    old, new = urlsplit(old_url), urlsplit(new_url)
+    if old.hostname != new.hostname:
+        return True
+    if old.scheme == "http" and old.port in (80, None) and new.scheme == "https" and new.port in (443, None):
         return False
+    default = {"http": 80, "https": 443}
+    return (old.scheme != new.scheme
+            or (old.port or default.get(old.scheme)) != (new.port or default.get(new.scheme)))
 
 
-def check_status(response: requests.Response) -> None:
-    if 200 <= response.status_code < 300:
+def check_status(response: Response) -> None:
+    if 200 <= response.status < 300:
         return
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    raise HTTPStatusError(response.status_code, response.reason or "", retry_after=retry_after)
+    raise HTTPStatusError(response.status, response.reason or "", retry_after=retry_after)
 
 
 def check_mime(head: bytes | bytearray, expected: str, patterns: mime.MimePatterns | None, response_code: int) -> str:
@@ -330,9 +343,9 @@ def redirect_url(current: str, location: str) -> str:
     return requote_uri(location)
 
 
-def content_length(response: requests.Response) -> int | None:
+def content_length(headers: Headers) -> int | None:
     """The declared body length, or None when absent or unreadable."""
-    value = response.headers.get("Content-Length")
+    value = headers.get("Content-Length")
     try:
         return int(value) if value is not None else None
     except ValueError:
@@ -352,20 +365,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
-
-
-def request_error(exc: Exception) -> DownloadError:
-    """Translate what ``Session.get`` raises, before a final response, into our error tree."""
-    text = str(exc)
-    # Order matters: SSLError, ProxyError and ConnectTimeout are ConnectionErrors.
-    if isinstance(exc, requests.exceptions.SSLError):
-        return TLSError(f"TLS error: {text}")
-    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                        requests.exceptions.InvalidSchema, requests.exceptions.URLRequired)):
-        return InvalidURL(f"invalid URL: {text}")
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return DownloadTimeout(f"no response in time: {text}")
-    return ConnectionFailed(f"connection failed: {text}")
 
 
 class _TempFile:

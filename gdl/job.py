@@ -88,6 +88,7 @@ class Status:
     callback_attempts: int = 0
     callback_error: str = ""
     callback_code: int = 0
+    callback_due_at: int = 0  # when a callback retry is due (ms since the epoch); 0 when none waits
     delivered_at: int = 0
 
 
@@ -252,8 +253,17 @@ def check_mime_patterns(value: str) -> list[tuple[bool, str]]:
     return out
 
 
-def _string(body: dict, name: str, *, required: bool = False, max_length: int | None = None) -> str:
+def _field(body: dict, name: str, kind: str) -> Any:
+    """The value of ``name``, None when absent. A JSON ``null`` is not absence: as in the
+    Go service, a field is either left out or of its type (``kind``, for the message)."""
     value = body.get(name)
+    if value is None and name in body:
+        raise ValidationError(name, f"must be {kind}, not null (leave the field out instead)")
+    return value
+
+
+def _string(body: dict, name: str, *, required: bool = False, max_length: int | None = None) -> str:
+    value = _field(body, name, "a string")
     if value is None:
         if required:
             raise ValidationError(name, "is required")
@@ -268,7 +278,7 @@ def _string(body: dict, name: str, *, required: bool = False, max_length: int | 
 
 
 def _integer(body: dict, name: str, *, required: bool = False, minimum: int, maximum: int) -> int | None:
-    value = body.get(name)
+    value = _field(body, name, "an integer")
     if value is None:
         if required:
             raise ValidationError(name, "is required")
@@ -284,7 +294,7 @@ def _integer(body: dict, name: str, *, required: bool = False, minimum: int, max
 
 
 def _boolean(body: dict, name: str) -> bool:
-    value = body.get(name)
+    value = _field(body, name, "true or false")
     if value is None:
         return False
     if not isinstance(value, bool):
@@ -353,7 +363,7 @@ def _s3(body: dict) -> tuple[str, str]:
 
 
 def _headers(body: dict) -> dict[str, str]:
-    value = body.get("request_headers")
+    value = _field(body, "request_headers", "an object")
     if value is None:
         return {}
     if not isinstance(value, dict):

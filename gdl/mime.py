@@ -17,11 +17,21 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import magic
 from PIL import GifImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin
 
-from gdl.errors import InvalidImage, StorageError
+from gdl.errors import InvalidImage, StartupError, StorageError
 from gdl.job import check_mime_patterns
+
+INSTALL_LIBMAGIC = "install it with `apt-get install libmagic1` (Debian, Ubuntu) or `brew install libmagic` (macOS)"
+
+try:
+    import magic
+except ImportError as _exc:  # python-magic's loader found no libmagic, or python-magic is not installed
+    # One line for the operator (the CLI prints a StartupError and exits 2), not a traceback.
+    if isinstance(_exc, ModuleNotFoundError) and _exc.name == "magic":
+        raise StartupError("python-magic is not installed: pip install python-magic") from _exc
+    raise StartupError(f"libmagic, needed to sniff mime types, cannot be loaded ({_exc}): {INSTALL_LIBMAGIC}") \
+        from _exc
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +98,15 @@ def sniff(head: bytes) -> str:
     if _magic is None:
         _magic = magic.Magic(mime=True)
     return media_type(_magic.from_buffer(head))
+
+
+def check_libmagic() -> None:
+    """Load libmagic and its database now, so that a broken install stops gdl at start, in one line."""
+    try:
+        sniff(b"GIF89a")
+    except magic.MagicException as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise StartupError(f"libmagic cannot load its database ({detail}): {INSTALL_LIBMAGIC}") from exc
 
 
 def image_size(source: str | bytes, mime: str) -> str | None:

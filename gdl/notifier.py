@@ -9,8 +9,9 @@ once through the backend the job names (:mod:`gdl.backends`).
 A delivered callback schedules the job's deletion ``deletion_interval``
 minutes later (the reaper then deletes the file and the record). A failed
 delivery is retried after ``attempt * notifier.retry_backoff`` up to
-``notifier.max_retries`` times, then marked failed; ``POST /retry/<id>``
-puts it back.
+``notifier.max_retries`` times (the log line, the job's ``callback_due_at``
+and its attempt's ``next_at`` say when), then marked failed; ``POST
+/retry/<id>`` puts it back.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Notifier(TakingPool):
         entry = _log_entry("delivered", now, attempts, started, status=status)
         self.settle("delivery", job, lambda: self.store.callback_delivered(
             job, self.keeper.owner, delete_at=delete_at, log_entry=entry, callback_attempts=attempts,
-            callback_error="", callback_code=status, delivered_at=now))
+            callback_error="", callback_code=status, callback_due_at=0, delivered_at=now))
 
     def _failed(self, job: Job, err: CallbackError, started: float) -> None:
         now = self.clock()
@@ -115,25 +116,27 @@ class Notifier(TakingPool):
         elif isinstance(err, UnknownTopic):
             self.stats.incr("kafka_unknown_topic")
         if err.retriable and attempts <= self.cfg.max_retries:
-            due = now + int(attempts * self.cfg.retry_backoff * 1000)
-            log.info("job %s: %s; retry %d of %d", job.id, err, attempts, self.cfg.max_retries)
+            delay = attempts * self.cfg.retry_backoff
+            due = now + int(delay * 1000)
+            log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, self.cfg.max_retries, delay)
             self.stats.incr("retried")
+            entry["next_at"] = due
             self.settle("callback retry", job, lambda: self.store.retry_callback_later(
                 job, self.keeper.owner, due=due, log_entry=entry, callback_attempts=attempts,
-                callback_error=str(err), callback_code=err.status))
+                callback_error=str(err), callback_code=err.status, callback_due_at=due))
             return
         log.warning("job %s: callback failed after %d attempt(s): %s", job.id, attempts, err)
         self.stats.incr("failed")
         entry["outcome"] = "failed"
         self.settle("callback failure", job, lambda: self.store.callback_failed(
             job, self.keeper.owner, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
-            callback_code=err.status))
+            callback_code=err.status, callback_due_at=0))
 
     def _put_back(self, job: Job) -> None:
         now = self.clock()
         log.info("job %s: callback interrupted, put back", job.id)
         try:
-            self.store.retry_callback_later(job, self.keeper.owner, due=now, log_entry=None)
+            self.store.retry_callback_later(job, self.keeper.owner, due=now, log_entry=None, callback_due_at=now)
         except StoreUnavailable as exc:
             log.warning("job %s: callback left to the sweep, redis unavailable: %s", job.id, exc)
 

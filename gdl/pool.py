@@ -297,7 +297,8 @@ class AggregationPool(TakingPool):
             if err.retry_after is not None:
                 delay = max(delay, err.retry_after)
             due = now + int(delay * 1000)
-            self.log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, max_retries, delay)
+            which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
+            self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
             self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, attempts=attempts, error=str(err),
                 response_code=err.response_code))
@@ -327,9 +328,10 @@ class AggregationPool(TakingPool):
             self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
 
 
-# A process's pools share one session per proxy (Downloaders), so it keeps
+# A process's pools share one Downloader per proxy (Downloaders), so it keeps
 # idle connections for as many downloads as all of them run at once, and
-# pools for as many hosts as they fetch from.
+# pools for as many hosts as they fetch from (the requests engine's sizes;
+# the curl engine keeps its idle connections in the process's multi handle).
 SHARED_CONNECTIONS_PER_HOST = 1024
 SHARED_HOSTS = 1024
 
@@ -342,7 +344,8 @@ def shared_downloaders(cfg: Config) -> Downloaders:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
                           storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
-                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS)
+                          guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
+                          engine=cfg.http.engine)
 
     return Downloaders(make)
 

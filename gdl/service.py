@@ -112,21 +112,38 @@ class Service:
         return storages
 
     def _connect(self) -> Store:
-        url = self.cfg.redis.url
-        if url == "embedded" and not self.cfg.redis.sentinel:
-            self.embedded = EmbeddedRedis(self.cfg.redis.embedded_dir)
+        rcfg = self.cfg.redis
+        url = rcfg.url
+        if url == "embedded" and not rcfg.sentinel and not rcfg.cluster_nodes:
+            self.embedded = EmbeddedRedis(rcfg.embedded_dir)
             url = self.embedded.start()
-        store = Store.connect(url, sentinel=self.cfg.redis.sentinel, master_name=self.cfg.redis.master_name,
-                              client_name=self.client_name, wait_replicas=self.cfg.redis.wait_replicas)
+        store = Store.connect(url, sentinel=rcfg.sentinel, master_name=rcfg.master_name,
+                              cluster_nodes=rcfg.cluster_nodes, client_name=self.client_name,
+                              wait_replicas=rcfg.wait_replicas)
         try:
             store.ping()
+            if not rcfg.cluster_nodes:  # an earlier gdl never ran on a cluster: nothing to upgrade there
+                self._upgrade_layout(store)
         except StoreUnavailable as exc:
-            if self.cfg.redis.sentinel:
+            if rcfg.cluster_nodes:
+                raise StartupError(f"redis.cluster_nodes: cannot reach the cluster via "
+                                   f"{', '.join(rcfg.cluster_nodes)}: {exc}") from exc
+            if rcfg.sentinel:
                 where = f"master {self.cfg.redis.master_name!r} via {', '.join(self.cfg.redis.sentinel)}"
                 raise StartupError(f"redis.sentinel: cannot reach redis {where}: {exc}") from exc
             raise StartupError(f"redis.url: cannot reach redis at {_redacted(url)}: {exc}") from exc
         store.health.watch()
         return store
+
+    def _upgrade_layout(self, store: Store) -> None:
+        """Carry the keys of a gdl before the hash-tagged layout over (once)."""
+        running = store.legacy_processes(now=self.clock())
+        if running:
+            raise StartupError(f"redis.url: gdl processes of an earlier version still run on this Redis "
+                               f"({', '.join(running)}): stop them all, then start this version")
+        renamed = store.upgrade_layout()
+        if renamed:
+            log.info("redis: %d key(s) of the earlier layout renamed with the {gdl} hash tag", renamed)
 
     def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
         cfg, store = self.cfg, self.store

@@ -3,9 +3,11 @@
 A :class:`Stats` holds one component's counters and gauges in memory
 (incrementing is a dict update, so the hot path never waits for Redis). The
 reporter greenlet writes a snapshot every ``processor.stats_interval``
-seconds; the API sums the live processes' snapshots. The names follow the Go
-service's stats (workers, pools, spawned, max, failures, response codes by
-class; successful, failed, undefined backend for the notifier).
+seconds; the API sums the live processes' snapshots. Every snapshot carries
+gdl's own names and the Go service's expvar names (:data:`GO_NAMES` and the
+counters only the Go names have: ``spawnedWorkers``, ``maxWorkerPools``,
+``failures``, ``download.response.<code>``, ``invalidProxies``), so
+dashboards and alerts built on the Go service find their numbers.
 
 The same flush writes the operator view (:mod:`gdl.dashboard`): the
 process's heartbeat (roles, host, pid, version, start time and every
@@ -28,7 +30,7 @@ from typing import Any
 import gevent.event
 
 from gdl import __version__
-from gdl.errors import StoreUnavailable
+from gdl.errors import InvalidImage, MimeMismatch, StoreUnavailable, TLSError, TruncatedBody
 from gdl.store import FAILURES_KEPT, Store, now_ms
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,18 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 STALE_AFTER_INTERVALS = 3
 # Longest error text kept in a failure record.
 MAX_ERROR_LENGTH = 500
+# The Go service's names for gdl's counters and gauges, by component: its name -> gdl's.
+GO_NAMES: dict[str, dict[str, str]] = {
+    "processor": {"workerPools": "pools", "spawnedWorkerPools": "spawned", "maxWorkers": "max",
+                  "reaperFailures": "reaper_failed", "reaperSuccessfulDeletions": "reaper_deleted"},
+    "notifier": {"successfulCallbacks": "successful", "failedCallbacks": "failed"},
+}
+# Counters that only the Go names have, reported from the start (0) so that a dashboard finds them.
+GO_COUNTERS = {"processor": ("spawnedWorkers", "maxWorkerPools", "failures", "invalidProxies"), "notifier": ()}
+# The highest value of one process, not a sum, when processes are added up.
+MAXIMA = frozenset({"max", "maxWorkers", "maxWorkerPools"})
+# Go's ``download.response.<what>`` for failures without a status code, by error type (see _response_key).
+_FAILURE_KEYS = ((TLSError, "tls"), (MimeMismatch, "mime"), (InvalidImage, "image-size"), (TruncatedBody, "body"))
 # Throughput fields, each the increase of some counters of one component.
 THROUGHPUT: dict[str, dict[str, tuple[str, ...]]] = {
     "processor": {"downloads": ("downloads_succeeded",), "bytes": ("bytes",),
@@ -62,9 +76,12 @@ class Stats:
         self.gauges[name] = read
 
     def snapshot(self) -> dict[str, float]:
-        out: dict[str, float] = dict(self.counters)
+        out: dict[str, float] = {name: 0 for name in GO_COUNTERS.get(self.component, ())}
+        out.update(self.counters)
         for name, read in self.gauges.items():
             out[name] = read()
+        for go_name, name in GO_NAMES.get(self.component, {}).items():
+            out[go_name] = out.get(name, 0)
         return out
 
 
@@ -74,8 +91,19 @@ class ProcessorStats(Stats):
         self.workers = 0
         self.gauge("workers", lambda: self.workers)
 
+    def incr(self, name: str, n: int = 1) -> None:
+        super().incr(name, n)
+        if name == "spawned" and "pools" in self.gauges:
+            # A pool started (the scanner counts it in its pools gauge first): Go's maxWorkerPools
+            # is the most pools at once, which only the moment a pool starts can raise.
+            self.counters["maxWorkerPools"] = max(self.counters["maxWorkerPools"], int(self.gauges["pools"]()))
+
     def download_failed(self, job: Any, err: Exception, outcome: str, at: int) -> None:
         """Remember a failed attempt (``outcome`` retry or failed) until the reporter's next flush."""
+        if getattr(err, "internal", False):
+            self.counters["failures"] += 1  # Go's meaning: failures on our side (disk, storage)
+        if key := _response_key(err):  # as in Go, besides the status code counted when there was one
+            self.counters[f"download.response.{key}"] += 1
         self.failures.append({
             "job_id": job.id, "aggr_id": job.aggr_id, "url": job.url, "outcome": outcome, "at": at,
             "error": str(err)[:MAX_ERROR_LENGTH], "response_code": getattr(err, "response_code", 0),
@@ -84,6 +112,7 @@ class ProcessorStats(Stats):
 
     def worker_started(self) -> None:
         self.workers += 1
+        self.counters["spawnedWorkers"] += 1  # a worker greenlet per download attempt
         self.counters["max"] = max(self.counters["max"], self.workers)
 
     def worker_finished(self) -> None:
@@ -91,10 +120,9 @@ class ProcessorStats(Stats):
 
     def download_finished(self, outcome: str, response_code: int, size: int, seconds: float) -> None:
         self.counters[f"downloads_{outcome}"] += 1
-        if outcome != "succeeded":
-            self.counters["failures"] += 1
         if response_code:
             self.counters[f"status_{response_code // 100}xx"] += 1
+            self.counters[f"download.response.{response_code}"] += 1
         self.counters["bytes"] += size
         self.counters["duration_seconds_sum_ms"] += int(seconds * 1000)
         for bound in DURATION_BUCKETS:
@@ -171,6 +199,14 @@ def _drain(stats: Stats) -> list[dict]:
     return batch
 
 
+def _response_key(err: Exception) -> str | None:
+    """The Go service's ``download.response.<key>`` of a failure that the status code does not tell."""
+    for kind, key in _FAILURE_KEYS:
+        if isinstance(err, kind):
+            return key
+    return None
+
+
 def summed(reports: list[dict]) -> dict[str, float]:
     """Processes' reports added up (the ``/stats`` view of a component)."""
     total: dict[str, float] = {}
@@ -178,7 +214,7 @@ def summed(reports: list[dict]) -> dict[str, float]:
         for name, value in report.items():
             if isinstance(value, (int, float)) and name != "at":
                 before = total.get(name, 0)
-                total[name] = max(before, value) if name == "max" else before + value
+                total[name] = max(before, value) if name in MAXIMA else before + value
     out = dict(total)
     out["processes"] = len(reports)
     return out

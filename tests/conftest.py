@@ -13,6 +13,7 @@ import dataclasses  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -30,7 +31,7 @@ from gdl import config  # noqa: E402
 from gdl.redis_server import find_binary  # noqa: E402
 from gdl.store import Store  # noqa: E402
 from tests.httpserver import LoopbackServer  # noqa: E402
-from tests.servers import CallbackReceiver  # noqa: E402
+from tests.servers import CallbackReceiver, RawServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,12 +100,72 @@ class RedisServer:
             self.process.wait(timeout=10)
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = random.randrange(20_000, 30_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+class RedisClusterServer:
+    """Three redis-server masters in cluster mode, joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir
+        self.ports = [free_cluster_port() for _ in range(3)]
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    def start(self) -> "RedisClusterServer":
+        server = find_binary()
+        for port in self.ports:
+            node_dir = self.dir / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            self.processes.append(subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            node = Store.connect(f"redis://127.0.0.1:{port}/0")
+            wait_until(lambda node=node: pings(node), timeout=10)
+            node.close()
+        cli = str(Path(server).with_name("redis-cli"))
+        subprocess.run([cli, "--cluster", "create", *self.nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        store = Store.connect("", cluster_nodes=self.nodes)
+        wait_until(lambda: pings(store), timeout=20)
+        store.close()
+        return self
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
 def pings(store: Store) -> bool:
     try:
         store.ping()
         return True
     except Exception:
         return False
+
+
+@pytest.fixture(params=["curl", "requests"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each HTTP engine in turn: the download, security and callback tests are one contract suite."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +188,21 @@ def receiver() -> Iterator[CallbackReceiver]:
     server = CallbackReceiver()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., RawServer]]:
+    """Start :class:`RawServer` s: ``raw_server(answer, ssl_context=None)``; stopped after the test."""
+    started: list[RawServer] = []
+
+    def start(answer: Callable[[socket.socket, bytes], None], **options: Any) -> RawServer:
+        srv = RawServer(answer, **options)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture

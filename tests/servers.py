@@ -6,15 +6,21 @@
 - :class:`CallbackReceiver` records every callback POST (parsed, and as the
   bytes and headers received) and answers with a scripted sequence of status
   codes per path (then 200); a 3xx sends the client to ``<path>/moved``.
+- :class:`RawServer` answers with whatever bytes a test writes (answers no
+  well-behaved server gives) and counts the connections it accepted.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.server
 
 from gdl.api import make_server
 
@@ -121,3 +127,39 @@ class CallbackReceiver(_Server):
         location = [("Location", path + "/moved")] if 300 <= status < 400 else []
         start_response(f"{status} X", [("Content-Length", "0"), *location])
         return []
+
+
+class RawServer:
+    """A loopback TCP (or TLS) server whose ``answer(sock, request)`` writes whatever bytes a test wants."""
+
+    def __init__(self, answer: Callable[[socket.socket, bytes], None], ssl_context: ssl.SSLContext | None = None):
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0  # accepted, whether a request came or not
+        tls = {"ssl_context": ssl_context} if ssl_context else {}
+        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle, **tls)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _handle(self, sock: socket.socket, _address: object) -> None:
+        self.connections += 1
+        request = b""
+        try:
+            while b"\r\n\r\n" not in request:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                request += data
+            self.requests.append(request)
+            self.answer(sock, request)
+        except OSError:
+            pass  # the client hung up, as it should
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)

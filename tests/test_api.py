@@ -110,6 +110,11 @@ BAD_BODIES = [
     ({**JOB, "request_headers": {"X-A": "a\r\nb"}}, "request_headers"),
     ({**JOB, "s3_bucket": "b-1"}, "s3_region"),
     ({**JOB, "extract_image_size": "yes"}, "extract_image_size"),
+    # JSON null is not "absent" (the Go service refuses it too): a field is left out or of its type
+    *[({**JOB, name: None}, name) for name in (
+        "aggr_proxy", "max_retries", "extract_image_size", "download_timeout", "request_headers", "extra",
+        "mime_type", "s3_bucket", "s3_region", "callback_url", "callback_type", "callback_dst", "url", "aggr_id",
+        "aggr_limit")],
 ]
 
 
@@ -199,6 +204,16 @@ def test_unknown_job_is_404(api) -> None:
 def test_retry_of_unknown_or_malformed_job_is_400(api) -> None:
     assert_error(api.post("/retry/AbCdEfGhIjKlMn"), 400)
     assert_error(api.post("/retry/not-an-id"), 400)
+
+
+def test_retry_with_an_empty_id_is_400(api) -> None:
+    assert assert_error(api.post("/retry/"), 400) == "job id: missing (POST /retry/<job id>)"
+
+
+def test_null_is_refused_naming_its_type(api, store: Store) -> None:
+    error = assert_error(api.post("/download", {**JOB, "max_retries": None}), 400, "max_retries: ")
+    assert error == "max_retries: must be an integer, not null (leave the field out instead)"
+    assert nothing_enqueued(store)
 
 
 def test_retry_of_a_job_whose_callback_has_not_failed_is_400(api, store: Store) -> None:

@@ -33,7 +33,9 @@ from tests.servers import CallbackReceiver
 
 pytestmark = pytest.mark.chaos
 
-LEASE_TTL = 2.0
+# Short enough for a short run, long enough that a loaded machine's late
+# renewals do not fence leases (which would repeat downloads outside a kill).
+LEASE_TTL = 4.0
 
 
 class Deployment:
@@ -42,6 +44,7 @@ class Deployment:
     def __init__(self, tmp: Path, redis: RedisServer, api_port: int) -> None:
         self.tmp = tmp
         self.procs: dict[str, GdlProcess] = {}
+        self.every: list[GdlProcess] = []  # killed ones too, for their logs
         self.configs: dict[str, Path] = {}
         for name, role in (("api", "api"), ("p1", "processor"), ("p2", "processor"), ("n1", "notifier")):
             cfg = make_config(tmp, redis.url, api={"port": api_port}, processor={
@@ -56,6 +59,11 @@ class Deployment:
 
     def start(self, name: str, role: str | None = None) -> None:
         self.procs[name] = GdlProcess(self.configs[name], role or self.role(name))
+        self.every.append(self.procs[name])
+
+    def log_lines(self, *words: str) -> list[str]:
+        return [line for proc in self.every for line in proc.output().splitlines()
+                if any(word in line for word in words)]
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -96,7 +104,9 @@ def test_chaos(tmp_path, request):
             stored = tmp_path / "files" / job_id[:3] / job_id
             assert stored.read_bytes() == body_for(path, origin.size), job_id
         assert origin.over(limits) == {}, [o for o in origin.overlaps if len(o[1]) > limits[o[0]]]
-        assert repeated_outside(origin, windows) == []
+        repeated = repeated_outside(origin, windows)
+        job_ids = [job_id for job_id, path in paths.items() if path in repeated]
+        assert repeated == [], deployment.log_lines(*job_ids, "unconfirmed", "late")
     finally:
         store.close()
         deployment.stop()

@@ -18,6 +18,7 @@ import yaml
 from tests.conftest import config_file, free_port, make_config, wait_until
 
 EXIT_USAGE = 2
+ROOT = Path(__file__).resolve().parent.parent
 JOB = {"url": "http://example.com/a.png", "aggr_id": "cli", "aggr_limit": 1, "callback_url": "http://cb.example/"}
 
 
@@ -57,9 +58,41 @@ def stop(proc, timeout: float = 10) -> int:
     return status
 
 
-def test_version(tmp_path: Path) -> None:
+def test_version_names_both_engines(tmp_path: Path) -> None:
+    import pycurl
+
     result = run_gdl(tmp_path, "--version")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "gdl 0.1.0\n", "")
+    libcurl = pycurl.version_info()[1]
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (f"gdl 0.1.0 (engines: curl available (libcurl {libcurl}), "
+                             f"requests available (requests {requests.__version__}))\n")
+
+
+def test_version_says_when_pycurl_is_missing(tmp_path: Path) -> None:
+    result = run_python_without_pycurl(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("gdl 0.1.0 (engines: curl unavailable: pycurl cannot be imported (")
+    assert result.stdout.endswith(f"), requests available (requests {requests.__version__}))\n")
+
+
+def test_the_curl_engine_without_pycurl_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "gdl.yaml", {"http": {"engine": "curl"}})
+    line = one_error_line(run_python_without_pycurl(tmp_path, "--config", str(path), "api"))
+    assert line.startswith("gdl: http.engine: curl cannot run: pycurl cannot be imported ("), line
+    assert line.endswith("; install it (pip install pycurl) or set http.engine: requests"), line
+
+
+def test_an_unknown_engine_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "gdl.yaml", {"http": {"engine": "urllib"}})
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), "api"))
+    assert line == "gdl: http.engine: must be curl or requests (got 'urllib')"
+
+
+def run_python_without_pycurl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``gdl ARGS`` in a Python where ``import pycurl`` fails, as on a platform without its wheel."""
+    code = f"import sys; sys.modules['pycurl'] = None; from gdl.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=str(cwd), capture_output=True, text=True, check=False,
+                          timeout=20)
 
 
 @pytest.mark.parametrize(("data", "env", "key"), [
@@ -67,12 +100,76 @@ def test_version(tmp_path: Path) -> None:
     ({"processor": {"disk": {"high": 80, "low": 85}}}, {}, "processor.disk.low"),
     ({"api": {"prot": 8000}}, {}, "api.prot"),
     ({"redis": {"url": "http://localhost"}}, {}, "redis.url"),
-    ({}, {"GDL_API_PORT": "eighty"}, "api.port"),
+    ({}, {"GDL_API_PORT": "eighty"}, "GDL_API_PORT (api.port)"),
 ])
 def test_bad_config_value_is_one_line_and_exit_2(tmp_path: Path, data: dict, env: dict, key: str) -> None:
     path = write_yaml(tmp_path / "gdl.yaml", data)
     line = one_error_line(run_gdl(tmp_path, "--config", str(path), env=env))
     assert line.startswith(f"gdl: {key}: "), line
+
+
+def test_typo_in_an_environment_variable_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, env={"GDL_PROCESOR_DISK_HIGH": "80"}))
+    assert line == "gdl: GDL_PROCESOR_DISK_HIGH: no such setting; did you mean GDL_PROCESSOR_DISK_HIGH?"
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, env={"GDL_PROCESSOR_DISK_HIGH": "abc"}))
+    assert line == "gdl: GDL_PROCESSOR_DISK_HIGH (processor.disk.high): must be a number (got 'abc')"
+
+
+def test_bad_log_level_from_the_environment_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    line = one_error_line(run_gdl(tmp_path, "status", env={"GDL_LOG_LEVEL": "loud"}))
+    assert line == "gdl: GDL_LOG_LEVEL: must be one of debug, info, warning, error (got 'loud')"
+
+
+# Makes python-magic's own loader find no libmagic, as on a machine without the package:
+# find_library answers None and loading the library by name fails.
+HIDE_LIBMAGIC = """
+import ctypes, ctypes.util
+_find, _init = ctypes.util.find_library, ctypes.CDLL.__init__
+ctypes.util.find_library = lambda name: None if name == "magic" else _find(name)
+def _refuse(self, name, *args, **kwargs):
+    if name and "magic" in str(name):
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+    _init(self, name, *args, **kwargs)
+ctypes.CDLL.__init__ = _refuse
+"""
+
+
+@pytest.mark.parametrize("role", [[], ["processor"]])
+def test_without_libmagic_the_service_says_how_to_install_it(tmp_path: Path, role: list[str]) -> None:
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_LIBMAGIC)
+    path = config_file(tmp_path, make_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0"))
+    pythonpath = os.pathsep.join([str(hide), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), *role, env={"PYTHONPATH": pythonpath}))
+    assert line == ("gdl: libmagic, needed to sniff mime types, cannot be loaded (failed to find libmagic.  Check "
+                    "your installation): install it with `apt-get install libmagic1` (Debian, Ubuntu) or "
+                    "`brew install libmagic` (macOS)")
+
+
+def test_without_the_magic_database_the_processor_says_how_to_install_it(tmp_path: Path) -> None:
+    path = config_file(tmp_path, make_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0"))
+    # libmagic reads its database from $MAGIC when set: here, from nowhere
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), "processor",
+                                  env={"MAGIC": str(tmp_path / "no-such.mgc")}))
+    assert line == ("gdl: libmagic cannot load its database (could not find any valid magic files!): install it "
+                    "with `apt-get install libmagic1` (Debian, Ubuntu) or `brew install libmagic` (macOS)")
+
+
+def test_with_libmagic_left_visible_the_same_setup_gets_as_far_as_redis(tmp_path: Path) -> None:
+    # The control for the test above: the same sitecustomize with the hiding left out starts gdl
+    # as far as Redis (absent here), so the line above is the library's doing.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import ctypes\n")
+    port = free_port()
+    path = config_file(tmp_path, make_config(tmp_path, f"redis://127.0.0.1:{port}/0"))
+    pythonpath = os.pathsep.join([str(hide), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    line = one_error_line(run_gdl(tmp_path, "--config", str(path), env={"PYTHONPATH": pythonpath}))
+    assert line.startswith("gdl: redis.url: "), line
 
 
 def test_invalid_yaml_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ enqueue (with --wait), status, job, retry-failed, fsck, and how they reach
 an embedded Redis without ever starting one."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -221,7 +222,29 @@ def test_job_shows_its_record_and_attempts(run_service, store: Store, receiver: 
 
 # --------------------------------------------------------------------------- retry-failed
 
-def plant_failed_callback(store: Store, aggr: str, callback: str) -> str:
+def test_job_shows_when_the_next_callback_retry_is_due(run_service, store: Store, files, caplog,
+                                                      receiver: CallbackReceiver) -> None:
+    caplog.set_level(logging.INFO, logger="gdl.notifier")
+    running = run_service(notifier={"retry_backoff": 600})
+    cfg_path = config_file(Path(running.service.cfg.processor.storage_dir).parent, running.service.cfg,
+                           name="cli.yaml")
+    receiver.answer("/cb", 503)
+    files.add("/a", b"data")
+    job_id = running.enqueue(url=files.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
+    record = wait_until(lambda: (r := running.get(f"/jobs/{job_id}").json())["callback_attempts"] == 1 and r)
+    failed_at = record["attempts_log"][-1]["at"]
+    assert record["callback_state"] == "queued"
+    assert record["callback_due_at"] == failed_at + 600_000  # the first retry waits 1 * retry_backoff
+    assert record["attempts_log"][-1]["next_at"] == failed_at + 600_000
+    [line] = [m for m in caplog.messages if m.startswith(f"job {job_id}: ") and "retry" in m]
+    assert line.endswith("503; retry 1 of 2 in 600s"), line  # the error's words are the HTTP backend's
+    result = gdl(cfg_path, "job", job_id)
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in result.stdout.split("\n\n")[0].splitlines())
+    assert re.fullmatch(rf"{failed_at + 600_000} \(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d, in (10m( 0s)?|9m \d+s)\)",
+                        fields["callback_due_at"]), fields["callback_due_at"]
+
+
+def plant_failed_callback(store: Store, aggr: str, callback: str, error: str = "callback answered 500") -> str:
     """A job whose download succeeded and whose callback then failed, through the store's own steps."""
     job = store.enqueue(Job(id=new_id(), url="http://example.com/a", aggr_id=aggr, aggr_limit=5,
                             callback_type="http", callback_dst=callback), now=now_ms())
@@ -231,7 +254,7 @@ def plant_failed_callback(store: Store, aggr: str, callback: str) -> str:
     taken = store.take_callbacks("planter", now=now_ms(), count=100, deadline=now_ms() + 60_000).jobs
     [cb] = [j for j in taken if j.id == job.id]
     assert store.callback_failed(cb, "planter", log_entry={"at": now_ms()}, callback_attempts=3,
-                                 callback_error="callback answered 500", callback_code=500)
+                                 callback_error=error, callback_code=500)
     return job.id
 
 
@@ -261,6 +284,17 @@ def test_retry_failed_reschedules_planted_failed_callbacks(run_service, store: S
     assert rest.stdout.rstrip().endswith("queued 1 failed callback(s) again")
     wait_until(lambda: len(receiver.bodies()) == 4)
     assert store.failed_callback_count() == 0
+
+
+def test_retry_failed_dry_run_marks_a_cut_error(store: Store, cfg_path: Path) -> None:
+    long_error = "callback to http://hooks.example/cb failed: " + "x" * 100
+    job_id = plant_failed_callback(store, "long", "http://hooks.example/cb", error=long_error)
+    short_id = plant_failed_callback(store, "short", "http://hooks.example/cb", error="callback answered 500")
+    dry = gdl(cfg_path, "retry-failed", "--dry-run")
+    rows = table_rows(dry.stdout, "job")
+    assert rows[job_id][2] == long_error[:79] + "…"
+    assert len(rows[job_id][2]) == 80
+    assert rows[short_id][2] == "callback answered 500"  # not cut: no ellipsis
 
 
 # --------------------------------------------------------------------------- fsck

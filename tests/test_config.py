@@ -43,6 +43,7 @@ CONTRACT_DEFAULTS = {
         "disk": {"high": 95, "low": 90, "interval": 60},
     },
     "notifier": {"concurrency": 10, "deletion_interval": 180, "retry_backoff": 600, "max_retries": 2},
+    "http": {"engine": "curl"},
     "backends": {"http": {"timeout": 30}},
     "security": {"block_private_networks": True, "allowed_networks": [], "max_download_bytes": 0,
                  "max_redirects": 10, "api_tokens": []},
@@ -125,7 +126,8 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
         GDL_SECURITY_API_TOKENS="a,b",
         GDL_SECURITY_BLOCK_PRIVATE_NETWORKS="false",
         GDL_SENTRY_DSN="https://abc@o1.ingest.sentry.io/42",
-        GDL_LOG_LEVEL="debug",  # a GDL_ variable that is no config key is left alone
+        GDL_LOG_LEVEL="debug",  # GDL_ variables that are no config key but are read elsewhere are left alone
+        GDL_SCREENSHOTS="docs",
         OTHER_API_PORT="1",
     )
     assert cfg.redis.url == "redis://env:6379/1"
@@ -154,6 +156,7 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
      {"type": "filesystem", "rootdir": "/srv/files"}),
     ("GDL_BACKENDS_HTTP_TIMEOUT", "5", ("backends", "http"), {"timeout": 5}),
     ("GDL_PROCESSOR_MAX_RETRIES", "0", ("processor", "max_retries"), 0),
+    ("GDL_HTTP_ENGINE", "requests", ("http", "engine"), "requests"),
 ])
 def test_environment_values(name: str, value: str, attr: tuple[str, str], expected: object) -> None:
     cfg = config.load(None, environ={name: value})
@@ -204,6 +207,8 @@ BAD_FILES = [
     ({"processor": {"download_url": "files.example.com"}}, "processor.download_url:"),
     ({"security": {"allowed_networks": ["10.0.0.0/33"]}}, "security.allowed_networks:"),
     ({"security": {"allowed_networks": ["intranet"]}}, "security.allowed_networks:"),
+    ({"http": {"engine": "urllib3"}}, "http.engine:"),
+    ({"http": {"engine": 1}}, "http.engine:"),
 ]
 
 
@@ -223,10 +228,59 @@ def test_bad_value_names_its_key(tmp_path: Path, data: dict, key: str) -> None:
     ("GDL_SECURITY_ALLOWED_NETWORKS", "10.0.0.0/8,nope", "security.allowed_networks:"),
     ("GDL_SECURITY_BLOCK_PRIVATE_NETWORKS", "maybe", "security.block_private_networks:"),
 ])
-def test_bad_environment_value_names_its_key(name: str, value: str, key: str) -> None:
+def test_bad_environment_value_names_its_variable_and_key(name: str, value: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(None, environ={name: value})
-    assert str(info.value).startswith(key), str(info.value)
+    message = str(info.value)
+    assert name in message, message
+    assert key.rstrip(":") in message, message
+    assert "\n" not in message
+
+
+def test_an_environment_value_at_fault_leads_with_its_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ={"GDL_PROCESSOR_DISK_HIGH": "high"})
+    assert str(info.value) == "GDL_PROCESSOR_DISK_HIGH (processor.disk.high): must be a number (got 'high')"
+
+
+def test_a_relation_names_the_variable_that_set_the_other_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ={"GDL_PROCESSOR_DISK_HIGH": "80"})
+    assert str(info.value) == ("processor.disk.low: must not be above processor.disk.high "
+                               "(processor.disk.high from GDL_PROCESSOR_DISK_HIGH)")
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("GDL_PROCESOR_DISK_HIGH", "GDL_PROCESOR_DISK_HIGH: no such setting; did you mean GDL_PROCESSOR_DISK_HIGH?"),
+    ("GDL_REDIS_ULR", "GDL_REDIS_ULR: no such setting; did you mean GDL_REDIS_URL?"),
+    ("GDL_SECURITY_ALLOWED_NETWORK", "GDL_SECURITY_ALLOWED_NETWORK: no such setting; "
+                                     "did you mean GDL_SECURITY_ALLOWED_NETWORKS?"),
+    ("GDL_LOG_LEVL", "GDL_LOG_LEVL: no such setting; did you mean GDL_LOG_LEVEL?"),
+    ("GDL_ZZZZZZZZZZZZZZZZZZZZZZ", "GDL_ZZZZZZZZZZZZZZZZZZZZZZ: no such setting"),
+])
+def test_unknown_gdl_variable_is_an_error_suggesting_the_closest(name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ={name: "80"})
+    assert str(info.value) == message
+
+
+def test_a_typo_in_a_storage_key_from_the_environment_is_caught() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ={"GDL_PROCESSOR_FILESTORAGE_ROOTDRI": "/srv"})
+    assert str(info.value) == ("GDL_PROCESSOR_FILESTORAGE_ROOTDRI (processor.filestorage.rootdri): unknown key for "
+                               "filesystem storage; did you mean processor.filestorage.rootdir?")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"processor": {"disk": {"hihg": 90}}}, "processor.disk.hihg: unknown key; did you mean processor.disk.high?"),
+    ({"procesor": {}}, "procesor: unknown key; did you mean processor?"),
+    ({"api": {"prot": 8000}}, "api.prot: unknown key; did you mean api.port?"),
+    ({"api": {"zzzzzz": 1}}, "api.zzzzzz: unknown key"),
+    ({"processor": {"filestorage": {"type": "s3", "bucket": "b", "regoin": "r"}}},
+     "processor.filestorage.regoin: unknown key for s3 storage; did you mean processor.filestorage.region?"),
+])
+def test_unknown_key_suggests_the_closest(tmp_path: Path, data: dict, message: str) -> None:
+    assert refused(tmp_path, data) == message
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:

@@ -313,6 +313,19 @@ def test_dashboard_in_chromium(slow_server: HoldServer, receiver: CallbackReceiv
     failed_row = f'#callbacks tr[data-job="{failing_cb}"]'
     assert "500" in page.inner_text(failed_row)
 
+    # The disk panel fits its column at every width of the three-column layout: no sideways
+    # scrolling, its last column (pauses) inside the panel.
+    disk_row = f'#disk tr[data-process="{gdl.service.token}"]'
+    for width in (1101, 1200, 1300, 1400, 1440, 1920):
+        page.set_viewport_size({"width": width, "height": 1100})
+        assert page.eval_on_selector("#disk-section", "s => s.scrollWidth - s.clientWidth") == 0, width
+        assert page.eval_on_selector(f"{disk_row} td:last-child", """cell => {
+            const c = cell.getBoundingClientRect(), s = cell.closest('section').getBoundingClientRect();
+            return c.left >= s.left && c.right <= s.right; }"""), width
+        if width == 1400:
+            page.screenshot(path=str(tmp_path / "dashboard-1400.png"), full_page=True)
+    page.set_viewport_size({"width": 1440, "height": 1100})
+
     screenshot = tmp_path / "dashboard.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000

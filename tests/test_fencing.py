@@ -9,6 +9,7 @@ header, so a peak above a limit says whose requests made it.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -165,6 +166,8 @@ def test_sigterm_lets_downloads_in_flight_finish_before_another_processor_takes_
         assert {store.get_job(job_id).status.attempts for job_id in ids} == {1}
         assert "letting 2 job(s) in flight finish" in first.output()
         assert "grace over" not in first.output()
+        # Not sniffed (no mime_type asked): no empty "()" where the type would be.
+        assert re.search(r"job \w+: stored 32768 bytes in \d+ ms", first.output()), first.output()
     finally:
         origin.stop()
 

@@ -212,8 +212,12 @@ def test_s3_bucket_without_callback() -> None:
 @pytest.mark.parametrize("name", ["aggr_proxy", "callback_url", "extra", "mime_type", "max_retries",
                                   "extract_image_size", "download_timeout", "request_headers",
                                   "s3_bucket", "s3_region"])
-def test_null_optional_field_is_absent(name: str) -> None:
-    assert parse(**{name: None}) == parse()
+def test_null_optional_field_is_refused_naming_it(name: str) -> None:
+    # The contract (and the Go service): a field is either absent or of its type.
+    with pytest.raises(ValidationError) as info:
+        parse(**{name: None})
+    assert info.value.field == name
+    assert str(info.value).startswith(f"{name}: must be ") and "not null" in str(info.value)
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -39,16 +39,16 @@ def test_failure_payload(run_service, files, receiver):
     callback_done(running, job_id)
     [body] = receiver.bodies()
     assert (body["success"], body["response_code"], body["download_url"], body["delivered"]) == \
-        (False, 404, "", False)
+        (False, 404, "", True)
     assert body["error"] == "Received status code 404 Not Found"
-    assert body["delivery_error"] == body["error"]
+    assert body["delivery_error"] == ""  # as in the Go service: these two describe the callback, not the download
     assert (body["job_id"], body["extra"], body["image_size"]) == (job_id, "x", "")
 
 
-def test_500_twice_then_200_is_three_posts_and_delivered(run_service, files, receiver):
+def test_500_twice_then_200_is_three_posts_and_delivered(run_service, files, receiver, engine):
     files.add("/a", b"data")
     receiver.answer("/cb", 500, 500)
-    running = run_service()
+    running = run_service(http={"engine": engine})
     job_id = running.enqueue(url=files.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
     record = callback_done(running, job_id)
     assert (record["callback_state"], record["callback_attempts"]) == ("delivered", 3)
@@ -106,6 +106,7 @@ def test_each_callback_arrives_exactly_once(run_service, files, receiver):
     stats = wait_until(lambda: (s := running.get("/stats/notifier")).status_code == 200
                        and s.json().get("successful") == 60 and s.json())
     assert stats["successful"] == 60
+    assert (stats["successfulCallbacks"], stats["failedCallbacks"]) == (60, 0)  # the Go service's names
 
 
 def test_unconfigured_backend_fails_the_callback_with_a_reason(run_service, files):
@@ -120,3 +121,4 @@ def test_unconfigured_backend_fails_the_callback_with_a_reason(run_service, file
     stats = wait_until(lambda: (s := running.get("/stats/notifier")).status_code == 200
                        and s.json().get("undefined_backend") and s.json())
     assert stats["undefined_backend"] == 1
+    assert (stats["failedCallbacks"], stats["successfulCallbacks"]) == (1, 0)

@@ -14,6 +14,8 @@ import pytest
 
 from gdl import store as keys
 from gdl.diskcheck import DiskChecker
+from gdl.errors import HTTPStatusError, StorageError, TLSError
+from gdl.job import Job
 from gdl.stats import ProcessorStats
 from tests.conftest import wait_until
 from tests.origin import CountingOrigin
@@ -272,3 +274,52 @@ def test_a_disk_pause_that_begins_while_the_pool_is_full_holds_when_a_slot_frees
         assert (origin.total["p"], origin.peak["p"]) == (5, 2)
     finally:
         origin.stop()
+
+
+def test_stats_carry_the_go_service_names(run_service, files):
+    files.add("/ok", b"fine")
+    files.add("/gone", b"no", status=404)
+    files.add("/text", b"plain words, not an image")
+    running = run_service(ROLES)
+    ids = [enqueue(running, files.url("/ok"), aggr="go", limit=1),
+           enqueue(running, files.url("/gone"), aggr="go", limit=1),
+           enqueue(running, files.url("/text"), aggr="go", limit=1, mime_type="image/*")]
+    assert [finished(running, job_id)["state"] for job_id in ids] == ["succeeded", "failed", "failed"]
+    stats = wait_until(lambda: (s := running.get("/stats/processor").json()).get("spawnedWorkers") == 3 and s)
+    assert stats["download.response.200"] == 2  # the mime mismatch was a 200 too, as Go counts it
+    assert (stats["download.response.404"], stats["download.response.mime"]) == (1, 1)
+    assert (stats["workers"], stats["maxWorkers"], stats["spawnedWorkers"]) == (0, 1, 3)
+    assert (stats["spawnedWorkerPools"], stats["maxWorkerPools"]) == (1, 1)
+    assert stats["workerPools"] in (0, 1)  # the pool ends after pool_idle_timeout
+    # failures counts failures on our side, as in Go: a 404 or a mime mismatch is the origin's
+    assert (stats["failures"], stats["invalidProxies"]) == (0, 0)
+    assert (stats["reaperFailures"], stats["reaperSuccessfulDeletions"]) == (0, 0)
+    assert (stats["spawned"], stats["max"]) == (1, 1)  # gdl's own names stay
+
+
+def test_go_failures_count_our_own_failures_only():
+    stats = ProcessorStats()
+    job = Job(id="AbCdEfGhIjKlMn", url="http://example.com/", aggr_id="a", aggr_limit=1)
+    stats.download_failed(job, StorageError("disk full"), "retry", 0)
+    stats.download_failed(job, HTTPStatusError(500), "retry", 0)
+    stats.download_failed(job, TLSError("certificate has expired"), "failed", 0)
+    snapshot = stats.snapshot()
+    assert (snapshot["failures"], snapshot["download.response.tls"]) == (1, 1)
+    assert "download.response.body" not in snapshot
+
+
+def test_a_file_is_served_with_its_sniffed_type(run_service, files):
+    png = image_bytes("PNG", 3, 2)
+    files.add("/a.png", png, headers={"Content-Type": "application/octet-stream"})
+    files.add("/b.png", png)
+    running = run_service(ROLES)
+    sniffed = enqueue(running, files.url("/a.png"), extract_image_size=True)
+    plain = enqueue(running, files.url("/b.png"))  # neither mime_type nor extract_image_size: not sniffed
+    assert finished(running, sniffed)["mime"] == "image/png"
+    assert finished(running, plain)["mime"] == ""
+    response = running.get(f"/files/{sniffed[:3]}/{sniffed}")
+    assert (response.status_code, response.content) == (200, png)
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert running.get(f"/files/{plain[:3]}/{plain}").headers["Content-Type"] == "application/octet-stream"

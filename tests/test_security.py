@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +25,17 @@ import gevent
 import gevent.server
 import pytest
 
+from gdl.config import allowed_networks_hint
 from gdl.download import Downloader
-from gdl.errors import BlockedAddress, DownloadTimeout, InvalidURL, TLSError, TooLarge, TooManyRedirects
+from gdl.errors import (
+    BlockedAddress,
+    DownloadTimeout,
+    InvalidURL,
+    TLSError,
+    TooLarge,
+    TooManyRedirects,
+    TruncatedBody,
+)
 from gdl.job import Job, new_id
 from gdl.netguard import AddressGuard, describe, literal_address
 from gdl.redis_server import find_binary
@@ -37,7 +45,12 @@ from tests.httpserver import LoopbackServer
 from tests.samples import fetched_body
 from tests.servers import CallbackReceiver
 
-SETTING = "(security.block_private_networks)"
+SETTING = "(security.block_private_networks)"  # refusals that allowed_networks cannot lift (socks, a proxied localhost)
+
+
+def refused_by(address: str) -> str:
+    """The end of a refusal of ``address``: the setting, and how to allow it."""
+    return f"({allowed_networks_hint(address)})"
 HEADERS = {"User-Agent": "gdl-test/1", "Accept": "*/*"}
 LOOPBACK = ["127.0.0.0/8"]
 
@@ -59,11 +72,12 @@ def storage_dir(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_downloader(storage_dir: str) -> Iterator[Callable[..., Downloader]]:
+def make_downloader(storage_dir: str, engine: str) -> Iterator[Callable[..., Downloader]]:
     made: list[Downloader] = []
 
     def make(guard: AddressGuard | None, **options) -> Downloader:
-        settings = {"proxy": "", "default_headers": HEADERS, "storage_dir": storage_dir, "chunk_size": 4096}
+        settings = {"proxy": "", "default_headers": HEADERS, "storage_dir": storage_dir, "chunk_size": 4096,
+                    "engine": engine}
         downloader = Downloader(**{**settings, **options}, guard=guard)
         made.append(downloader)
         return downloader
@@ -88,54 +102,6 @@ def resolver(names: dict[str, str], calls: list[str] | None = None) -> Callable[
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))]
     return resolve
-
-
-class RawServer:
-    """A loopback TCP (or TLS) server whose ``answer(sock, request)`` writes whatever bytes a test wants."""
-
-    def __init__(self, answer: Callable[[socket.socket, bytes], None], ssl_context: ssl.SSLContext | None = None):
-        self.answer = answer
-        self.requests: list[bytes] = []
-        tls = {"ssl_context": ssl_context} if ssl_context else {}
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle, **tls)
-        self.server.start()
-
-    @property
-    def port(self) -> int:
-        return self.server.server_port
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def _handle(self, sock: socket.socket, _address: object) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = sock.recv(65536)
-            if not data:
-                return
-            request += data
-        self.requests.append(request)
-        try:
-            self.answer(sock, request)
-        except OSError:
-            pass  # the client hung up, as it should
-
-    def stop(self) -> None:
-        self.server.stop(timeout=1)
-
-
-@pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], RawServer]]:
-    started: list[RawServer] = []
-
-    def start(answer: Callable[[socket.socket, bytes], None], **options) -> RawServer:
-        srv = RawServer(answer, **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
 
 
 @functools.cache
@@ -235,7 +201,9 @@ def test_loopback_url_is_refused_by_default(server, make_downloader, storage_dir
     server.add("/a", b"secret")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard()).fetch(job(server.url("/a")), timeout=5)
-    assert str(info.value) == f"refused: 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == ("refused: 127.0.0.1 is a loopback address (security.block_private_networks; to "
+                               "allow it, add 127.0.0.0/8 to security.allowed_networks or set "
+                               "GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8)")
     assert info.value.retriable is False
     assert info.value.response_code == 0
     assert server.count("/a") == 0
@@ -254,7 +222,8 @@ def test_public_looking_name_resolving_to_loopback_is_refused(server, make_downl
     guard = AddressGuard(resolve=resolver({"public.example": "127.0.0.1"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(f"http://public.example:{server.port}/a"), timeout=5)
-    assert str(info.value) == f"refused: public.example resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == \
+        f"refused: public.example resolves to 127.0.0.1, a loopback address {refused_by('127.0.0.1')}"
     assert server.count("/a") == 0
 
 
@@ -275,8 +244,8 @@ def test_the_checked_address_is_the_one_connected_to(server, make_downloader) ->
     assert fetched_body(fetched) == b"ok"
     assert calls == ["rebind.example"]
     assert server.requests_for("/a")[0].headers["Host"] == f"rebind.example:{server.port}"
-    # A second connection (the first was dropped) meets the rebound answer: refused.
-    downloader.session.close()
+    # A new connection (another downloader's) meets the rebound answer: refused.
+    downloader = make_downloader(AddressGuard(["127.0.0.1/32"], resolve=rebinding))
     with pytest.raises(BlockedAddress, match="resolves to 127.0.0.2, a loopback address"):
         downloader.fetch(job(f"http://rebind.example:{server.port}/a"), timeout=5)
     assert calls == ["rebind.example", "rebind.example"]
@@ -296,7 +265,8 @@ def test_address_spellings_are_refused(server, make_downloader, host: str, messa
     url = f"http://{host}:{server.port}/a"
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard()).fetch(job(url), timeout=5)
-    assert str(info.value) == f"refused: {message} {SETTING}"
+    address = "0.0.0.0" if host == "0.0.0.0" else "127.0.0.1"
+    assert str(info.value) == f"refused: {message} {refused_by(address)}"
     assert server.count("/a") == 0
 
 
@@ -312,7 +282,7 @@ def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, st
     server.add_redirect("/r", "http://169.254.169.254/latest/meta-data/")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/r")), timeout=5)
-    assert str(info.value) == (f"refused: 169.254.169.254 is a link-local address {SETTING}, "
+    assert str(info.value) == (f"refused: 169.254.169.254 is a link-local address {refused_by('169.254.169.254')}, "
                                "at redirect 1 to http://169.254.169.254/latest/meta-data/")
     assert info.value.retriable is False
     assert server.count("/r") == 1
@@ -324,8 +294,8 @@ def test_redirect_to_a_name_resolving_to_a_private_address_is_refused(server, ma
     guard = AddressGuard(LOOPBACK, resolve=resolver({"intranet.example": "10.0.0.7"}))
     with pytest.raises(BlockedAddress) as info:
         make_downloader(guard).fetch(job(server.url("/r")), timeout=5)
-    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address {SETTING}, "
-                               "at redirect 1 to http://intranet.example/admin")
+    assert str(info.value) == (f"refused: intranet.example resolves to 10.0.0.7, a private address "
+                               f"{refused_by('10.0.0.7')}, at redirect 1 to http://intranet.example/admin")
 
 
 @pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:6379/_x"])
@@ -373,7 +343,7 @@ def test_a_private_proxy_is_refused(server, make_downloader) -> None:
     downloader = make_downloader(AddressGuard(), proxy=server.base_url)
     with pytest.raises(BlockedAddress) as info:
         downloader.fetch(job("http://gdl-test.invalid/p"), timeout=5)
-    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {refused_by('127.0.0.1')}"
     assert server.count("/p") == 0
 
 
@@ -385,23 +355,26 @@ def test_an_allowed_proxy_carries_a_public_name(server, make_downloader) -> None
     assert [r.target for r in server.requests_for("/p")] == ["http://gdl-test.invalid/p"]
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("http://10.0.0.1/p", "10.0.0.1 is a private address"),
-    ("http://169.254.169.254/p", "169.254.169.254 is a link-local address"),
-    ("http://0xa9fea9fe/p", "0xa9fea9fe resolves to 169.254.169.254, a link-local address"),
-    ("http://[::ffff:a9fe:a9fe]/p", "::ffff:a9fe:a9fe is a link-local address (IPv4-mapped 169.254.169.254)"),
-    ("https://192.168.0.1/p", "192.168.0.1 is a private address"),
-    ("http://localhost/p", "localhost names the loopback interface"),
-    ("http://admin.localhost./p", "admin.localhost. names the loopback interface"),
+@pytest.mark.parametrize(("url", "message", "ending"), [
+    ("http://10.0.0.1/p", "10.0.0.1 is a private address", refused_by("10.0.0.1")),
+    ("http://169.254.169.254/p", "169.254.169.254 is a link-local address", refused_by("169.254.169.254")),
+    ("http://0xa9fea9fe/p", "0xa9fea9fe resolves to 169.254.169.254, a link-local address",
+     refused_by("169.254.169.254")),
+    ("http://[::ffff:a9fe:a9fe]/p", "::ffff:a9fe:a9fe is a link-local address (IPv4-mapped 169.254.169.254)",
+     refused_by("169.254.169.254")),
+    ("https://192.168.0.1/p", "192.168.0.1 is a private address", refused_by("192.168.0.1")),
+    # the proxy resolves a name: allowed_networks cannot vouch for it, so no hint to allow it
+    ("http://localhost/p", "localhost names the loopback interface", SETTING),
+    ("http://admin.localhost./p", "admin.localhost. names the loopback interface", SETTING),
 ])
 def test_literal_private_targets_are_refused_through_a_proxy(server, make_downloader, url: str,
-                                                             message: str) -> None:
+                                                             message: str, ending: str) -> None:
     # The proxy would resolve the name; the URL's literal address is what gdl can see.
     server.add("/p", b"internal")
     downloader = make_downloader(AddressGuard(["127.0.0.1/32"]), proxy=server.base_url)
     with pytest.raises(BlockedAddress) as info:
         downloader.fetch(job(url), timeout=5)
-    assert str(info.value) == f"refused: {message} {SETTING}"
+    assert str(info.value) == f"refused: {message} {ending}"
     assert server.count("/p") == 0
 
 
@@ -441,8 +414,7 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
 
     tls = raw_server(answer, ssl_context=context)
     guard = AddressGuard(LOOPBACK, resolve=resolver({"public.example": "127.0.0.1", "other.example": "127.0.0.1"}))
-    downloader = make_downloader(guard)
-    downloader.session.verify = cert  # trust the test certificate, and only it
+    downloader = make_downloader(guard, ca_bundle=cert)  # trust the test certificate, and only it
     fetched = downloader.fetch(job(f"https://public.example:{tls.port}/s"), timeout=5)
     assert fetched_body(fetched) == b"secure"
     assert names == ["public.example"]
@@ -450,7 +422,7 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
     # The same address under another name: the certificate is checked against the name.
     with pytest.raises(TLSError) as info:
         downloader.fetch(job(f"https://other.example:{tls.port}/s"), timeout=5)
-    assert "Hostname mismatch" in str(info.value) or "other.example" in str(info.value)
+    assert str(info.value) == "TLS: certificate is not valid for other.example"
     assert len(tls.requests) == 1
 
 
@@ -477,11 +449,9 @@ def test_an_endless_chunked_body_is_cut_at_the_limit(raw_server, make_downloader
             sent[0] += 8192
 
     srv = raw_server(endless)
-    started = time.monotonic()
     with pytest.raises(TooLarge) as info:
         make_downloader(AddressGuard(LOOPBACK), max_bytes=100_000).fetch(job(srv.url("/x")), timeout=10)
     assert str(info.value) == "body exceeds the limit of 100000 bytes"
-    assert time.monotonic() - started < 3
     assert os.listdir(storage_dir) == []
     assert sent[0] >= 100_000
 
@@ -498,12 +468,23 @@ def test_a_body_longer_than_its_content_length_is_read_to_the_length_only(server
 
 def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, storage_dir) -> None:
     server.add_drip("/drip", b"x" * 100, interval=1.0)
-    started = time.monotonic()
     with pytest.raises(DownloadTimeout) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/drip")), timeout=2)
-    elapsed = time.monotonic() - started
-    assert str(info.value) == "download did not finish within 2s"
-    assert 1.9 <= elapsed < 2.8
+    assert str(info.value) == "download did not finish within 2s"  # the whole download's deadline, not a read's
+    assert (info.value.retriable, info.value.response_code) == (True, 200)
+    assert os.listdir(storage_dir) == []
+
+
+def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, storage_dir) -> None:
+    def reset(sock: socket.socket, _request: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 20_000)
+        gevent.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # linger 0: a reset
+
+    with pytest.raises(TruncatedBody) as info:
+        make_downloader(AddressGuard(LOOPBACK)).fetch(job(raw_server(reset).url("/x")), timeout=5)
+    assert str(info.value).endswith(" bytes: connection reset by peer")
     assert (info.value.retriable, info.value.response_code) == (True, 200)
     assert os.listdir(storage_dir) == []
 
@@ -548,10 +529,9 @@ def test_a_redirect_body_is_not_read_past_a_few_kib(server, raw_server, make_dow
         gevent.sleep(30)
 
     srv = raw_server(hostile)
-    started = time.monotonic()
+    # Reading the redirect's body to its end would meet the deadline and fail.
     fetched = make_downloader(AddressGuard(LOOPBACK)).fetch(job(srv.url("/r")), timeout=8)
     assert fetched_body(fetched) == b"arrived"
-    assert time.monotonic() - started < 3
     assert server.count("/final") == 1
 
 
@@ -572,22 +552,69 @@ def settled(running, job_id: str) -> dict:
     return wait_until(done, timeout=15)
 
 
-def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver) -> None:
-    running = run_service(security={"block_private_networks": True})
+def test_refused_download_and_callback_fail_at_once_saying_why(run_service, receiver, engine) -> None:
+    # Literal private destinations are refused at submit (tests below); to reach the refusal
+    # where the connection is made, the api accepts them (its guard off) and the workers' guard is on.
+    running = run_service(("api",), security={"block_private_networks": False})
+    run_service(("processor", "notifier"), security={"block_private_networks": True}, http={"engine": engine})
     job_id = running.enqueue(url="http://10.255.255.1/secret", aggr_id="a", aggr_limit=1, max_retries=3,
                              callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
     assert (record["state"], record["attempts"]) == ("failed", 1)
-    assert record["error"] == f"refused: 10.255.255.1 is a private address {SETTING}"
+    assert record["error"] == f"refused: 10.255.255.1 is a private address {refused_by('10.255.255.1')}"
     assert (record["callback_state"], record["callback_attempts"]) == ("failed", 1)
     assert record["callback_error"] == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback "
-                                        f"address {SETTING}")
+                                        f"address {refused_by('127.0.0.1')}")
     assert receiver.bodies() == []
 
 
-def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver) -> None:
+# ---------------------------------------------------------------------------- at submit: literal destinations
+
+HINT_LOOPBACK = ("refused by security.block_private_networks; to allow it, add 127.0.0.0/8 to "
+                 "security.allowed_networks or set GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8")
+SUBMIT = {"url": "http://example.com/a", "aggr_id": "a", "aggr_limit": 1, "callback_url": "http://example.com/cb"}
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"url": "http://127.0.0.1:8080/a"}, f"url: 127.0.0.1 is a loopback address, {HINT_LOOPBACK}"),
+    ({"url": "http://[::1]/a"}, "url: ::1 is a loopback address, refused by security.block_private_networks; "
+                                "to allow it, add ::1/128 to security.allowed_networks or set "
+                                "GDL_SECURITY_ALLOWED_NETWORKS=::1/128"),
+    ({"url": "http://2130706433/a"}, f"url: 2130706433 is 127.0.0.1, a loopback address, {HINT_LOOPBACK}"),
+    ({"callback_url": "http://localhost:9999/cb"}, f"callback_url: localhost names the loopback interface, "
+                                                   f"{HINT_LOOPBACK}"),
+    ({"callback_url": None, "callback_type": "http", "callback_dst": "http://10.0.0.5/cb"},
+     "callback_dst: 10.0.0.5 is a private address, refused by security.block_private_networks; to allow it, add "
+     "10.0.0.5/32 to security.allowed_networks or set GDL_SECURITY_ALLOWED_NETWORKS=10.0.0.5/32"),
+])
+def test_a_literal_refused_destination_is_400_at_submit(run_service, store, fields: dict, error: str) -> None:
+    running = run_service(("api",), security={"block_private_networks": True})
+    body = {k: v for k, v in {**SUBMIT, **fields}.items() if v is not None}
+    response = running.post("/download", body)
+    assert (response.status_code, response.json()) == (400, {"error": error})
+    assert store.redis.keys("*job:*") == []
+
+
+@pytest.mark.parametrize("security", [
+    {"block_private_networks": True, "allowed_networks": ["127.0.0.0/8"]},
+    {"block_private_networks": False},
+])
+def test_allowed_or_unguarded_literal_destinations_are_accepted(run_service, security: dict) -> None:
+    running = run_service(("api",), security=security)
+    running.enqueue(**{**SUBMIT, "url": "http://127.0.0.1:8080/a", "callback_url": "http://localhost:9999/cb"})
+
+
+def test_names_and_kafka_topics_are_left_to_the_guard_at_connect_time(run_service) -> None:
+    running = run_service(("api",), security={"block_private_networks": True})
+    running.enqueue(**{**SUBMIT, "url": "http://intranet.example/a"})  # may resolve anywhere by then
+    running.enqueue(**{k: v for k, v in SUBMIT.items() if k != "callback_url"}, callback_type="kafka",
+                    callback_dst="localhost")
+
+
+def test_allowed_networks_let_download_and_callback_through(run_service, server, receiver, engine) -> None:
     server.add("/a", b"allowed")
-    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK})
+    running = run_service(security={"block_private_networks": True, "allowed_networks": LOOPBACK},
+                          http={"engine": engine})
     job_id = running.enqueue(url=server.url("/a"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"))
     record = settled(running, job_id)
     assert (record["state"], record["bytes"], record["callback_state"]) == ("succeeded", 7, "delivered")

@@ -1,5 +1,6 @@
 """The store's scripts against a real Redis: every move of a job is one step."""
 
+import json
 import time
 
 import gevent
@@ -372,3 +373,25 @@ def test_finished_downloads_wake_the_notifier_once_per_idle_callback_queue(store
                                          state="succeeded", attempts=1)
     assert _published(store, finish_all) == [(keys.WAKE_CALLBACKS, taken[0].id)]
     assert store.redis.zcard(keys.CALLBACK_QUEUE) == 3
+
+
+def test_upgrade_renames_the_keys_of_the_layout_before_the_hash_tag(store):
+    store.redis.hset("gdl:job:abc", mapping={"url": "http://example.com/a", "aggr_id": "shop"})
+    store.redis.zadd("gdl:queue:shop", {"abc": NOW})
+    store.redis.zadd("gdl:due", {"shop": NOW})
+    store.redis.set("gdl:lease:shop", OWNER, px=30_000)
+    assert store.upgrade_layout() == 4
+    assert store.redis.hget(keys.job_key("abc"), "aggr_id") == "shop"
+    assert store.redis.zscore(keys.queue_key("shop"), "abc") == NOW
+    assert store.due_aggregations(NOW) == ["shop"]
+    assert 0 < store.redis.pttl(keys.lease_key("shop")) <= 30_000  # its expiry goes with it
+    assert store.redis.keys("gdl:*") == []
+    assert store.upgrade_layout() == 0
+
+
+def test_processes_of_the_earlier_layout_are_found_unless_stopped_or_silent(store):
+    beats = {"old-live": {"at": NOW - 1_000}, "old-stopped": {"at": NOW - 1_000, "state": "stopped"},
+             "old-dead": {"at": NOW - 60_000}}
+    for process, beat in beats.items():
+        store.redis.hset("gdl:heartbeats", process, json.dumps({**beat, "process": process}))
+    assert store.legacy_processes(now=NOW) == ["old-live"]

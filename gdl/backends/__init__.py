@@ -38,7 +38,7 @@ def from_config(cfg: Config) -> dict[str, Backend]:
     from gdl.netguard import AddressGuard
 
     http = HTTPBackend(timeout=cfg.http_callback_timeout, guard=AddressGuard.from_config(cfg.security),
-                       pool_size=cfg.notifier.concurrency)
+                       pool_size=cfg.notifier.concurrency, engine=cfg.http.engine)
     backends: dict[str, Backend] = {"http": http}
     if cfg.backends.kafka:
         from gdl.backends.kafka import KafkaBackend

@@ -108,15 +108,16 @@ def open_store(cfg: Config) -> Store:
     from gdl.store import Store
 
     url = cfg.redis.url
-    key = "redis.sentinel" if cfg.redis.sentinel else "redis.url"
-    if url == "embedded" and not cfg.redis.sentinel:
+    key = "redis.cluster_nodes" if cfg.redis.cluster_nodes else "redis.sentinel" if cfg.redis.sentinel else "redis.url"
+    if url == "embedded" and not cfg.redis.sentinel and not cfg.redis.cluster_nodes:
         data_dir = Path(cfg.redis.embedded_dir).resolve()
         sock = data_dir / SOCKET_NAME
         if not sock.exists():
             raise StartupError(f"redis.embedded_dir: no gdl is running on {data_dir} ({sock} does not exist); "
                                "start gdl first")
         url, key = f"unix://{sock}", "redis.embedded_dir"
-    store = Store.connect(url, sentinel=cfg.redis.sentinel, master_name=cfg.redis.master_name)
+    store = Store.connect(url, sentinel=cfg.redis.sentinel, master_name=cfg.redis.master_name,
+                          cluster_nodes=cfg.redis.cluster_nodes)
     try:
         store.ping()
     except StoreUnavailable as exc:

@@ -40,6 +40,7 @@ from gdl.store import CALLBACKS, DOWNLOADS, Store, now_ms
 SHOWN = 50  # rows listed by retry-failed; examples listed per fsck check
 BATCH = 1000
 FOREVER = 1 << 62  # a "now" past every deletion time, to forget a job at once
+ERROR_WIDTH = 80  # characters of an error shown in a table row
 
 
 
@@ -55,9 +56,14 @@ def run(name: str, args: argparse.Namespace, cfg: Config) -> int:
 
 # ------------------------------------------------------------------ retry-failed
 
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, ending in an ellipsis when it was cut."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def retry_failed(store: Store, *, aggr: str | None, dry_run: bool) -> int:
     failed = [(job, at) for job, at in store.failed_callbacks() if aggr is None or job.aggr_id == aggr]
-    rows = [[job.id, job.aggr_id, job.status.callback_code or "", job.status.callback_error[:80]]
+    rows = [[job.id, job.aggr_id, job.status.callback_code or "", _cut(job.status.callback_error, ERROR_WIDTH)]
             for job, _ in failed[:SHOWN]]
     if rows:
         print(table(["job", "aggregation", "code", "error"], rows))

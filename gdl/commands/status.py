@@ -112,7 +112,8 @@ def show_job(store: Store, job_id: str, *, as_json: bool = False) -> int:
         print(json.dumps({**record, "attempts_log": attempts}, indent=2))
         return EXIT_OK
     width = max(len(k) for k in record)
-    lines = [f"{key.ljust(width)}  {_field(key, value)}" for key, value in record.items()]
+    now = now_ms()
+    lines = [f"{key.ljust(width)}  {_field(key, value, now)}" for key, value in record.items()]
     lines += ["", f"ATTEMPTS ({len(attempts)})"]
     rows = [[i, a.get("kind", ""), a.get("attempt", ""), a.get("outcome", ""), _clock(a["at"]) if a.get("at") else "",
              f"{a.get('duration_ms', 0)} ms", a.get("response_code") or a.get("status") or "",
@@ -123,7 +124,9 @@ def show_job(store: Store, job_id: str, *, as_json: bool = False) -> int:
     return EXIT_OK
 
 
-def _field(key: str, value: Any) -> str:
+def _field(key: str, value: Any, now: int) -> str:
+    if key == "callback_due_at" and isinstance(value, int) and value:  # a callback retry waits
+        return f"{value} ({_clock(value)}, {_due(value, now)})"
     if key in ("created_at", "finished_at", "delivered_at") and isinstance(value, int) and value:
         return f"{value} ({_clock(value)})"
     if isinstance(value, dict):

@@ -23,6 +23,7 @@ import gevent
 import redis
 import redis.exceptions
 from gevent.event import AsyncResult
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class _Call:
 class ScriptBatcher:
     """Runs registered scripts for many greenlets over one pipeline at a time."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis | RedisCluster):
         self.client = client
         self._pending: list[_Call] = []
         self._flusher: gevent.Greenlet | None = None

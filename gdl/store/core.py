@@ -19,6 +19,7 @@ from typing import Any, Self, TypeVar
 
 import redis
 import redis.exceptions
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
@@ -34,7 +35,6 @@ from gdl.store.layout import (
     FAILED_CALLBACKS,
     HEARTBEATS,
     INFLIGHT,
-    LOG_SUFFIX,
     PROCESSOR_SLOTS,
     PROCESSORS,
     STATE_FIELD,
@@ -112,6 +112,9 @@ def _translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# How many of a queue's first ids a take reports, to name as the next take's candidates.
+HEAD_SEEN = 16
+
 # What a fair claim returns when the caller is over its share (Store.claim).
 OVER_SHARE = "over share"
 
@@ -156,7 +159,7 @@ class Renewal:
 class JobStore:
     """Typed operations on gdl's Redis layout: the data flow of a job."""
 
-    def __init__(self, client: redis.Redis, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
+    def __init__(self, client: redis.Redis | RedisCluster, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000):
         # Any: redis-py's types cannot say that decode_responses makes every reply a str.
         self.redis: Any = client
         self.health = Health()
@@ -164,14 +167,21 @@ class JobStore:
         self.wait_timeout_ms = wait_timeout_ms
         self._scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client)
+        self._heads: dict[str, list[str]] = {}  # queue key -> its first ids, as the last take saw them
 
     # ---------------------------------------------------------------- setup
 
     @classmethod
     def connect(cls, url: str, *, sentinel: list[str] | None = None, master_name: str = "",
-                client_name: str = "gdl-tool", wait_replicas: int = 0) -> Self:
-        """A store on ``url`` (or on the Sentinel-managed master)."""
-        if sentinel:
+                cluster_nodes: list[str] | None = None, client_name: str = "gdl-tool",
+                wait_replicas: int = 0) -> Self:
+        """A store on ``url`` (or on the Sentinel-managed master, or on a Redis Cluster)."""
+        client: redis.Redis | RedisCluster
+        if cluster_nodes:
+            nodes = [ClusterNode(h, int(p)) for h, _, p in (s.rpartition(":") for s in cluster_nodes)]
+            client = RedisCluster(startup_nodes=nodes, decode_responses=True, client_name=client_name,
+                                  socket_connect_timeout=5, socket_timeout=30)
+        elif sentinel:
             hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinel)]
             client = Sentinel(hosts, socket_timeout=5).master_for(
                 master_name, decode_responses=True, client_name=client_name, socket_timeout=30,
@@ -382,8 +392,7 @@ class JobStore:
         (fenced: ``Taken.lease_lost`` otherwise); a take extends the lease by
         ``lease_ttl_ms``, so that what it starts is covered for that long."""
         keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id)]
-        args = [now, count, deadline, owner, job_key(""), "state", "in_flight", aggr_id, lease_ttl_ms]
-        return _taken(self._run_batched("take", keys, args))
+        return self._take(keys, [now, count, deadline, owner, "state", "in_flight", aggr_id, lease_ttl_ms])
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
@@ -416,8 +425,36 @@ class JobStore:
     @_translated
     def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
-        args = [now, count, deadline, owner, job_key(""), "callback_state", "in_flight", ""]
-        return _taken(self._run_batched("take", keys, args))
+        return self._take(keys, [now, count, deadline, owner, "callback_state", "in_flight", "", 0])
+
+    def _take(self, keys: list[str], args: list[Any]) -> Taken:
+        """Run take.lua on the queue ``keys[0]``, naming as candidates its head as
+        the last take saw it (every key a script touches is declared, for Redis
+        Cluster). When that was stale (new jobs, or another process's takes), the
+        reply's head is due work not named: one more call takes it."""
+        now, count = args[0], args[1]
+        queue = keys[0]
+        candidates = self._heads.get(queue, [])[:count]
+        taken = self._take_named(keys, args, candidates)
+        room = count - len(taken.jobs)
+        if room > 0 and taken.next_due is not None and taken.next_due <= now:
+            unnamed = [i for i in self._heads.get(queue, [])[:room] if i not in candidates]
+            if unnamed:
+                more = self._take_named(keys, [now, room, *args[2:]], unnamed)
+                taken = Taken(taken.jobs + more.jobs, more.next_due, more.limit, more.lease_lost)
+        return taken
+
+    def _take_named(self, keys: list[str], args: list[Any], candidates: list[str]) -> Taken:
+        seen = max(args[1], HEAD_SEEN)
+        reply = self._run_batched("take", [*keys, *map(job_key, candidates)], [*args, seen, *candidates])
+        if not isinstance(reply, list):  # -1: the fence refused the take
+            return Taken([], None, lease_lost=True)
+        head = reply[2]
+        if head:
+            self._heads[keys[0]] = head
+        else:
+            self._heads.pop(keys[0], None)
+        return _taken(reply)
 
     @_translated
     def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> Settled:
@@ -467,10 +504,20 @@ class JobStore:
     @_translated
     def sweep(self, kind: str, *, now: int, limit: int = 1000) -> list[str]:
         """Put back in-flight jobs of ``kind`` whose deadline passed."""
-        second = DUE_INDEX if kind == DOWNLOADS else CALLBACK_QUEUE
+        expired = self.redis.zrangebyscore(INFLIGHT[kind], "-inf", now, start=0, num=limit)
+        if not expired:
+            return []
+        keys = [INFLIGHT[kind], DUE_INDEX if kind == DOWNLOADS else CALLBACK_QUEUE, *map(job_key, expired)]
         wake = WAKE_AGGR if kind == DOWNLOADS else WAKE_CALLBACKS
-        args = [now, limit, job_key(""), queue_key(""), STATE_FIELD[kind], kind, wake]
-        return list(self._run("sweep", [INFLIGHT[kind], second], args))
+        args = [now, STATE_FIELD[kind], kind, wake, *expired]
+        if kind == DOWNLOADS:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in expired:
+                    pipe.hget(job_key(job_id), "aggr_id")
+                aggrs = [aggr or "" for aggr in pipe.execute()]
+            keys += map(queue_key, aggrs)
+            args += aggrs
+        return list(self._run("sweep", keys, args))
 
     # ---------------------------------------------------------------- reaper
 
@@ -482,7 +529,8 @@ class JobStore:
     def forget(self, job_ids: list[str], *, now: int) -> int:
         if not job_ids:
             return 0
-        return int(self._run("forget", [DELETIONS], [now, job_key(""), LOG_SUFFIX, *job_ids]))
+        keys = [DELETIONS, *map(job_key, job_ids), *map(log_key, job_ids)]
+        return int(self._run("forget", keys, [now, *job_ids]))
 
     # ---------------------------------------------------------------- processes and stats
 
@@ -516,13 +564,11 @@ class JobStore:
         return msg["channel"], msg["data"]
 
 
-def _taken(reply: list | int) -> Taken:
-    if not isinstance(reply, list):  # -1: the fence refused the take
-        return Taken([], None, lease_lost=True)
+def _taken(reply: list) -> Taken:
     next_due = int(float(reply[0])) if reply[0] != "" else None
     limit = int(reply[1]) if reply[1] != "" else None
     jobs = []
-    for i in range(2, len(reply), 2):
+    for i in range(3, len(reply), 2):
         flat = reply[i + 1]
         jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
     return Taken(jobs, next_due, limit)

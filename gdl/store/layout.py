@@ -6,9 +6,15 @@ The table of what each key holds, who writes it and who reads it is in
 
 from __future__ import annotations
 
-PREFIX = "gdl:"
-WAKE_AGGR = PREFIX + "wake:aggr"
-WAKE_CALLBACKS = PREFIX + "wake:callbacks"
+# Every key carries one hash tag, ``{gdl}``: on a Redis Cluster all of them
+# live in one slot, so that every script's keys are on one node (tier 1: a
+# cluster-mode Redis runs gdl unchanged; see README's design notes for tier 2).
+PREFIX = "{gdl}:"
+# Keys of the layout before the hash tag, renamed at start (upgrade_layout).
+LEGACY_PREFIX = "gdl:"
+# Pub/sub channels are cluster-wide and not keys: they need no tag.
+WAKE_AGGR = "gdl:wake:aggr"
+WAKE_CALLBACKS = "gdl:wake:callbacks"
 DOWNLOADS = "downloads"
 CALLBACKS = "callbacks"
 
@@ -65,6 +71,7 @@ STATE_FIELD = {DOWNLOADS: "state", CALLBACKS: "callback_state"}
 
 __all__ = [
     "PREFIX",
+    "LEGACY_PREFIX",
     "WAKE_AGGR",
     "WAKE_CALLBACKS",
     "DOWNLOADS",

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
+
+import redis.exceptions
+from redis.cluster import RedisCluster
 
 from gdl.job import Job
 from gdl.store.core import JobStore, _translated
@@ -22,7 +26,9 @@ from gdl.store.layout import (
     HEARTBEATS,
     INFLIGHT,
     INFLIGHT_READ_MAX,
+    LEGACY_PREFIX,
     LOG_SUFFIX,
+    PREFIX,
     TPUT_BUCKET_MS,
     TPUT_TTL_S,
     aggr_key,
@@ -147,11 +153,42 @@ class OperatorView(JobStore):
                          "oldest_due": oldest.get(aggr)})
         return rows, total
 
+    # ---------------------------------------------------------------- upgrade
+
+    @_translated
+    def legacy_processes(self, *, now: int, within_ms: int = 15_000) -> list[str]:
+        """Processes of a gdl before the hash-tagged layout that reported within
+        ``within_ms`` and did not say they stopped (they would write the old keys)."""
+        beats = [json.loads(b) for b in self.redis.hvals(LEGACY_PREFIX + "heartbeats")]
+        return sorted(b.get("process", "?") for b in beats
+                      if b.get("state") != "stopped" and b.get("at", 0) >= now - within_ms)
+
+    @_translated
+    def upgrade_layout(self) -> int:
+        """Rename the keys of the layout before the hash tag (``gdl:*``) to their
+        tagged names; returns how many were renamed. Every gdl process of the
+        earlier version must be stopped first (see :meth:`legacy_processes`).
+        Several processes may run this at once: a key is renamed once."""
+        renamed = 0
+        for key in list(self.scan_keys(LEGACY_PREFIX + "*")):
+            try:
+                renamed += int(self.redis.renamenx(key, PREFIX + key[len(LEGACY_PREFIX):]))
+            except redis.exceptions.ResponseError:
+                pass  # renamed meanwhile by another process
+        return renamed
+
     # fsck: the one reader that walks the keyspace (SCAN), an operator's occasional check.
 
     @_translated
     def scan_page(self, cursor: int, match: str, count: int = 1000) -> tuple[int, list[str]]:
-        """One SCAN step over keys matching ``match`` (a pattern built from this module's helpers)."""
+        """One SCAN step over keys matching ``match`` (a pattern built from this module's helpers).
+        On a cluster, every gdl key is on the node of the ``{gdl}`` slot: that node is scanned."""
+        if isinstance(self.redis, RedisCluster):
+            node = self.redis.get_node_from_key(PREFIX)
+            # Any: redis-py types a cluster SCAN as a single node's reply; it is one per node.
+            reply: Any = self.redis.scan(cursor=cursor, match=match, count=count, target_nodes=node)
+            cursors, found = reply
+            return int(cursors[node.name]), [str(k) for k in found]
         cursor, keys = self.redis.scan(cursor=cursor, match=match, count=count)
         return int(cursor), list(keys)
 
@@ -170,6 +207,7 @@ class OperatorView(JobStore):
             if not key.endswith(LOG_SUFFIX):
                 yield key[len(prefix):]
 
+    @_translated
     def queued_aggregations(self) -> set[str]:
         """Aggregations with a queue key or a due index entry (SCAN of ``queue:*``)."""
         prefix = queue_key("")
@@ -196,8 +234,8 @@ class OperatorView(JobStore):
     def drop_dangling(self, key: str, job_ids: list[str], *, aggr_id: str | None = None) -> int:
         """Remove from ``key`` those of ``job_ids`` whose job is gone; for an aggregation queue,
         also set its due index entry to the queue's head (or remove it)."""
-        keys = [key, DUE_INDEX] if aggr_id is not None else [key]
-        return int(self._run("drop_dangling", keys, [job_key(""), aggr_id or "", *job_ids]))
+        keys = [key, DUE_INDEX, *map(job_key, job_ids)]
+        return int(self._run("drop_dangling", keys, [aggr_id or "", *job_ids]))
 
     @_translated
     def reconcile_failed_callback(self, job_id: str, *, failed_at: int) -> int:
