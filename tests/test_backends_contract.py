@@ -1,6 +1,7 @@
 """The callback backend contract: every backend keeps the same promises.
 
-Each test runs once per backend (ids ``http`` and ``kafka``), built as gdl
+Each test runs once per backend (ids ``http-curl``, ``http-requests``: the
+HTTP backend on each HTTP engine; ``kafka``), built as gdl
 builds them (:func:`gdl.backends.from_config` on a YAML config) and used
 through the :class:`~gdl.backends.Backend` interface only: ``start``,
 ``notify(destination, body)``, ``stop``. The HTTP backend POSTs to a real
@@ -32,7 +33,7 @@ its delivery-report errors and the purge at stop.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import pytest
 
 from gdl.backends import Backend
 from gdl.errors import CallbackError
+from gdl.http import ENGINES
 from tests.brokers import KafkaBroker
 from tests.conftest import backend_from_config, free_port, wait_until
 from tests.servers import CallbackReceiver
@@ -51,11 +53,12 @@ KAFKA_SETTINGS = {"message.timeout.ms": 2500, "allow.auto.create.topics": False,
                   "reconnect.backoff.max.ms": 200}
 
 
-def build(directory: Path, kind: str, kafka_servers: str = "") -> Backend:
-    """The ``kind`` backend as gdl makes it from its config file, started."""
+def build(directory: Path, kind: str, *, kafka_servers: str = "", engine: str = "") -> Backend:
+    """The ``kind`` backend as gdl makes it from its config file (on HTTP ``engine``), started."""
     kafka = {"bootstrap.servers": kafka_servers, **KAFKA_SETTINGS} if kafka_servers else {}
+    sections: dict[str, Any] = {"http": {"engine": engine}} if engine else {}
     backend = backend_from_config(directory, kind, backends={"http": {"timeout": 5}, "kafka": kafka},
-                                  security={"block_private_networks": False})
+                                  security={"block_private_networks": False}, **sections)
     backend.start()
     return backend
 
@@ -103,12 +106,13 @@ class HTTPHarness(Harness):
     kind = "http"
     delivered_code = 200
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, engine: str):
         self.receiver = CallbackReceiver()
+        self.engine = engine
         super().__init__(directory)
 
     def make(self, servers: str | None = None) -> Backend:
-        backend = build(self.directory, "http")
+        backend = build(self.directory, "http", engine=self.engine)
         self.started.append(backend)
         return backend
 
@@ -145,7 +149,7 @@ class KafkaHarness(Harness):
         super().__init__(directory)
 
     def make(self, servers: str | None = None) -> Backend:
-        backend = build(self.directory, "kafka", servers or self.broker.address)
+        backend = build(self.directory, "kafka", kafka_servers=servers or self.broker.address)
         self.started.append(backend)
         return backend
 
@@ -177,15 +181,17 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     server.close()
 
 
-HARNESSES: dict[str, Callable[[Path, pytest.FixtureRequest], Harness]] = {
-    "http": lambda directory, request: HTTPHarness(directory),
-    "kafka": lambda directory, request: KafkaHarness(directory, request.getfixturevalue("broker")),
-}
+# The ids: http-<engine> for the HTTP backend on each of gdl's HTTP engines (http.engine), and kafka.
+KINDS = [f"http-{engine}" for engine in sorted(ENGINES)] + ["kafka"]
 
 
-@pytest.fixture(params=sorted(HARNESSES))
+@pytest.fixture(params=KINDS)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    made = HARNESSES[request.param](tmp_path, request)
+    kind: str = request.param
+    if kind == "kafka":
+        made: Harness = KafkaHarness(tmp_path, request.getfixturevalue("broker"))
+    else:
+        made = HTTPHarness(tmp_path, engine=kind.removeprefix("http-"))
     yield made
     made.close()
 

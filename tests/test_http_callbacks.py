@@ -6,7 +6,8 @@ answer (redirects are not followed) a retriable :class:`CallbackError`
 carrying the status; a deadline on the whole delivery; only http(s) URLs;
 and with ``security.block_private_networks`` no delivery to a non-public
 address, refused at once. The backend is built by
-:func:`gdl.backends.from_config` and used through ``notify`` only.
+:func:`gdl.backends.from_config` on each HTTP engine (``http.engine``) and
+used through ``notify`` only.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import pytest
 
 from gdl import __version__
 from gdl.errors import CallbackError
-from tests.conftest import backend_from_config
+from tests.conftest import backend_from_config, free_port
 from tests.servers import CallbackReceiver
 
 BODY = b'{"success":true,"job_id":"6QEywYsd0jrKAg"}'
 
 
 @pytest.fixture
-def started(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """``started(**sections)``: the HTTP backend of that config, started; stopped at the end."""
+def started(tmp_path: Path, request: pytest.FixtureRequest, engine: str) -> Callable[..., Any]:
+    """``started(**sections)``: the HTTP backend of that config on ``engine``, started; stopped at the end."""
 
     def start(**sections: Any) -> Any:
         sections.setdefault("security", {"block_private_networks": False})
+        sections.setdefault("http", {"engine": engine})
         backend = backend_from_config(tmp_path, "http", **sections)
         backend.start()
         request.addfinalizer(backend.stop)
@@ -85,6 +87,15 @@ def test_only_http_and_https_urls_are_called_back(http: Any, url: str) -> None:
         (f"callback to {url} refused: only http and https URLs", False, 0)
 
 
+def test_an_unreachable_destination_is_retried_saying_why(http: Any) -> None:
+    port = free_port()  # bound and closed again: nothing listens there
+    url = f"http://127.0.0.1:{port}/cb"
+    with pytest.raises(CallbackError) as info:
+        http.notify(url, BODY)
+    assert (str(info.value), info.value.retriable, info.value.status) == \
+        (f"callback to {url} failed: connection refused by 127.0.0.1:{port}", True, 0)
+
+
 def test_no_answer_within_the_timeout_is_a_retriable_callback_error(started: Any) -> None:
     slow = CallbackReceiver(hold=2.0)
     try:
@@ -103,8 +114,10 @@ def test_a_loopback_destination_is_refused_at_once_while_the_guard_is_on(started
     with pytest.raises(CallbackError) as info:
         guarded.notify(receiver.url("/cb"), BODY)
     assert (info.value.retriable, info.value.status) == (False, 0)
-    assert str(info.value) == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
-                               "(security.block_private_networks)")
+    assert str(info.value) == (
+        f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
+        "(security.block_private_networks; to allow it, add 127.0.0.0/8 to security.allowed_networks "
+        "or set GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8)")
     assert dict(receiver.raw) == {}
 
 
