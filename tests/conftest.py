@@ -142,9 +142,10 @@ class RedisClusterServer:
         cli = str(Path(server).with_name("redis-cli"))
         subprocess.run([cli, "--cluster", "create", *self.nodes, "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
-        store = Store.connect("", cluster_nodes=self.nodes)
-        wait_until(lambda: pings(store), timeout=20)
-        store.close()
+        for port in self.ports:  # every node must see the whole cluster, not only the one a ping reaches
+            node = Store.connect(f"redis://127.0.0.1:{port}/0")
+            wait_until(lambda node=node: node.redis.cluster("info").get("cluster_state") == "ok", timeout=20)
+            node.close()
         return self
 
     def stop(self) -> None:

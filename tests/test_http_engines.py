@@ -19,13 +19,14 @@ from pathlib import Path
 import gevent
 import pytest
 
+from gdl.config import allowed_networks_hint
 from gdl.errors import BlockedAddress, ConnectionFailed, DownloadTimeout, TLSError, TruncatedBody
 from gdl.http import Engine, Exchange, make_engine
 from gdl.netguard import AddressGuard
 from tests.conftest import free_port, wait_until
 from tests.httpserver import LoopbackServer
 
-SETTING = "(security.block_private_networks)"
+LOOPBACK_REFUSED = f"({allowed_networks_hint('127.0.0.1')})"  # the setting, and how to allow it
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ def test_a_name_resolving_to_loopback_is_never_connected_to(raw_server, new_engi
     srv = raw_server(lambda sock, _request: sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     with pytest.raises(BlockedAddress) as info:
         get(new_engine(guard=AddressGuard()), f"http://localhost:{srv.port}/x")
-    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {LOOPBACK_REFUSED}"
     assert info.value.retriable is False
     assert srv.connections == 0
 
@@ -246,7 +247,7 @@ def test_the_curl_engine_checks_the_address_it_connects_to(raw_server) -> None:
             get(http, f"http://localhost:{srv.port}/x")
     finally:
         http.close()
-    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {SETTING}"
+    assert str(info.value) == f"refused: localhost resolves to 127.0.0.1, a loopback address {LOOPBACK_REFUSED}"
     assert srv.connections == 0
 
 
@@ -254,7 +255,7 @@ def test_a_refused_proxy_is_never_connected_to(raw_server, new_engine) -> None:
     srv = raw_server(lambda sock, _request: sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     with pytest.raises(BlockedAddress) as info:
         get(new_engine(guard=AddressGuard()), "http://example.com/x", proxy=srv.url(""))
-    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {SETTING}"
+    assert str(info.value) == f"refused: proxy 127.0.0.1 is a loopback address {LOOPBACK_REFUSED}"
     assert srv.connections == 0
 
 

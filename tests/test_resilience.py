@@ -19,6 +19,7 @@ import gevent
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from gdl import store as keys
 from gdl.redis_server import find_binary
 from gdl.store import Store
 from tests.conftest import RedisServer, free_port, make_config, wait_until
@@ -66,7 +67,7 @@ def enqueue_jobs(cfg, server, receiver, aggrs: dict[str, int], per_aggr: int) ->
 def field_counts(store: Store, ids: list[str], field: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for job_id in ids:
-        value = store.redis.hget(f"gdl:job:{job_id}", field) or "gone"
+        value = store.redis.hget(keys.job_key(job_id), field) or "gone"
         counts[value] = counts.get(value, 0) + 1
     return counts
 
@@ -100,7 +101,7 @@ def test_sigterm_during_50_slow_downloads_then_a_restart_completes_them(tmp_path
         gdl_process(cfg, name="restarted.yaml")
         wait_until(lambda: field_counts(store, ids, "callback_state") == {"delivered": 50}, timeout=30)
         assert_one_successful_callback_each(receiver, ids)
-        assert {int(store.redis.hget(f"gdl:job:{i}", "attempts")) for i in ids} == {1}
+        assert {int(store.redis.hget(keys.job_key(i), "attempts")) for i in ids} == {1}
     finally:
         files.stop()
 
@@ -296,7 +297,7 @@ def test_sentry_gets_internal_errors_with_tags_and_not_404s(tmp_path, redis_serv
             wait_for_api(cfg)
             session = requests.Session()
             missing = post_job(session, cfg, files.url("/gone"), "e", 1, "http://127.0.0.1:9/cb").json()["id"]
-            wait_until(lambda: store.redis.hget(f"gdl:job:{missing}", "state") == "failed", timeout=15)
+            wait_until(lambda: store.redis.hget(keys.job_key(missing), "state") == "failed", timeout=15)
             storage = Path(cfg.processor.storage_dir)
             storage.rmdir()
             storage.write_text("not a directory")  # our disk breaks mid-run
@@ -308,8 +309,8 @@ def test_sentry_gets_internal_errors_with_tags_and_not_404s(tmp_path, redis_serv
             assert not [e for e in sentry.events if e["tags"].get("job_id") == missing]
             storage.unlink()
             storage.mkdir()
-            wait_until(lambda: store.redis.hget(f"gdl:job:{broken}", "state") == "succeeded", timeout=15)
-            assert store.redis.hget(f"gdl:job:{broken}", "attempts") == "1"  # internal errors are not attempts
+            wait_until(lambda: store.redis.hget(keys.job_key(broken), "state") == "succeeded", timeout=15)
+            assert store.redis.hget(keys.job_key(broken), "attempts") == "1"  # internal errors are not attempts
     finally:
         sentry.stop()
 

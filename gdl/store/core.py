@@ -58,6 +58,7 @@ _UNAVAILABLE = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,  # a cluster still forming, or failing over a master
     redis.exceptions.OutOfMemoryError,
     OSError,
 )
