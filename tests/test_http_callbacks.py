@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gdl import __version__
+from gdl.config import allowed_networks_hint
 from gdl.errors import CallbackError
 from tests.conftest import backend_from_config, free_port
 from tests.servers import CallbackReceiver
@@ -134,10 +135,8 @@ def test_a_loopback_destination_is_refused_at_once_while_the_guard_is_on(started
     with pytest.raises(CallbackError) as info:
         guarded.notify(receiver.url("/cb"), BODY)
     assert (info.value.retriable, info.value.status) == (False, 0)
-    assert str(info.value) == (
-        f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
-        "(security.block_private_networks; to allow it, add 127.0.0.0/8 to security.allowed_networks "
-        "or set GDL_SECURITY_ALLOWED_NETWORKS=127.0.0.0/8)")
+    assert str(info.value) == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
+                               f"({allowed_networks_hint('127.0.0.1')})")
     assert dict(receiver.raw) == {}
 
 
