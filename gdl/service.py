@@ -22,7 +22,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import gevent
 import gevent.event
@@ -33,6 +32,7 @@ from gdl.api import API, make_server
 from gdl.backends import from_config as backends_from_config
 from gdl.config import Config
 from gdl.diskcheck import DiskChecker
+from gdl.diskio import check_writable
 from gdl.errors import StartupError, StoreUnavailable
 from gdl.filestorage import FileStorage, Storages
 from gdl.lease import Keeper
@@ -54,17 +54,6 @@ REAPER_INTERVAL = 1.0
 def process_token() -> str:
     """Names this process in leases, in-flight records and stats."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def check_writable(key: str, path: str) -> None:
-    """Create ``path`` if needed and prove we can write there, or fail naming ``key``."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".gdl-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StartupError(f"{key}: {path} is not writable: {exc.strerror or exc}") from exc
 
 
 class Service:
