@@ -97,8 +97,6 @@ def test_an_unreachable_destination_is_retried_saying_why(http: Any) -> None:
         (f"callback to {url} failed: connection refused by 127.0.0.1:{port}", True, 0)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="bug reported, not fixed here: notify lets urlsplit's ValueError escape untyped")
 def test_a_url_that_does_not_parse_is_a_callback_error_not_retriable(http: Any) -> None:
     # Not reachable from POST /download (the API refuses the URL), but notify promises a CallbackError.
     with pytest.raises(CallbackError) as info:
@@ -106,15 +104,13 @@ def test_a_url_that_does_not_parse_is_a_callback_error_not_retriable(http: Any) 
     assert (info.value.retriable, info.value.status) == (False, 0)
 
 
-def test_a_host_that_cannot_be_a_name_is_refused_at_once(http: Any, engine: str,
-                                                         request: pytest.FixtureRequest) -> None:
-    # POST /download accepts the URL (it has a host); the engines disagree on it.
-    if engine == "curl":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="bug reported, not fixed here: the curl engine "
-                                                                  "retries a host name with an empty label"))
+def test_a_host_that_cannot_be_a_name_is_refused_at_once(http: Any) -> None:
+    # POST /download accepts the URL (it has a host); both engines refuse it at the seam, the same way.
     with pytest.raises(CallbackError) as info:
         http.notify("http://a..b/cb", BODY)
     assert (info.value.retriable, info.value.status) == (False, 0)
+    assert str(info.value) == ("callback to http://a..b/cb refused: invalid URL 'http://a..b/cb': "
+                               "the host name has an empty label")
 
 
 def test_no_answer_within_the_timeout_is_a_retriable_callback_error(started: Any) -> None:
