@@ -25,6 +25,7 @@ import gevent.event
 
 from gdl import callback, sentry
 from gdl.backends import Backend
+from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend, UnknownTopic
 from gdl.filestorage import Storages
@@ -116,7 +117,7 @@ class Notifier(TakingPool):
         elif isinstance(err, UnknownTopic):
             self.stats.incr("kafka_unknown_topic")
         if err.retriable and attempts <= self.cfg.max_retries:
-            delay = attempts * self.cfg.retry_backoff
+            delay = retry_delay(attempts, self.cfg.retry_backoff)
             due = now + int(delay * 1000)
             log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, self.cfg.max_retries, delay)
             self.stats.incr("retried")

@@ -27,7 +27,7 @@ import gevent.event
 import gevent.pool
 
 from gdl import sentry
-from gdl.backoff import Backoff
+from gdl.backoff import Backoff, retry_delay
 from gdl.config import Config
 from gdl.download import Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
@@ -48,6 +48,35 @@ class AggrLog(logging.LoggerAdapter):
 
     def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
         return f"aggr {(self.extra or {})['aggr_id']}: {msg}", kwargs
+
+
+class Idleness:
+    """A pool's decisions when a take brought nothing: how long to sleep, and
+    whether it has been idle long enough to end. A function of the times it is
+    given (``mono``: monotonic seconds; ``now`` and due times: the store's
+    milliseconds), so that tests drive it without sleeping."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout  # None: never ends for idleness (the notifier)
+        self.since: float | None = None  # when the pool last had nothing to do, nothing running
+
+    def after_take(self, mono: float, *, took: bool, busy: bool) -> None:
+        if took or busy:
+            self.since = None
+        elif self.since is None:
+            self.since = mono
+
+    def over(self, mono: float) -> bool:
+        return self.timeout is not None and self.since is not None and mono - self.since >= self.timeout
+
+    def sleep_for(self, mono: float, now: int, next_due: int | None) -> float:
+        """Until the next job is due, the idle timeout runs out, or ``MAX_WAIT``, whichever is first."""
+        sleep = MAX_WAIT
+        if next_due is not None:
+            sleep = min(sleep, max(0.0, (next_due - now) / 1000))
+        if self.timeout is not None and self.since is not None:
+            sleep = min(sleep, max(0.0, self.timeout - (mono - self.since)))
+        return sleep
 
 
 class TakingPool:
@@ -96,7 +125,7 @@ class TakingPool:
         return len(self.pool)
 
     def run(self) -> None:
-        idle_since: float | None = None
+        idle = Idleness(self.idle_timeout)
         backoff = Backoff()
         while not self.stopping:
             if not self._gate_open():
@@ -126,16 +155,13 @@ class TakingPool:
             for job in taken.jobs:
                 self.keeper.hold(self.kind, job.id)
                 self.pool.spawn(self._handle_held, job)
+            mono = self.keeper.monotonic()
+            idle.after_take(mono, took=bool(taken.jobs), busy=bool(self.busy))
             if taken.jobs:
-                idle_since = None
                 continue
-            if self.busy:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            if self._idle_for_too_long(idle_since):
+            if idle.over(mono):
                 break
-            self._wake.wait(self._sleep_for(now, taken.next_due, idle_since))
+            self._wake.wait(idle.sleep_for(mono, now, taken.next_due))
         self.pool.join()
 
     def _gate_open(self) -> bool:
@@ -147,18 +173,6 @@ class TakingPool:
             self._wake.clear()
             if not self.stopping:
                 gevent.wait([self.gate, self._wake], count=1, timeout=MAX_WAIT)
-
-    def _idle_for_too_long(self, idle_since: float | None) -> bool:
-        return (self.idle_timeout is not None and idle_since is not None
-                and time.monotonic() - idle_since >= self.idle_timeout)
-
-    def _sleep_for(self, now: int, next_due: int | None, idle_since: float | None) -> float:
-        timeout = MAX_WAIT
-        if next_due is not None:
-            timeout = min(timeout, max(0.0, (next_due - now) / 1000))
-        if self.idle_timeout is not None and idle_since is not None:
-            timeout = min(timeout, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)))
-        return timeout
 
     def _handle_held(self, job: Job) -> None:
         try:
@@ -293,9 +307,7 @@ class AggregationPool(TakingPool):
         entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)
         if retry:
-            delay = max(attempts, 1) * self.cfg.retry_backoff
-            if err.retry_after is not None:
-                delay = max(delay, err.retry_after)
+            delay = retry_delay(attempts, self.cfg.retry_backoff, at_least=err.retry_after)
             due = now + int(delay * 1000)
             which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
