@@ -146,16 +146,18 @@ class JobStore:
         results: list[Enqueued | None] = [None] * len(items)
         pending = list(range(len(items)))
         while pending:
-            replies = self._enqueue_durably([_enqueue_call(*items[i], now) for i in pending])
+            groups = _by_aggregation(pending, items)
+            replies = self._enqueue_durably([_enqueue_call([items[i] for i in group], now) for group in groups])
             taken = []
-            for i, reply in zip(pending, replies):
-                job = items[i][0]
-                if reply == 0:
-                    log.warning("job %s: id already taken, drawing another", job.id)
-                    job.id = new_id()
-                    taken.append(i)
-                else:
-                    results[i] = enqueued_from_reply(reply, job.id)
+            for group, group_replies in zip(groups, replies):
+                for i, reply in zip(group, group_replies):
+                    job = items[i][0]
+                    if reply == 0:
+                        log.warning("job %s: id already taken, drawing another", job.id)
+                        job.id = new_id()
+                        taken.append(i)
+                    else:
+                        results[i] = enqueued_from_reply(reply, job.id)
             pending = taken
         return [r for r in results if r is not None]
 
@@ -175,7 +177,7 @@ class JobStore:
                 self._scripts["enqueue"](keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             *replies, acknowledged = pipe.execute()
-        if any(r != 0 for r in replies) and acknowledged < self.wait_replicas:
+        if any(reply == 1 for group in replies for reply in group) and acknowledged < self.wait_replicas:
             raise StoreUnavailable(
                 f"redis: job written but confirmed by {acknowledged} of {self.wait_replicas} replica(s)")
         return replies
@@ -482,15 +484,32 @@ class JobStore:
         return msg["channel"], msg["data"]
 
 
-def _enqueue_call(job: Job, idempotency: Idempotency | None, now: int) -> tuple[list[str], list[Any]]:
-    """enqueue.lua's keys and arguments for ``job``."""
-    pairs = [x for kv in job.to_hash().items() for x in kv]
-    keys = [job_key(job.id), aggr_key(job.aggr_id), queue_key(job.aggr_id), DUE_INDEX]
-    check: list[Any] = ["", ""]
-    if idempotency is not None:
-        keys.append(idempotency_key(idempotency.scope, idempotency.key))
-        check = [idempotency.fingerprint, idempotency.ttl_ms]
-    return keys, [job.id, job.aggr_id, job.aggr_limit, job.aggr_proxy, now, WAKE_AGGR, *check, *pairs]
+# Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
+ENQUEUE_CHUNK = 200
+
+
+def _by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
+    """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
+    groups: dict[str, list[int]] = {}
+    for i in indexes:
+        groups.setdefault(items[i][0].aggr_id, []).append(i)
+    return [group[start:start + ENQUEUE_CHUNK] for group in groups.values()
+            for start in range(0, len(group), ENQUEUE_CHUNK)]
+
+
+def _enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
+    """enqueue.lua's keys and arguments for jobs of one aggregation."""
+    aggr_id = group[0][0].aggr_id
+    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX]
+    ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
+    args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
+    for job, check in group:
+        # A job without a key still declares a record key of its own, never written.
+        record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
+        keys += [job_key(job.id), record]
+        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
+        args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
+    return keys, args
 
 
 def _taken(reply: list) -> Taken:
