@@ -31,9 +31,9 @@ from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend, Unknow
 from gdl.filestorage import Storages
 from gdl.job import Job
 from gdl.lease import Keeper
-from gdl.pool import TakingPool
 from gdl.stats import NotifierStats
 from gdl.store import CALLBACKS, Store, Taken, now_ms
+from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from gdl.filestorage import Storages
 from gdl.job import Job, new_id
 from gdl.lease import Keeper
 from gdl.notifier import Notifier
-from gdl.pool import MAX_WAIT, AggregationPool, Idleness
+from gdl.pool import AggregationPool
 from gdl.scanner import FAIR_SHARE_WAIT, Scanner
 from gdl.stats import NotifierStats, ProcessorStats
+from gdl.taking import MAX_WAIT, Idleness
 from tests.test_fencing import DrivenClock
 
 NOW = 1_700_000_000_000
