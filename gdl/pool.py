@@ -26,7 +26,7 @@ from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
@@ -49,7 +49,7 @@ class AggregationPool(TakingPool):
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storages: Storages, downloaders: Downloaders, stats: ProcessorStats,
+                 filestorages: FileStorages, downloaders: Downloaders, stats: ProcessorStats,
                  gate: gevent.event.Event | None, clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
@@ -57,7 +57,7 @@ class AggregationPool(TakingPool):
         self.store = store
         self.cfg = cfg.processor
         self.deletion_delay_ms = cfg.notifier.deletion_delay_ms
-        self.storages = storages
+        self.filestorages = filestorages
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
@@ -116,7 +116,7 @@ class AggregationPool(TakingPool):
             self._downloading.discard(current)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
-        storage = self.storages.for_job(job)
+        storage = self.filestorages.for_job(job)
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job)
             return
@@ -201,7 +201,7 @@ def shared_downloaders(cfg: Config) -> Downloaders:
 
     def make(proxy: str) -> Downloader:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
-                          storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
+                          scratch_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
                           guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
                           engine=cfg.http.engine)
