@@ -1,0 +1,1 @@
+"""One module per workload of bench/throughput.py: how it runs, its table, its JSON record."""
