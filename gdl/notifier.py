@@ -32,7 +32,7 @@ from gdl.filestorage import FileStorages
 from gdl.job import Job
 from gdl.lease import Keeper
 from gdl.stats import NotifierStats
-from gdl.store import CALLBACKS, Store, Taken, now_ms
+from gdl.store import CALLBACKS, CallbackOutcome, Store, Taken, now_ms
 from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,15 @@ class Notifier(TakingPool):
                  (time.monotonic() - started) * 1000)
         self.stats.incr("successful")
         entry = _log_entry("delivered", now, attempts, started, status=status)
+        outcome = CallbackOutcome(attempts, code=status)
         self.settle("delivery", job, lambda: self.store.callback_delivered(
-            job, self.keeper.owner, delete_at=delete_at, log_entry=entry, callback_attempts=attempts,
-            callback_error="", callback_code=status, callback_due_at=0, delivered_at=now))
+            job, self.keeper.owner, outcome=outcome, now=now, delete_at=delete_at, log_entry=entry))
 
     def _failed(self, job: Job, err: CallbackError, started: float) -> None:
         now = self.clock()
         attempts = job.status.callback_attempts + 1
         entry = _log_entry("retry", now, attempts, started, status=err.status, error=str(err))
+        outcome = CallbackOutcome(attempts, error=str(err), code=err.status)
         if isinstance(err, UndefinedBackend):
             self.stats.incr("undefined_backend")
         elif isinstance(err, UnknownTopic):
@@ -123,21 +124,19 @@ class Notifier(TakingPool):
             self.stats.incr("retried")
             entry["next_at"] = due
             self.settle("callback retry", job, lambda: self.store.retry_callback_later(
-                job, self.keeper.owner, due=due, log_entry=entry, callback_attempts=attempts,
-                callback_error=str(err), callback_code=err.status, callback_due_at=due))
+                job, self.keeper.owner, due=due, log_entry=entry, outcome=outcome))
             return
         log.warning("job %s: callback failed after %d attempt(s): %s", job.id, attempts, err)
         self.stats.incr("failed")
         entry["outcome"] = "failed"
         self.settle("callback failure", job, lambda: self.store.callback_failed(
-            job, self.keeper.owner, now=now, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
-            callback_code=err.status, callback_due_at=0))
+            job, self.keeper.owner, outcome=outcome, now=now, log_entry=entry))
 
     def _put_back(self, job: Job) -> None:
         now = self.clock()
         log.info("job %s: callback interrupted, put back", job.id)
         try:
-            self.store.retry_callback_later(job, self.keeper.owner, due=now, log_entry=None, callback_due_at=now)
+            self.store.retry_callback_later(job, self.keeper.owner, due=now, log_entry=None)
         except StoreUnavailable as exc:
             log.warning("job %s: callback left to the sweep, redis unavailable: %s", job.id, exc)
 

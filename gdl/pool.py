@@ -31,7 +31,7 @@ from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, Store, Taken
+from gdl.store import DOWNLOADS, DownloadOutcome, Store, Taken
 from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
@@ -134,40 +134,39 @@ class AggregationPool(TakingPool):
         self.stats.download_finished("succeeded", fetched.response_code, fetched.size, time.monotonic() - started)
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
+        outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
+                                  image_size=fetched.image_size, mime=fetched.mime)
         self.settle("success", job, lambda: self.store.finish_download(
-            job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-            state=JobState.SUCCEEDED, attempts=attempts, error="",
-            response_code=fetched.response_code, bytes=fetched.size, image_size=fetched.image_size,
-            mime=fetched.mime, finished_at=now))
+            job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
+            forget_at=self._forget_at(now), log_entry=entry))
 
     def _failed(self, job: Job, err: DownloadError, started: float) -> None:
         now = self.clock()
         attempts = job.status.attempts + (0 if err.internal else 1)
         max_retries = job.max_retries if job.max_retries is not None else self.cfg.max_retries
         retry = err.retriable and (err.internal or attempts <= max_retries)
-        outcome = "retry" if retry else "failed"
+        result = "retry" if retry else "failed"
         if err.internal:  # our disk or our storage: someone should look
             self.log.warning("job %s: internal error: %s", job.id, err)
             sentry.report(err, component="processor", aggr_id=self.aggr_id, job_id=job.id)
-        self.stats.download_finished(outcome, err.response_code, 0, time.monotonic() - started)
-        self.stats.download_failed(job, err, outcome, now)
-        entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
+        self.stats.download_finished(result, err.response_code, 0, time.monotonic() - started)
+        self.stats.download_failed(job, err, result, now)
+        entry = _log_entry(result, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)
+        outcome = DownloadOutcome(attempts, error=str(err), response_code=err.response_code)
         if retry:
             delay = retry_delay(attempts, self.cfg.retry_backoff, at_least=err.retry_after)
             due = now + int(delay * 1000)
             which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
             self.settle("retry", job, lambda: self.store.retry_download(
-                job, self.keeper.owner, due=due, now=now, log_entry=entry, attempts=attempts, error=str(err),
-                response_code=err.response_code))
+                job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=outcome))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             self.settle("failure", job, lambda: self.store.finish_download(
-                job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-                state=JobState.FAILED, attempts=attempts,
-                error=str(err), response_code=err.response_code, finished_at=now))
+                job, self.keeper.owner, state=JobState.FAILED, outcome=outcome, now=now,
+                forget_at=self._forget_at(now), log_entry=entry))
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""

@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from gdl import store as keys
-from gdl.job import Job, new_id
-from gdl.store import Store, now_ms
+from gdl.job import Job, JobState, new_id
+from gdl.store import CallbackOutcome, DownloadOutcome, Store, now_ms
 from tests.conftest import config_file, free_port, make_config, wait_until
 from tests.httpserver import LoopbackServer
 from tests.samples import take_holding_lease
@@ -253,12 +253,12 @@ def plant_failed_callback(store: Store, aggr: str, callback: str, error: str = "
     job = store.enqueue(Job(id=new_id(), url="http://example.com/a", aggr_id=aggr, aggr_limit=5,
                             callback_type="http", callback_dst=callback), now=now_ms())
     [held] = take_holding_lease(store, aggr, "planter", now=now_ms(), count=1, deadline=now_ms() + 60_000).jobs
-    assert store.finish_download(held, "planter", now=now_ms(), forget_at=now_ms() + 60_000, log_entry={},
-                                 state="succeeded")
+    assert store.finish_download(held, "planter", state=JobState.SUCCEEDED, outcome=DownloadOutcome(1), now=now_ms(),
+                                 forget_at=now_ms() + 60_000, log_entry={})
     taken = store.take_callbacks("planter", now=now_ms(), count=100, deadline=now_ms() + 60_000).jobs
     [cb] = [j for j in taken if j.id == job.id]
-    assert store.callback_failed(cb, "planter", now=now_ms(), log_entry={}, callback_attempts=3,
-                                 callback_error=error, callback_code=500)
+    assert store.callback_failed(cb, "planter", outcome=CallbackOutcome(3, error=error, code=500), now=now_ms(),
+                                 log_entry={})
     return job.id
 
 

@@ -9,8 +9,8 @@ import redis.exceptions
 
 from gdl import store as keys
 from gdl.errors import StoreUnavailable
-from gdl.job import Job, new_id
-from gdl.store import CALLBACKS, DOWNLOADS, Claim, ClaimOutcome, Settled
+from gdl.job import Job, JobState, new_id
+from gdl.store import CALLBACKS, DOWNLOADS, CallbackOutcome, Claim, ClaimOutcome, DownloadOutcome, Settled
 from tests.conftest import free_port
 from tests.samples import take_holding_lease
 
@@ -79,7 +79,7 @@ def test_finish_queues_the_callback_in_one_step(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
     assert store.finish_download(held, OWNER, now=NOW + 7, forget_at=LATER, log_entry={"outcome": "succeeded"},
-                                 state="succeeded", attempts=1, bytes=10)
+                                 state=JobState.SUCCEEDED, outcome=DownloadOutcome(1, bytes=10))
     record = store.get_job(job.id)
     assert (record.status.state, record.status.callback_state, record.status.bytes) == ("succeeded", "queued", 10)
     assert store.redis.zscore(keys.CALLBACK_QUEUE, job.id) == NOW + 7
@@ -91,7 +91,8 @@ def test_finish_queues_the_callback_in_one_step(store):
 def test_finish_without_callback_needs_no_notifier(store):
     job = store.enqueue(make_job(callback_type="", callback_dst="", s3_bucket="b", s3_region="eu-west-1"), now=NOW)
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
-    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={},
+                          state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     assert store.get_job(job.id).status.callback_state == "none"
     assert store.redis.zcard(keys.CALLBACK_QUEUE) == 0
     assert store.redis.zscore(keys.DELETIONS, job.id) == LATER
@@ -103,10 +104,11 @@ def test_settle_refuses_a_job_that_is_no_longer_ours(store):
     assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
     [again] = take_holding_lease(store, "shop", OTHER, now=NOW + 102, count=1, deadline=NOW + 5000).jobs
     assert store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={},
-                                 state="succeeded") is Settled.LEASE_LOST
+                                 state=JobState.SUCCEEDED, outcome=DownloadOutcome(1)) is Settled.LEASE_LOST
     assert store.get_job(job.id).status.state == "in_flight"
     assert store.redis.hget(keys.job_key(job.id), "owner") == OTHER
-    assert store.finish_download(again, OTHER, now=NOW + 104, forget_at=LATER, log_entry={}, state="failed")
+    assert store.finish_download(again, OTHER, now=NOW + 104, forget_at=LATER, log_entry={},
+                                 state=JobState.FAILED, outcome=DownloadOutcome(1))
 
 
 def test_retry_reschedules_and_lowers_the_index(store):
@@ -114,7 +116,8 @@ def test_retry_reschedules_and_lowers_the_index(store):
     store.enqueue(make_job(), now=NOW + 10_000)
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     assert store.redis.zscore(keys.DUE_INDEX, "shop") == NOW + 10_000
-    store.retry_download(held, OWNER, due=NOW + 2000, now=NOW, log_entry=None, attempts=1, error="boom")
+    store.retry_download(held, OWNER, due=NOW + 2000, now=NOW, log_entry=None,
+                         outcome=DownloadOutcome(1, error="boom"))
     record = store.get_job(job.id)
     assert (record.status.state, record.status.attempts, record.status.error) == ("queued", 1, "boom")
     assert store.redis.zscore(keys.queue_key("shop"), job.id) == NOW + 2000
@@ -126,7 +129,7 @@ def test_settle_refuses_a_job_swept_back_to_the_same_lease_holder(store):
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
     assert store.sweep(DOWNLOADS, now=NOW + 101) == [job.id]
     assert store.finish_download(held, OWNER, now=NOW + 103, forget_at=LATER, log_entry={},
-                                 state="succeeded") is Settled.NOT_OURS
+                                 state=JobState.SUCCEEDED, outcome=DownloadOutcome(1)) is Settled.NOT_OURS
     assert store.get_job(job.id).status.state == "queued"
 
 
@@ -252,7 +255,8 @@ def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store)
     job = store.enqueue(make_job(), now=NOW)
     assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 3, "")
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
-    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={},
+                          state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     assert not store.release("shop", OTHER)
     assert store.redis.exists(keys.aggr_key("shop")) == 1  # not the holder: nothing touched
     assert store.release("shop", OWNER)
@@ -265,11 +269,12 @@ def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store)
 def test_callback_cycle_delivered_then_forgotten(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={},
+                          state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
     assert cb.status.callback_state == "in_flight"
-    assert store.callback_delivered(cb, OWNER, delete_at=NOW + 60_000, log_entry={"outcome": "delivered"},
-                                    callback_attempts=1)
+    assert store.callback_delivered(cb, OWNER, outcome=CallbackOutcome(1, code=200), now=NOW, delete_at=NOW + 60_000,
+                                    log_entry={"outcome": "delivered"})
     assert store.get_job(job.id).status.callback_state == "delivered"
     assert store.due_deletions(now=NOW + 59_999) == []
     assert store.due_deletions(now=NOW + 60_000) == [job.id]
@@ -282,11 +287,12 @@ def test_failed_callback_can_be_retried_once_failed(store):
     job = store.enqueue(make_job(), now=NOW)
     assert store.retry_failed_callback(job.id, now=NOW) == -1  # no callback_state field yet: not failed
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={},
+                          state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     assert store.retry_failed_callback(job.id, now=NOW) == -1
     assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
-    store.callback_failed(cb, OWNER, now=NOW + 1, log_entry={}, callback_attempts=3, callback_error="500")
+    store.callback_failed(cb, OWNER, outcome=CallbackOutcome(3, error="500"), now=NOW + 1, log_entry={})
     assert store.redis.zscore(keys.FAILED_CALLBACKS, job.id) == NOW + 1
     assert store.retry_failed_callback(job.id, now=NOW + 5) == 1
     record = store.get_job(job.id)
@@ -297,7 +303,8 @@ def test_failed_callback_can_be_retried_once_failed(store):
 def test_callback_sweep(store):
     job = store.enqueue(make_job(), now=NOW)
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 100).jobs
-    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
+    store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={},
+                          state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100)
     assert store.sweep(CALLBACKS, now=NOW + 100) == [job.id]
     assert store.get_job(job.id).status.callback_state == "queued"
@@ -374,7 +381,7 @@ def test_finished_downloads_wake_the_notifier_once_per_idle_callback_queue(store
     def finish_all():
         for job in taken:
             assert store.finish_download(job, OWNER, now=NOW, forget_at=LATER, log_entry={"outcome": "ok"},
-                                         state="succeeded", attempts=1)
+                                         state=JobState.SUCCEEDED, outcome=DownloadOutcome(1))
     assert _published(store, finish_all) == [(keys.WAKE_CALLBACKS, taken[0].id)]
     assert store.redis.zcard(keys.CALLBACK_QUEUE) == 3
 

@@ -63,8 +63,10 @@ from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
 from gdl.store.operator import OperatorView
 from gdl.store.results import (
+    CallbackOutcome,
     Claim,
     ClaimOutcome,
+    DownloadOutcome,
     Enqueued,
     EnqueueOutcome,
     Idempotency,
@@ -78,5 +80,5 @@ class Store(OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["Claim", "ClaimOutcome", "Enqueued", "EnqueueOutcome", "Idempotency", "Health", "JobStore", "Renewal",
-           "Settled", "Store", "Taken", "now_ms", *_layout_names]
+__all__ = ["CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued", "EnqueueOutcome",
+           "Idempotency", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms", *_layout_names]

@@ -49,7 +49,9 @@ from gdl.store.layout import (
 )
 from gdl.store.results import (
     _SETTLED,
+    CallbackOutcome,
     Claim,
+    DownloadOutcome,
     Enqueued,
     Idempotency,
     Renewal,
@@ -316,11 +318,13 @@ class JobStore:
         return self._take(keys, [now, count, deadline, owner, "state", JobState.IN_FLIGHT, aggr_id, lease_ttl_ms])
 
     @_translated
-    def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
-                        **status: Any) -> Settled:
-        """Record a final download outcome and queue the callback; a job with no
-        callback (its own S3 bucket) goes straight to the deletion queue, due at
-        ``forget_at``, so that its record does not outlive its usefulness."""
+    def finish_download(self, job: Job, owner: str, *, state: JobState, outcome: DownloadOutcome, now: int,
+                        forget_at: int, log_entry: dict) -> Settled:
+        """Record a final download outcome (``state`` succeeded or failed, as of
+        ``now``) and queue the callback; a job with no callback (its own S3 bucket)
+        goes straight to the deletion queue, due at ``forget_at``, so that its
+        record does not outlive its usefulness."""
+        status: dict[str, Any] = {**outcome.fields(), "state": state, "finished_at": now}
         if job.wants_callback:
             status["callback_state"] = CallbackState.QUEUED
             return self._settle(job, owner, DOWNLOADS, log_entry, status,
@@ -330,13 +334,14 @@ class JobStore:
 
     @_translated
     def retry_download(self, job: Job, owner: str, *, due: int, now: int, log_entry: dict | None,
-                       **status: Any) -> Settled:
-        """Send an in-flight download back to its queue, due at ``due``.
+                       outcome: DownloadOutcome | None = None) -> Settled:
+        """Send an in-flight download back to its queue, due at ``due``, with the
+        attempt's ``outcome`` (none: interrupted, nothing to record).
 
         Only work due now wakes the scanners; later work is found by the
         scanner's timed wait on the due index.
         """
-        status["state"] = JobState.QUEUED
+        status: dict[str, Any] = {**(outcome.fields() if outcome else {}), "state": JobState.QUEUED}
         wake = (WAKE_AGGR, job.aggr_id) if due <= now else None
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=queue_key(job.aggr_id),
                             score=due, due_index=True, wake=wake)
@@ -378,20 +383,27 @@ class JobStore:
         return _taken(reply)
 
     @_translated
-    def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> Settled:
-        status["callback_state"] = CallbackState.DELIVERED
+    def callback_delivered(self, job: Job, owner: str, *, outcome: CallbackOutcome, now: int, delete_at: int,
+                           log_entry: dict) -> Settled:
+        """Mark the callback delivered at ``now`` and schedule the job's deletion at ``delete_at``."""
+        status = {**outcome.fields(), "callback_state": CallbackState.DELIVERED, "callback_due_at": 0,
+                  "delivered_at": now}
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
 
     @_translated
-    def callback_failed(self, job: Job, owner: str, *, now: int, log_entry: dict, **status: Any) -> Settled:
+    def callback_failed(self, job: Job, owner: str, *, outcome: CallbackOutcome, now: int,
+                        log_entry: dict) -> Settled:
         """Mark the callback failed and list it in ``callbacks:failed`` (the retry list), as of ``now``."""
-        status["callback_state"] = CallbackState.FAILED
+        status = {**outcome.fields(), "callback_state": CallbackState.FAILED, "callback_due_at": 0}
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=now)
 
     @_translated
     def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
-                             **status: Any) -> Settled:
-        status["callback_state"] = CallbackState.QUEUED
+                             outcome: CallbackOutcome | None = None) -> Settled:
+        """Queue the callback again, due at ``due``, with the attempt's ``outcome``
+        (none: interrupted, nothing to record)."""
+        status = {**(outcome.fields() if outcome else {}), "callback_state": CallbackState.QUEUED,
+                  "callback_due_at": due}
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=CALLBACK_QUEUE,
                             score=due, wake=(WAKE_CALLBACKS, job.id))
 

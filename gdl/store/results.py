@@ -5,8 +5,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from gdl.job import Job
+
+
+@dataclass(frozen=True)
+class DownloadOutcome:
+    """What a download attempt writes on its job, however it ended."""
+
+    attempts: int  # attempts counted so far, this one included (an internal error counts none)
+    error: str = ""
+    response_code: int = 0
+    bytes: int = 0
+    image_size: str = ""
+    mime: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "error": self.error, "response_code": self.response_code,
+                "bytes": self.bytes, "image_size": self.image_size, "mime": self.mime}
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    """What a callback attempt writes on its job, however it ended."""
+
+    attempts: int
+    error: str = ""
+    code: int = 0  # the destination's answer (HTTP status; 0 for Kafka or no answer)
+
+    def fields(self) -> dict[str, Any]:
+        return {"callback_attempts": self.attempts, "callback_error": self.error, "callback_code": self.code}
 
 
 @dataclass(frozen=True)
