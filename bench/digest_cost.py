@@ -51,9 +51,9 @@ WSGIServer(("127.0.0.1", int(sys.argv[1])), app, log=None).serve_forever()
 """
 
 
-def download_cpu(url: str, jobs: int, engine: str, storage_dir: str) -> float:
+def download_cpu(url: str, jobs: int, engine: str, scratch_dir: str) -> float:
     """CPU seconds of ``jobs`` fetches, one after another on one kept-alive connection."""
-    downloader = Downloader(proxy="", default_headers={}, storage_dir=storage_dir, chunk_size=CHUNK_SIZE,
+    downloader = Downloader(proxy="", default_headers={}, scratch_dir=scratch_dir, chunk_size=CHUNK_SIZE,
                             engine=engine)
     job = Job(id="benchDigest000", url=url, aggr_id="bench", aggr_limit=1)
     try:
@@ -95,8 +95,8 @@ def main() -> int:
 
     try:
         wait_for("the file server", up)
-        with tempfile.TemporaryDirectory() as storage_dir:
-            download = download_cpu(url, args.jobs, args.engine, storage_dir)
+        with tempfile.TemporaryDirectory() as scratch_dir:
+            download = download_cpu(url, args.jobs, args.engine, scratch_dir)
         digest = digest_cpu(args.jobs)
     finally:
         server.terminate()

@@ -32,7 +32,7 @@ def payload(job: Job, *, download_url: str) -> dict[str, Any]:
     """The callback body of a finished job.
 
     ``download_url`` is where the stored file is (the job's storage decides:
-    :meth:`gdl.filestorage.Storages.url_for`); a failed download has none.
+    :meth:`gdl.filestorage.FileStorages.url_for`); a failed download has none.
     """
     success = job.succeeded
     return {

@@ -65,6 +65,8 @@ class ApiConfig:
     port: int = _key(8000, "port the HTTP API listens on", min=0, max=65535)
     heartbeat_path: str = _key("var/disable-api", "while this file exists GET /hb answers 503")
     max_body_bytes: int = _key(1 << 20, "largest accepted request body; larger is 413", min=1)
+    batch_max_jobs: int = _key(1000, "most jobs in one POST /download/batch; more is 413", min=1, max=100_000)
+    idempotency_ttl: float = _key(86400.0, "seconds an Idempotency-Key is remembered", min=1)
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ from gdl.backends import Backend
 from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend, UnknownTopic
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job
 from gdl.lease import Keeper
-from gdl.pool import TakingPool
 from gdl.stats import NotifierStats
 from gdl.store import CALLBACKS, Store, Taken, now_ms
+from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,11 @@ class Notifier(TakingPool):
     kind = CALLBACKS
 
     def __init__(self, store: Store, cfg: Config, keeper: Keeper, backends: dict[str, Backend], *,
-                 stats: NotifierStats, storages: Storages | None = None, clock: Callable[[], int] = now_ms):
+                 stats: NotifierStats, filestorages: FileStorages | None = None, clock: Callable[[], int] = now_ms):
         super().__init__(size=cfg.notifier.concurrency, keeper=keeper, clock=clock, logger=log)
         self.store = store
         self.cfg = cfg.notifier
-        self.storages = storages or Storages.from_config(cfg)  # the stored files' URLs
+        self.filestorages = filestorages or FileStorages.from_config(cfg)  # the stored files' URLs
         self.sweep_interval = cfg.processor.scan_interval
         self.backends = backends
         self.stats = stats
@@ -94,7 +94,7 @@ class Notifier(TakingPool):
         backend = self.backends.get(job.callback_type)
         if backend is None:
             raise UndefinedBackend(job.callback_type)
-        url = self.storages.url_for(job) if job.succeeded else ""
+        url = self.filestorages.url_for(job) if job.succeeded else ""
         # Serialised once for this attempt: the bytes signed are the bytes sent.
         body = callback.encode(callback.payload(job, download_url=url))
         return backend.notify(job.callback_dst, body, self.signer.headers(job.id, body, now_ms=self.clock()))

@@ -1,10 +1,5 @@
-"""Pools: a gevent ``Pool`` fed from a Redis queue, one per aggregation.
-
-:class:`TakingPool` is the loop shared by the processor's aggregation pools
-and the notifier: wait for a free slot, take at most that many due jobs into
-the in-flight set (one script, so Redis always knows who holds what), spawn
-one greenlet per job, and sleep on a wake event until the next job is due.
-It never runs more greenlets than its size.
+"""Aggregation pools: one per aggregation, fed from its Redis queue by the
+taking loop of :mod:`gdl.taking`.
 
 :class:`AggregationPool` is one aggregation: its size is the aggregation's
 ``aggr_limit``, it owns the aggregation's lease (claimed by the scanner),
@@ -27,21 +22,19 @@ import gevent.event
 import gevent.pool
 
 from gdl import sentry
-from gdl.backoff import Backoff, retry_delay
+from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Attempt, Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, Settled, Store, Taken
+from gdl.store import DOWNLOADS, Store, Taken
+from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
-
-MAX_WAIT = 5.0  # longest sleep between looks at the queue when nothing wakes us
-
 
 class AggrLog(logging.LoggerAdapter):
     """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
@@ -50,159 +43,13 @@ class AggrLog(logging.LoggerAdapter):
         return f"aggr {(self.extra or {})['aggr_id']}: {msg}", kwargs
 
 
-class Idleness:
-    """A pool's decisions when a take brought nothing: how long to sleep, and
-    whether it has been idle long enough to end. A function of the times it is
-    given (``mono``: monotonic seconds; ``now`` and due times: the store's
-    milliseconds), so that tests drive it without sleeping."""
-
-    def __init__(self, timeout: float | None) -> None:
-        self.timeout = timeout  # None: never ends for idleness (the notifier)
-        self.since: float | None = None  # when the pool last had nothing to do, nothing running
-
-    def after_take(self, mono: float, *, took: bool, busy: bool) -> None:
-        if took or busy:
-            self.since = None
-        elif self.since is None:
-            self.since = mono
-
-    def over(self, mono: float) -> bool:
-        return self.timeout is not None and self.since is not None and mono - self.since >= self.timeout
-
-    def sleep_for(self, mono: float, now: int, next_due: int | None) -> float:
-        """Until the next job is due, the idle timeout runs out, or ``MAX_WAIT``, whichever is first."""
-        sleep = MAX_WAIT
-        if next_due is not None:
-            sleep = min(sleep, max(0.0, (next_due - now) / 1000))
-        if self.timeout is not None and self.since is not None:
-            sleep = min(sleep, max(0.0, self.timeout - (mono - self.since)))
-        return sleep
-
-
-class TakingPool:
-    """Feeds a ``gevent.pool.Pool`` of ``size`` from an in-flight-taking script."""
-
-    kind = DOWNLOADS
-
-    def __init__(self, *, size: int, keeper: Keeper, clock: Callable[[], int],
-                 idle_timeout: float | None = None, gate: gevent.event.Event | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter = log):
-        self.pool = gevent.pool.Pool(size)
-        self.size = size
-        self.keeper = keeper
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.gate = gate
-        self.log = logger
-        self._wake = gevent.event.Event()
-        self.stopping = False
-
-    # The two operations a concrete pool supplies.
-    def take(self, now: int, count: int) -> Taken:
-        raise NotImplementedError
-
-    def handle(self, job: Job) -> None:
-        raise NotImplementedError
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop taking work; greenlets in flight carry on (see :meth:`interrupt`)."""
-        self.stopping = True
-        self._wake.set()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the greenlets in flight to finish; True when none is left."""
-        return self.pool.join(timeout=timeout)
-
-    def interrupt(self, timeout: float) -> None:
-        """Kill greenlets in flight: each puts its job back as it dies."""
-        self.pool.kill(block=True, timeout=timeout)
-
-    @property
-    def busy(self) -> int:
-        return len(self.pool)
-
-    def run(self) -> None:
-        idle = Idleness(self.idle_timeout)
-        backoff = Backoff()
-        while not self.stopping:
-            if not self._gate_open():
-                self._wait_for_gate()
-                continue
-            self.pool.wait_available()
-            # A pause (disk, shutdown, a lost lease) may have begun while we
-            # waited for a slot: it holds at the moment of taking.
-            if self.stopping or not self._gate_open():
-                continue
-            now = self.clock()
-            self._wake.clear()  # before taking, so a wake during the take is not lost
-            try:
-                taken = self.take(now, self.pool.free_count())
-            except StoreUnavailable:  # logged once per outage by the store
-                self._wake.wait(backoff.next())
-                continue
-            backoff.reset()
-            if taken.lease_lost:
-                self.log.warning("lease no longer held by this process: taking nothing more")
-                self.stopping = True
-                break
-            if taken.limit is not None and taken.limit != self.size:
-                self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
-                              self.size, taken.limit)
-                self.stopping = True
-            for job in taken.jobs:
-                self.keeper.hold(self.kind, job.id)
-                self.pool.spawn(self._handle_held, job)
-            mono = self.keeper.monotonic()
-            idle.after_take(mono, took=bool(taken.jobs), busy=bool(self.busy))
-            if taken.jobs:
-                continue
-            if idle.over(mono):
-                break
-            self._wake.wait(idle.sleep_for(mono, now, taken.next_due))
-        self.pool.join()
-
-    def _gate_open(self) -> bool:
-        return self.gate is None or self.gate.is_set()
-
-    def _wait_for_gate(self) -> None:
-        """Until the gate opens or :meth:`stop` (which sets the wake event) is called."""
-        if self.gate is not None:
-            self._wake.clear()
-            if not self.stopping:
-                gevent.wait([self.gate, self._wake], count=1, timeout=MAX_WAIT)
-
-    def _handle_held(self, job: Job) -> None:
-        try:
-            self.handle(job)
-        finally:
-            self.keeper.drop(self.kind, job.id)
-
-    def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
-        """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
-        backoff = Backoff()
-        while True:
-            try:
-                settled = write()
-                if not settled:
-                    self.log.warning("job %s: %s not recorded, %s", job.id, what, settled.value)
-                return
-            except StoreUnavailable:
-                if self.stopping:
-                    self.log.warning("job %s: %s left to the sweep, redis unavailable", job.id, what)
-                    return
-                gevent.sleep(backoff.next())
-
-
 class AggregationPool(TakingPool):
     """One aggregation's downloads, at most ``aggr_limit`` at once."""
 
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storages: Storages, downloaders: Downloaders, stats: ProcessorStats,
+                 filestorages: FileStorages, downloaders: Downloaders, stats: ProcessorStats,
                  gate: gevent.event.Event | None, clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
@@ -210,7 +57,7 @@ class AggregationPool(TakingPool):
         self.store = store
         self.cfg = cfg.processor
         self.deletion_delay_ms = cfg.notifier.deletion_delay_ms
-        self.storages = storages
+        self.filestorages = filestorages
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
@@ -273,7 +120,7 @@ class AggregationPool(TakingPool):
             self._downloading.discard(current)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
-        storage = self.storages.for_job(job)
+        storage = self.filestorages.for_job(job)
         sha256 = fetched.attempt.sha256
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job, sha256=sha256)
@@ -360,7 +207,7 @@ def shared_downloaders(cfg: Config) -> Downloaders:
 
     def make(proxy: str) -> Downloader:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
-                          storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
+                          scratch_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
                           guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
                           engine=cfg.http.engine)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from gdl.config import Config
 from gdl.diskcheck import DiskChecker
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.lease import Keeper
 from gdl.reaper import Reaper
 from gdl.scanner import Scanner
@@ -27,14 +27,14 @@ Spawn = Callable[[str, Callable[[], None]], None]
 
 
 class Processor:
-    def __init__(self, store: Store, cfg: Config, keeper: Keeper, storages: Storages, *,
+    def __init__(self, store: Store, cfg: Config, keeper: Keeper, filestorages: FileStorages, *,
                  clock: Callable[[], int]):
         self.stats = ProcessorStats()
         self.disk = DiskChecker(cfg.processor.storage_dir, high=cfg.processor.disk.high,
                                 low=cfg.processor.disk.low, interval=cfg.processor.disk.interval, stats=self.stats)
-        self.scanner = Scanner(store, cfg, keeper, storages=storages, stats=self.stats, healthy=self.disk.healthy,
-                               clock=clock)
-        self.reaper = Reaper(store, storages, self.stats, interval=REAPER_INTERVAL, clock=clock)
+        self.scanner = Scanner(store, cfg, keeper, filestorages=filestorages, stats=self.stats,
+                               healthy=self.disk.healthy, clock=clock)
+        self.reaper = Reaper(store, filestorages, self.stats, interval=REAPER_INTERVAL, clock=clock)
 
     @property
     def helpers(self) -> list:

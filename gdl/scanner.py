@@ -38,7 +38,7 @@ import gevent.pool
 
 from gdl.config import Config
 from gdl.errors import StoreUnavailable
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.lease import Keeper
 from gdl.pool import AggregationPool, shared_downloaders
 from gdl.stats import ProcessorStats
@@ -55,13 +55,13 @@ REGISTRATION_SCANS = 3
 
 
 class Scanner:
-    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, storages: Storages,
+    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, filestorages: FileStorages,
                  stats: ProcessorStats, healthy: gevent.event.Event, clock: Callable[[], int] = now_ms,
                  pool_class: type[AggregationPool] = AggregationPool):
         self.store = store
         self.cfg = cfg
         self.keeper = keeper
-        self.storages = storages
+        self.filestorages = filestorages
         self.downloaders = shared_downloaders(cfg)
         self.stats = stats
         self.healthy = healthy
@@ -189,7 +189,7 @@ class Scanner:
             return
         limit, proxy = claimed.limit, claimed.proxy
         pool = self.pool_class(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
-                               storages=self.storages, downloaders=self.downloaders, stats=self.stats,
+                               filestorages=self.filestorages, downloaders=self.downloaders, stats=self.stats,
                                gate=self.healthy, clock=self.clock)
         self.keeper.hold_lease(aggr_id, sent)
         self.pools[aggr_id] = pool

@@ -33,7 +33,7 @@ from gdl.backends import from_config as backends_from_config
 from gdl.config import Config
 from gdl.diskio import check_writable
 from gdl.errors import StartupError, StoreUnavailable
-from gdl.filestorage import FileStorage, Storages
+from gdl.filestorage import FileStorage, FileStorages
 from gdl.lease import Keeper
 from gdl.notifier import Notifier
 from gdl.processor import Processor
@@ -99,15 +99,15 @@ class Service:
             self._start_api(storage.default)
         log.info("gdl %s: started %s as %s (config %s)", __version__, ", ".join(self.roles), self.token, cfg.source)
 
-    def _storage(self) -> Storages:
+    def _storage(self) -> FileStorages:
         if "processor" in self.roles:
             check_writable("processor.storage_dir", self.cfg.processor.storage_dir)
         if self.cfg.processor.filestorage.get("type") == "filesystem" and {"processor", "api"} & set(self.roles):
             check_writable("processor.filestorage.rootdir", self.cfg.processor.filestorage["rootdir"])
-        storages = Storages.from_config(self.cfg)
+        filestorages = FileStorages.from_config(self.cfg)
         if "processor" in self.roles:
-            storages.default.check()
-        return storages
+            filestorages.default.check()
+        return filestorages
 
     def _connect(self) -> Store:
         rcfg = self.cfg.redis
@@ -143,9 +143,9 @@ class Service:
         if renamed:
             log.info("redis: %d key(s) of the earlier layout renamed with the {gdl} hash tag", renamed)
 
-    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
+    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, filestorages: FileStorages) -> Stats:
         assert self.store is not None
-        self.processor = Processor(self.store, self.cfg, keeper, storages, clock=self.clock)
+        self.processor = Processor(self.store, self.cfg, keeper, filestorages, clock=self.clock)
         self.helpers += self.processor.helpers
         self.processor.start(wakeup, self._spawn)
         return self.processor.stats
@@ -154,11 +154,11 @@ class Service:
     def scanner(self) -> Scanner | None:
         return self.processor.scanner if self.processor else None
 
-    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
+    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup, filestorages: FileStorages) -> Stats:
         assert self.store is not None
         stats = NotifierStats()
         self.notifier = Notifier(self.store, self.cfg, keeper, backends_from_config(self.cfg), stats=stats,
-                                 storages=storages, clock=self.clock)
+                                 filestorages=filestorages, clock=self.clock)
         wakeup.on(WAKE_CALLBACKS, self.notifier.on_wake)
         self._spawn("notifier", self.notifier.run)
         return stats

@@ -14,13 +14,14 @@ import pytest
 from gdl import store as keys
 from gdl.backends import from_config as backends_from_config
 from gdl.backoff import retry_delay
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job, new_id
 from gdl.lease import Keeper
 from gdl.notifier import Notifier
-from gdl.pool import MAX_WAIT, AggregationPool, Idleness
+from gdl.pool import AggregationPool
 from gdl.scanner import FAIR_SHARE_WAIT, Scanner
 from gdl.stats import NotifierStats, ProcessorStats
+from gdl.taking import MAX_WAIT, Idleness
 from tests.test_fencing import DrivenClock
 
 NOW = 1_700_000_000_000
@@ -65,7 +66,7 @@ def test_a_failed_callback_is_due_again_after_attempt_times_the_backoff(make_cfg
     keeper = Keeper(store, "notifier-1", cfg.processor.lease_ttl, clock=lambda: int(clock()),
                     monotonic=lambda: 0.0)
     notifier = Notifier(store, cfg, keeper, backends_from_config(cfg), stats=NotifierStats(),
-                        storages=Storages.from_config(cfg), clock=lambda: int(clock()))
+                        filestorages=FileStorages.from_config(cfg), clock=lambda: int(clock()))
     for backend in notifier.backends.values():
         backend.start()
     job = store.enqueue(Job(id=new_id(), url="http://example.com/a", aggr_id="r", aggr_limit=1,
@@ -102,7 +103,7 @@ def test_three_processors_share_new_aggregations_by_their_slots(make_cfg, store)
     healthy = gevent.event.Event()
     healthy.set()
     scanners = {name: Scanner(store, cfg, Keeper(store, name, cfg.processor.lease_ttl, monotonic=mono),
-                              storages=Storages.from_config(cfg), stats=ProcessorStats(), healthy=healthy,
+                              filestorages=FileStorages.from_config(cfg), stats=ProcessorStats(), healthy=healthy,
                               clock=lambda: NOW, pool_class=InertPool)
                 for name in ("A", "B", "C")}
     try:

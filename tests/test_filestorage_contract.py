@@ -2,7 +2,7 @@
 
 Each test runs once per implementation (ids ``filesystem`` and ``s3``), both
 built as gdl builds them, from ``processor.filestorage`` in a YAML config,
-and both used through the public interface only (:class:`Storages` and
+and both used through the public interface only (:class:`FileStorages` and
 :class:`FileStorage`): the filesystem storage on a temporary directory,
 served by gdl's API at ``processor.download_url``; the S3 storage on moto's
 S3 server, its objects served by moto. A file is read back the way a client
@@ -54,7 +54,7 @@ import yaml
 from gdl import config
 from gdl.api import API, make_server
 from gdl.errors import StartupError, StorageError
-from gdl.filestorage import FileStorage, Storages, path_for_id
+from gdl.filestorage import FileStorage, FileStorages, path_for_id
 from gdl.job import Job
 from tests.brokers import REGION
 
@@ -82,8 +82,8 @@ def load_config(directory: Path, filestorage: dict[str, Any], download_url: str 
 class Place:
     """One implementation, configured as in production, and its broken twin."""
 
-    storages: Storages
-    broken: Storages  # the same implementation on a destination that cannot work
+    storages: FileStorages
+    broken: FileStorages  # the same implementation on a destination that cannot work
     broken_place: str  # how errors about ``broken`` name its destination
     temp_dir: Path
 
@@ -115,11 +115,11 @@ def filesystem_place(tmp_path: Path, request: pytest.FixtureRequest) -> Place:
     request.addfinalizer(lambda: server.stop(timeout=1))
     download_url = f"http://127.0.0.1:{server.server_port}/files"
     cfg = load_config(tmp_path, {"type": "filesystem", "rootdir": str(rootdir)}, download_url)
-    storages = Storages.from_config(cfg)
+    storages = FileStorages.from_config(cfg)
     app = API(cfg, store, storages.default)
     blocker = tmp_path / "not-a-directory"
     blocker.write_bytes(b"")
-    broken = Storages.from_config(load_config(tmp_path, {"type": "filesystem", "rootdir": str(blocker)}))
+    broken = FileStorages.from_config(load_config(tmp_path, {"type": "filesystem", "rootdir": str(blocker)}))
     return Place(storages, broken, str(blocker), Path(cfg.processor.storage_dir))
 
 
@@ -131,8 +131,8 @@ def s3_place(tmp_path: Path, request: pytest.FixtureRequest) -> Place:
     client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/*"}]}))
     ours = {"type": "s3", "bucket": BUCKET, "region": REGION, "endpoint_url": s3.url}
-    storages = Storages.from_config(load_config(tmp_path, ours))
-    broken = Storages.from_config(load_config(tmp_path, {**ours, "bucket": "no-such-bucket"}))
+    storages = FileStorages.from_config(load_config(tmp_path, ours))
+    broken = FileStorages.from_config(load_config(tmp_path, {**ours, "bucket": "no-such-bucket"}))
     return Place(storages, broken, "no-such-bucket", tmp_path / "tmp")
 
 

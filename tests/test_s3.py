@@ -18,7 +18,7 @@ import requests
 from gdl.api import make_server
 from gdl.config import Config, ProcessorConfig
 from gdl.errors import S3StorageError, StartupError
-from gdl.filestorage import S3_MULTIPART_CHUNKSIZE, FilesystemStorage, Storages
+from gdl.filestorage import S3_MULTIPART_CHUNKSIZE, FileStorages, FilesystemStorage
 from gdl.job import Job
 from tests.brokers import REGION, MotoServer
 from tests.conftest import config_file, wait_until
@@ -287,10 +287,10 @@ def a_job(**fields: Any) -> Job:
     return Job(id="6QEywYsd0jrKAg", url="http://example.com/a", aggr_id="a", aggr_limit=1, **fields)
 
 
-def storages(download_url: str = DEFAULT_DOWNLOAD_URL, **filestorage: Any) -> Storages:
+def storages(download_url: str = DEFAULT_DOWNLOAD_URL, **filestorage: Any) -> FileStorages:
     settings = {"type": "s3", "bucket": BUCKET, "region": REGION, **filestorage}
     cfg = dataclasses.replace(Config(), processor=ProcessorConfig(filestorage=settings, download_url=download_url))
-    return Storages.from_config(cfg)
+    return FileStorages.from_config(cfg)
 
 
 def test_urls_in_callbacks(s3, tmp_path) -> None:
@@ -302,7 +302,7 @@ def test_urls_in_callbacks(s3, tmp_path) -> None:
     assert storages("https://cdn.example/f/").url_for(a_job()) == f"https://cdn.example/f/{path}"
     assert storages(endpoint_url="http://minio:9000").url_for(a_job(s3_bucket="theirs", s3_region="x-1")) == \
         f"http://minio:9000/theirs/{path}"  # the callers' buckets live on our endpoint too
-    local = Storages(FilesystemStorage(str(tmp_path)), download_url="http://gdl/files")
+    local = FileStorages(FilesystemStorage(str(tmp_path)), download_url="http://gdl/files")
     assert local.url_for(a_job()) == f"http://gdl/files/{path}"
 
 

@@ -297,6 +297,18 @@ def test_a_bad_checksum_is_a_400_naming_it(run_service, bad, error) -> None:
     assert (response.status_code, response.json()["error"]) == (400, error)
 
 
+def test_a_batch_item_with_a_bad_checksum_is_refused_alone(run_service) -> None:
+    running = run_service(("api",))
+    job = {"url": "http://e.com/a", "aggr_id": "a", "aggr_limit": 1, "callback_url": "http://e.com/cb"}
+    response = running.post("/download/batch", {"jobs": [
+        {**job, "checksum": f"md5={digest('md5', b'x')}"}, {**job, "checksum": "md5=00"}]})
+    assert response.status_code == 200
+    first, second = response.json()["jobs"]
+    assert (first["index"], first["status"]) == (0, 201)
+    assert second == {"index": 1, "status": 400, "error": "checksum: md5 needs 32 hex digits (got 2 characters)"}
+    assert running.get(f"/jobs/{first['id']}").json()["checksum"] == f"md5={digest('md5', b'x')}"
+
+
 # --------------------------------------------------------------------------- signed callbacks
 
 

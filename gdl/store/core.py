@@ -41,12 +41,23 @@ from gdl.store.layout import (
     WAKE_AGGR,
     WAKE_CALLBACKS,
     aggr_key,
+    idempotency_key,
     job_key,
     lease_key,
     log_key,
     queue_key,
 )
-from gdl.store.results import _SETTLED, Claim, Renewal, Settled, Taken, claim_from_reply
+from gdl.store.results import (
+    _SETTLED,
+    Claim,
+    Enqueued,
+    Idempotency,
+    Renewal,
+    Settled,
+    Taken,
+    claim_from_reply,
+    enqueued_from_reply,
+)
 
 log = logging.getLogger("gdl.store")
 
@@ -122,38 +133,54 @@ class JobStore:
 
     # ---------------------------------------------------------------- enqueue (api)
 
-    @_translated
     def enqueue(self, job: Job, *, now: int) -> Job:
-        """Store ``job`` and queue it due ``now``; redraws the id if it is taken."""
-        while True:
-            fields = job.to_hash()
-            pairs = [x for kv in fields.items() for x in kv]
-            keys = [job_key(job.id), aggr_key(job.aggr_id), queue_key(job.aggr_id), DUE_INDEX]
-            args = [job.id, job.aggr_id, job.aggr_limit, job.aggr_proxy, now, WAKE_AGGR, *pairs]
-            if self._enqueue_durably(keys, args) == 1:
-                return job
-            log.warning("job %s: id already taken, drawing another", job.id)
-            job.id = new_id()
+        """Store ``job`` and queue it due ``now`` (its id redrawn if taken)."""
+        self.enqueue_many([(job, None)], now=now)
+        return job
 
-    def _enqueue_durably(self, keys: list[str], args: list[Any]) -> int:
-        """Run the enqueue script; with ``wait_replicas``, also wait for replicas.
+    @_translated
+    def enqueue_many(self, items: list[tuple[Job, Idempotency | None]], *, now: int) -> list[Enqueued]:
+        """Store and queue jobs due ``now``, each one script (its idempotency key
+        checked and recorded in the same step), sent in as few pipelines as the
+        batcher allows; an id found taken is drawn again. Results in order."""
+        results: list[Enqueued | None] = [None] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            groups = _by_aggregation(pending, items)
+            replies = self._enqueue_durably([_enqueue_call([items[i] for i in group], now) for group in groups])
+            taken = []
+            for group, group_replies in zip(groups, replies):
+                for i, reply in zip(group, group_replies):
+                    job = items[i][0]
+                    if reply == 0:
+                        log.warning("job %s: id already taken, drawing another", job.id)
+                        job.id = new_id()
+                        taken.append(i)
+                    else:
+                        results[i] = enqueued_from_reply(reply, job.id)
+            pending = taken
+        return [r for r in results if r is not None]
+
+    def _enqueue_durably(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the enqueue scripts; with ``wait_replicas``, also wait for replicas.
 
         Redis replicates asynchronously: a job acknowledged by a master that
         fails over before replicating it would be lost. WAIT (on the same
-        connection as the write, hence the pipeline) makes the 201 mean "on
+        connection as the writes, hence the pipeline) makes the 201 mean "on
         ``wait_replicas`` replicas too"; when they do not confirm in time the
-        caller gets a 503 and retries (the job may then exist twice).
+        caller gets a 503 and retries (with an Idempotency-Key, safely).
         """
         if not self.wait_replicas:
-            return int(self._run_batched("enqueue", keys, args))
+            return self._batcher.run_many(self._scripts["enqueue"], calls)
         with self.redis.pipeline(transaction=False) as pipe:
-            self._scripts["enqueue"](keys=keys, args=args, client=pipe)
+            for keys, args in calls:
+                self._scripts["enqueue"](keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            created, acknowledged = pipe.execute()
-        if created == 1 and acknowledged < self.wait_replicas:
+            *replies, acknowledged = pipe.execute()
+        if any(reply == 1 for group in replies for reply in group) and acknowledged < self.wait_replicas:
             raise StoreUnavailable(
                 f"redis: job written but confirmed by {acknowledged} of {self.wait_replicas} replica(s)")
-        return int(created)
+        return replies
 
     # ---------------------------------------------------------------- reads
 
@@ -455,6 +482,34 @@ class JobStore:
         if msg is None or msg.get("type") != "message":
             return None
         return msg["channel"], msg["data"]
+
+
+# Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
+ENQUEUE_CHUNK = 200
+
+
+def _by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
+    """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
+    groups: dict[str, list[int]] = {}
+    for i in indexes:
+        groups.setdefault(items[i][0].aggr_id, []).append(i)
+    return [group[start:start + ENQUEUE_CHUNK] for group in groups.values()
+            for start in range(0, len(group), ENQUEUE_CHUNK)]
+
+
+def _enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
+    """enqueue.lua's keys and arguments for jobs of one aggregation."""
+    aggr_id = group[0][0].aggr_id
+    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX]
+    ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
+    args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
+    for job, check in group:
+        # A job without a key still declares a record key of its own, never written.
+        record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
+        keys += [job_key(job.id), record]
+        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
+        args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
+    return keys, args
 
 
 def _taken(reply: list) -> Taken:

@@ -42,6 +42,11 @@ def lease_key(aggr_id: str) -> str:
     return f"{PREFIX}lease:{aggr_id}"
 
 
+def idempotency_key(scope: str, key: str) -> str:
+    """The record of an ``Idempotency-Key`` used under ``scope`` (an API token's digest, or ``anon``)."""
+    return f"{PREFIX}idem:{scope}:{key}"
+
+
 # Fair shares between processor processes (claim.lua): who is running, and
 # how many download slots each one's pools hold.
 PROCESSORS = PREFIX + "processors"
@@ -95,6 +100,7 @@ __all__ = [
     "aggr_key",
     "queue_key",
     "lease_key",
+    "idempotency_key",
     "PROCESSORS",
     "PROCESSOR_SLOTS",
     "tput_key",

@@ -9,6 +9,36 @@ from enum import StrEnum
 from gdl.job import Job
 
 
+@dataclass(frozen=True)
+class Idempotency:
+    """An ``Idempotency-Key`` as the store keeps it: scoped (to an API token, or
+    anonymous), with the fingerprint of the request that used it first."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    ttl_ms: int
+
+
+class EnqueueOutcome(StrEnum):
+    CREATED = "created"
+    REPLAYED = "replayed"  # the key's first request had the same body: its job, nothing new
+    CONFLICT = "conflict"  # the key's first request had another body: nothing new
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    outcome: EnqueueOutcome
+    job_id: str  # the job created, or the one the key's first request created
+
+
+def enqueued_from_reply(reply: list | int, job_id: str) -> Enqueued:
+    """enqueue.lua's reply (0, the id taken, is the caller's to handle)."""
+    if isinstance(reply, list):
+        return Enqueued(EnqueueOutcome.REPLAYED if int(reply[0]) == 2 else EnqueueOutcome.CONFLICT, reply[1])
+    return Enqueued(EnqueueOutcome.CREATED, job_id)
+
+
 class ClaimOutcome(StrEnum):
     CLAIMED = "claimed"
     HELD = "another process holds the lease"
