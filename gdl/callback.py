@@ -13,6 +13,11 @@ as in the Go service: a payload being sent is being delivered, so they are
 ``true`` and ``""`` in every callback, failed downloads included (a Go
 client reads ``false`` as "this callback was not delivered"). ``success``
 and ``error`` describe the download.
+
+After the Go fields come gdl's (:meth:`gdl.job.Job.results`: ``sha256``,
+``size``, ``content_type``, ``final_url``, ``redirects``, ``etag``,
+``last_modified``, ``attempts``, ``resumed_bytes``, ``reused``,
+``started_at``, ``finished_at``, ``timings``), which a Go client ignores.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ def payload(job: Job, *, download_url: str) -> dict[str, Any]:
         "delivered": True,
         "delivery_error": "",
         "image_size": job.status.image_size,
+        **job.results(),
     }
 
 
 def encode(body: dict[str, Any]) -> bytes:
+    """The bytes sent (and signed): compact UTF-8 JSON, made once per attempt."""
     return json.dumps(body, separators=(",", ":")).encode()

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gdl import signing
 from gdl.errors import ConfigError
 
 ENV_PREFIX = "GDL_"
@@ -40,9 +41,11 @@ OTHER_VARIABLES = {
 
 def _key(default: Any, help: str, **meta: Any) -> Any:
     """A config key: its default and its one-line documentation."""
+    # A secret's value stays out of every repr of the config (logs, Sentry's frame variables).
+    shown = not meta.get("secret", False)
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+        return field(default_factory=lambda: type(default)(default), repr=shown, metadata={"help": help, **meta})
+    return field(default=default, repr=shown, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class NotifierConfig:
         return int(self.deletion_interval * 60_000)
     retry_backoff: float = _key(600.0, "seconds; the Nth retry of a callback waits N * retry_backoff", min=0)
     max_retries: int = _key(2, "retries of a failed callback delivery", min=0)
+    signing_secrets: list = _key([], "whsec_ secrets signing every callback (Standard Webhooks v1); all sign, "
+                                     "for rotation; empty: unsigned", secret=True)
 
 
 @dataclass(frozen=True)
@@ -373,11 +378,12 @@ def _as_str(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> str:
     return value
 
 
-def _as_list(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> list:
+def _as_list(key: str, value: Any, f: dataclasses.Field, _kind: type) -> list:
     if isinstance(value, str):  # from the environment: comma-separated
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: must be a list (got {value!r})")
+        got = type(value).__name__ if f.metadata.get("secret") else repr(value)  # a secret is never echoed
+        raise ConfigError(f"{key}: must be a list (got {got})")
     return list(value)
 
 
@@ -406,6 +412,7 @@ def _check_relations(cfg: Config) -> None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
     _check_security(cfg.security)
+    signing.parse_secrets(cfg.notifier.signing_secrets)
 
 
 def _check_redis(redis: RedisConfig) -> None:

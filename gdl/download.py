@@ -17,6 +17,12 @@ hops), cookies set by one hop go to the next ones, credentials are dropped
 on a change of host, the guard's proxy rules apply, and the size limit,
 mime check and whole-download deadline hold. The engine applies the guard
 (:class:`~gdl.netguard.AddressGuard`) to every connection it makes.
+
+Each fetch keeps an :class:`Attempt`: the final hop's URL and headers, the
+redirects, the time to the response head, the bytes received and their
+sha-256 (:mod:`gdl.checksum`, fed chunk by chunk as they stream), checked
+against the job's ``checksum`` before anything is stored. A success carries
+it in :class:`Fetched`, a failure in its error's ``attempt``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -35,7 +41,7 @@ from urllib.parse import urljoin, urlsplit
 import gevent
 from requests.utils import requote_uri
 
-from gdl import diskio, mime
+from gdl import checksum, diskio, mime
 from gdl.errors import (
     BlockedAddress,
     DownloadError,
@@ -60,6 +66,38 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass
+class Attempt:
+    """What one fetch has got so far: for cleanup, for errors raised by the deadline, for the callback."""
+
+    response_code: int = 0
+    temp: _TempFile | None = None
+    started: float = field(default_factory=time.monotonic)
+    head_at: float = 0.0  # monotonic time the final response's head arrived; 0 before
+    final_url: str = ""
+    redirects: int = 0
+    content_type: str = ""
+    etag: str = ""
+    last_modified: str = ""
+    sha256: str = ""  # set once the whole body arrived and matched the job's checksum
+
+    @property
+    def size(self) -> int:
+        return self.temp.size if self.temp is not None else 0
+
+    @property
+    def ttfb_ms(self) -> int:
+        return max(0, int((self.head_at - self.started) * 1000)) if self.head_at else 0
+
+    def got_head(self, response: Response) -> None:
+        self.head_at = time.monotonic()
+        self.response_code = response.status
+        headers = response.headers
+        self.content_type = headers.get("Content-Type") or ""
+        self.etag = headers.get("ETag") or ""
+        self.last_modified = headers.get("Last-Modified") or ""
+
+
+@dataclass
 class Fetched:
     """A complete download: in its temp file (``path``), or, when its
     Content-Length fitted one chunk, in memory (``body``; ``path`` is "")."""
@@ -70,14 +108,7 @@ class Fetched:
     mime: str
     image_size: str
     body: bytes | None = None
-
-
-@dataclass
-class _Attempt:
-    """What one fetch has got so far, for cleanup and for errors raised by the deadline."""
-
-    response_code: int = 0
-    temp: _TempFile | None = None
+    attempt: Attempt = field(default_factory=Attempt)
 
 
 class Downloader:
@@ -106,7 +137,7 @@ class Downloader:
 
     def fetch(self, job: Job, *, timeout: float) -> Fetched:
         """Download ``job.url`` into a temp file within ``timeout`` seconds, all phases included."""
-        attempt = _Attempt()
+        attempt = Attempt()
         # One deadline over connect, every read and every write: a server that
         # drips a byte a second never trips a per-read timeout.
         deadline = gevent.Timeout(timeout)
@@ -118,26 +149,31 @@ class Downloader:
             if attempt.temp is not None:
                 attempt.temp.discard()
             if exc is deadline:
-                raise DownloadTimeout(f"download did not finish within {timeout:g}s",
-                                      response_code=attempt.response_code) from exc
-            if isinstance(exc, DownloadError) and not exc.response_code:
-                # Errors raised after the response arrived carry its status.
-                exc.response_code = attempt.response_code
+                timed_out = DownloadTimeout(f"download did not finish within {timeout:g}s",
+                                            response_code=attempt.response_code)
+                timed_out.attempt = attempt
+                raise timed_out from exc
+            if isinstance(exc, DownloadError):
+                exc.attempt = attempt
+                if not exc.response_code:  # errors raised after the response arrived carry its status
+                    exc.response_code = attempt.response_code
             raise
         finally:
             deadline.cancel()
 
-    def _fetch(self, job: Job, timeout: float, attempt: _Attempt) -> Fetched:
-        response = self._request(job, timeout)
+    def _fetch(self, job: Job, timeout: float, attempt: Attempt) -> Fetched:
+        response = self._request(job, timeout, attempt)
         with response:
-            attempt.response_code = response.status
+            attempt.got_head(response)
             check_status(response)
             declared = self._check_declared_length(response)
             # A body declared to fit one chunk stays in memory: the storage then
             # writes it in one trip to the threadpool, not two.
             small = declared is not None and declared <= self.chunk_size
             attempt.temp = _TempFile(self.scratch_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
-            found_mime = self._stream_body(job, response, declared, attempt.temp)
+            digests = checksum.Digests(job.checksum)
+            found_mime = self._stream_body(job, response, declared, attempt.temp, digests)
+            attempt.sha256 = digests.check(response.status)  # before the file is kept
             body = attempt.temp.finish()
         size = attempt.temp.size
         image_size = None
@@ -146,14 +182,15 @@ class Downloader:
         log.debug("job %s: fetched %d bytes of %s (%d) from %s", job.id, size, found_mime,
                   response.status, response.url)
         return Fetched(path=attempt.temp.path, size=size, response_code=response.status,
-                       mime=found_mime, image_size=image_size or "", body=body)
+                       mime=found_mime, image_size=image_size or "", body=body, attempt=attempt)
 
-    def _request(self, job: Job, timeout: float) -> Response:
+    def _request(self, job: Job, timeout: float, attempt: Attempt) -> Response:
         """Send the GET and follow redirects; returns with the final response's head read."""
         url = job.url
         headers = _overlay(self.default_headers, job.request_headers)
         cookies = CookieJar()  # cookies set by one hop go to the next ones, as browsers do
         for hop in range(self.max_redirects + 1):
+            attempt.final_url, attempt.redirects = url, hop
             try:
                 response = self._send(url, headers, cookies, timeout)
             except BlockedAddress as exc:
@@ -210,7 +247,8 @@ class Downloader:
                            response_code=response.status)
         return declared
 
-    def _stream_body(self, job: Job, response: Response, declared: int | None, temp: _TempFile) -> str:
+    def _stream_body(self, job: Job, response: Response, declared: int | None, temp: _TempFile,
+                     digests: checksum.Digests) -> str:
         """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type
         ("" when the job has neither ``mime_type`` nor ``extract_image_size``).
 
@@ -228,6 +266,7 @@ class Downloader:
             if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
                 raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
             temp.write(chunk)
+            digests.update(chunk)
             if sniffing:
                 head += chunk
                 if len(head) >= mime.SNIFF_BYTES:

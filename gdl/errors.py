@@ -19,6 +19,8 @@ the boundary of the module that calls the library, with ``raise ... from``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GdlError(Exception):
     """Base of every error gdl raises on purpose."""
@@ -50,11 +52,14 @@ class DownloadError(GdlError):
     ``phase`` names the step that failed (request, body, mime, image, storage),
     ``response_code`` is the remote status when one was received (else 0),
     ``retry_after`` is the earliest retry the server asked for, in seconds.
+    ``attempt`` is what the attempt got before it failed (a
+    :class:`gdl.download.Attempt`, set by the downloader), for the callback.
     """
 
     RETRIABLE = False  # a class's usual answer; each instance says its own in ``retriable``
     INTERNAL = False
     phase = "request"
+    attempt: Any = None
 
     def __init__(self, message: str, *, response_code: int = 0, retry_after: float | None = None,
                  retriable: bool | None = None, internal: bool | None = None):
@@ -123,6 +128,17 @@ class MimeMismatch(DownloadError):
 
     def __init__(self, expected: str, actual: str, *, response_code: int = 0):
         super().__init__(f"Expected mime-type to be ({expected}), found ({actual})", response_code=response_code)
+
+
+class ChecksumMismatch(DownloadError):
+    """The body's digest is not the job's ``checksum``: nothing is stored, and the
+    download is retried like a body error (the bytes may have been damaged on the way)."""
+
+    RETRIABLE = True
+    phase = "body"
+
+    def __init__(self, expected: str, got: str, *, response_code: int = 0):
+        super().__init__(f"checksum mismatch: expected {expected}, got {got}", response_code=response_code)
 
 
 class InvalidImage(DownloadError):

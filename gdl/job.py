@@ -26,10 +26,12 @@ import secrets
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from gdl import checksum
 from gdl.errors import ValidationError
 
 ID_ALPHABET = string.ascii_letters + string.digits
@@ -111,6 +113,20 @@ class Status:
     callback_code: int = 0
     callback_due_at: int = 0  # when a callback retry is due (ms since the epoch); 0 when none waits
     delivered_at: int = 0
+    # What the final attempt got (see Job.results): written when the download ends.
+    sha256: str = ""
+    content_type: str = ""
+    final_url: str = ""
+    redirects: int = 0
+    etag: str = ""
+    last_modified: str = ""
+    resumed_bytes: int = 0
+    reused: bool = False
+    started_at: int = 0  # the first attempt's start (ms since the epoch), written by that attempt
+    wait_ms: int = 0
+    ttfb_ms: int = 0
+    download_ms: int = 0
+    total_ms: int = 0
 
 
 @dataclass
@@ -132,6 +148,7 @@ class Job:
     request_headers: dict[str, str] = field(default_factory=dict)
     s3_bucket: str = ""
     s3_region: str = ""
+    checksum: str = ""
     created_at: int = 0
     status: Status = field(default_factory=Status)
 
@@ -170,10 +187,42 @@ class Job:
         return cls(status=status, **kwargs)
 
     def public(self) -> dict[str, Any]:
-        """The job as ``GET /jobs/<id>`` shows it."""
+        """The job as ``GET /jobs/<id>`` shows it: spec, status and :meth:`results`."""
         out = asdict(self)
         out.update(out.pop("status"))
+        for name in _TIMING_FIELDS:
+            del out[name]
+        out.update(self.results())
         return out
+
+    def results(self) -> dict[str, Any]:
+        """What the final attempt got, as every callback and ``GET /jobs/<id>`` report it.
+
+        ``sha256`` is that of the stored bytes as served ("" on failure);
+        ``size`` the bytes received; times are RFC 3339 UTC ("" before they
+        happen) and ``timings`` whole milliseconds.
+        """
+        s = self.status
+        # final_url is stored only when a redirect moved it (Job.to_hash keeps the hash small).
+        final_url = s.final_url or (self.url if s.started_at else "")
+        return {
+            "sha256": s.sha256, "size": s.bytes, "content_type": s.content_type, "final_url": final_url,
+            "redirects": s.redirects, "etag": s.etag, "last_modified": s.last_modified, "attempts": s.attempts,
+            "resumed_bytes": s.resumed_bytes, "reused": s.reused,
+            "started_at": rfc3339(s.started_at), "finished_at": rfc3339(s.finished_at),
+            "timings": {name: getattr(s, name) for name in _TIMING_FIELDS},
+        }
+
+
+def rfc3339(ms: int) -> str:
+    """Milliseconds since the epoch as RFC 3339 UTC (``2026-12-06T05:12:00.123Z``); "" for 0."""
+    if not ms:
+        return ""
+    when = datetime.fromtimestamp(ms / 1000, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_TIMING_FIELDS = ("wait_ms", "ttfb_ms", "download_ms", "total_ms")
 
 
 _SPEC_FIELDS = tuple(f.name for f in fields(Job) if f.name != "status")
@@ -186,10 +235,14 @@ def _int_field(raw: str) -> int:
     return int(raw or 0)
 
 
+def _bool_field(raw: str) -> bool:
+    return raw == "1"
+
+
 # How each status field is read back from its hash string.
 _STATUS_READERS: dict[str, Callable[[str], Any]] = {
     name: JobState if name == "state" else CallbackState if name == "callback_state"
-    else _int_field if isinstance(default, int) else str
+    else _bool_field if isinstance(default, bool) else _int_field if isinstance(default, int) else str
     for name, default in _STATUS_DEFAULTS.items()}
 
 
@@ -263,6 +316,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
         request_headers=_headers(body),
         s3_bucket=s3_bucket,
         s3_region=s3_region,
+        checksum=_checksum(body),
         created_at=now_ms,
     )
 
@@ -377,6 +431,17 @@ def _callback(body: dict, *, has_bucket: bool) -> tuple[str, str]:
     if has_bucket:
         return "", ""
     raise ValidationError("callback_type", "callback_type and callback_dst (or callback_url) are required")
+
+
+def _checksum(body: dict) -> str:
+    """The expected digest as given (checked by :func:`gdl.checksum.parse`); "" when absent."""
+    if "checksum" not in body:
+        return ""
+    value = _field(body, "checksum", "a string")
+    if not isinstance(value, str):
+        raise ValidationError("checksum", f"must be a string, not {_json_type(value)}")
+    checksum.parse(value)  # "" included: a checksum field must name one
+    return value
 
 
 def _s3(body: dict) -> tuple[str, str]:

@@ -4,7 +4,8 @@ Jobs whose download ended (succeeded or failed) wait in the callback queue.
 The notifier takes due ones into the callback in-flight set (the same
 reliable pattern as the processor: a deadline renewed by the keeper, swept
 when a process dies) and runs up to ``notifier.concurrency`` deliveries at
-once through the backend the job names (:mod:`gdl.backends`).
+once through the backend the job names (:mod:`gdl.backends`), each
+attempt signed when ``notifier.signing_secrets`` are set (:mod:`gdl.signing`).
 
 A delivered callback schedules the job's deletion ``deletion_interval``
 minutes later (the reaper then deletes the file and the record). A failed
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from gdl import callback, sentry
+from gdl import callback, sentry, signing
 from gdl.backends import Backend
 from gdl.backoff import retry_delay
 from gdl.config import Config
@@ -50,6 +51,7 @@ class Notifier(TakingPool):
         self.sweep_interval = cfg.processor.scan_interval
         self.backends = backends
         self.stats = stats
+        self.signer = signing.Signer.from_secrets(cfg.notifier.signing_secrets)
         self._sweeper: gevent.Greenlet | None = None
 
     def on_wake(self, _job_id: str | None) -> None:
@@ -93,8 +95,9 @@ class Notifier(TakingPool):
         if backend is None:
             raise UndefinedBackend(job.callback_type)
         url = self.filestorages.url_for(job) if job.succeeded else ""
+        # Serialised once for this attempt: the bytes signed are the bytes sent.
         body = callback.encode(callback.payload(job, download_url=url))
-        return backend.notify(job.callback_dst, body)
+        return backend.notify(job.callback_dst, body, self.signer.headers(job.id, body, now_ms=self.clock()))
 
     def _delivered(self, job: Job, status: int, started: float) -> None:
         now = self.clock()

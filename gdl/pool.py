@@ -24,7 +24,7 @@ import gevent.pool
 from gdl import sentry
 from gdl.backoff import retry_delay
 from gdl.config import Config
-from gdl.download import Downloader, Downloaders, Fetched
+from gdl.download import Attempt, Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
 from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
@@ -88,21 +88,25 @@ class AggregationPool(TakingPool):
 
     def handle(self, job: Job) -> None:
         started = time.monotonic()
+        begun = self.clock()  # this attempt's start, for the job's started_at and timings
         self.stats.worker_started()
+        fetched: Fetched | None = None
         try:
             fetched = self._fetch(job)
             self._store(fetched, job)
         except DownloadError as err:
-            self._failed(job, err, started)
+            self._failed(job, err, started, _results(job, err.attempt or getattr(fetched, "attempt", None),
+                                                     begun, self.clock(), failed=True))
         except gevent.GreenletExit:
             self._put_back(job)
             raise
         except Exception as exc:  # a bug or an unexpected library error: reported, retried as an attempt
             self.log.exception("job %s: unexpected error", job.id)
             sentry.report(exc, component="processor", aggr_id=self.aggr_id, job_id=job.id)
-            self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started)
+            self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started,
+                         _results(job, getattr(fetched, "attempt", None), begun, self.clock(), failed=True))
         else:
-            self._succeeded(job, fetched, started)
+            self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
         finally:
             self.stats.worker_finished()
 
@@ -117,16 +121,17 @@ class AggregationPool(TakingPool):
 
     def _store(self, fetched: Fetched, job: Job) -> None:
         storage = self.filestorages.for_job(job)
+        sha256 = fetched.attempt.sha256
         if fetched.body is not None:
-            storage.store_bytes(fetched.body, job)
+            storage.store_bytes(fetched.body, job, sha256=sha256)
             return
         try:
-            storage.store(fetched.path, job)
+            storage.store(fetched.path, job, sha256=sha256)
         except BaseException:
             _remove_quietly(fetched.path)
             raise
 
-    def _succeeded(self, job: Job, fetched: Fetched, started: float) -> None:
+    def _succeeded(self, job: Job, fetched: Fetched, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
         attempts = job.status.attempts + 1
         self.log.info("job %s: stored %d bytes%s in %.0f ms", job.id, fetched.size,
@@ -135,12 +140,12 @@ class AggregationPool(TakingPool):
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
         outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
-                                  image_size=fetched.image_size, mime=fetched.mime)
+                                  image_size=fetched.image_size, mime=fetched.mime, **results)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
             forget_at=self._forget_at(now), log_entry=entry))
 
-    def _failed(self, job: Job, err: DownloadError, started: float) -> None:
+    def _failed(self, job: Job, err: DownloadError, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
         attempts = job.status.attempts + (0 if err.internal else 1)
         max_retries = job.max_retries if job.max_retries is not None else self.cfg.max_retries
@@ -153,19 +158,22 @@ class AggregationPool(TakingPool):
         self.stats.download_failed(job, err, result, now)
         entry = _log_entry(result, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)
-        outcome = DownloadOutcome(attempts, error=str(err), response_code=err.response_code)
         if retry:
             delay = retry_delay(attempts, self.cfg.retry_backoff, at_least=err.retry_after)
             due = now + int(delay * 1000)
             which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
+            # Only the final attempt describes itself; a retry records when the first one began.
+            retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
+                                      started_at=results.get("started_at", 0))
             self.settle("retry", job, lambda: self.store.retry_download(
-                job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=outcome))
+                job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
+            failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code, **results)
             self.settle("failure", job, lambda: self.store.finish_download(
-                job, self.keeper.owner, state=JobState.FAILED, outcome=outcome, now=now,
+                job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
                 forget_at=self._forget_at(now), log_entry=entry))
 
     def _forget_at(self, now: int) -> int:
@@ -211,6 +219,32 @@ def shared_downloaders(cfg: Config) -> Downloaders:
 def _log_entry(outcome: str, now: int, attempt: int, started: float, **extra: Any) -> dict:
     return {"kind": "download", "outcome": outcome, "at": now, "attempt": attempt,
             "duration_ms": int((time.monotonic() - started) * 1000), **extra}
+
+
+def _results(job: Job, attempt: Attempt | None, begun: int, now: int, *, failed: bool = False) -> dict[str, Any]:
+    """The status fields describing this attempt as far as it got (:meth:`gdl.job.Job.results`),
+    those at their default left out to keep the job's hash small.
+
+    Times: ``begun`` and ``now`` are the pool's clock (ms); ttfb and download are
+    measured on the monotonic clock; ``total_ms`` is never less than their sum
+    with ``wait_ms``, whatever the wall clock did meanwhile.
+    """
+    wait_ms = max(0, begun - job.created_at) if job.created_at else 0
+    out: dict[str, Any] = {"started_at": job.status.started_at or begun, "wait_ms": wait_ms}
+    if attempt is not None:
+        download_ms = max(0, int((time.monotonic() - attempt.head_at) * 1000)) if attempt.head_at else 0
+        out.update(sha256="" if failed else attempt.sha256, content_type=attempt.content_type,
+                   # Most downloads end where they began: the job's url then says it, once.
+                   final_url=attempt.final_url if attempt.final_url != job.url else "",
+                   redirects=attempt.redirects, etag=attempt.etag,
+                   last_modified=attempt.last_modified, ttfb_ms=attempt.ttfb_ms, download_ms=download_ms)
+        if failed:  # a success's size is written as its bytes already
+            out["bytes"] = attempt.size
+    timed = wait_ms + out.get("ttfb_ms", 0) + out.get("download_ms", 0)
+    out["total_ms"] = max(now - job.created_at if job.created_at else 0, timed)
+    if job.status.started_at:
+        del out["started_at"]  # written by the first attempt
+    return {name: value for name, value in out.items() if value}
 
 
 def _remove_quietly(path: str) -> None:

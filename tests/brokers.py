@@ -140,12 +140,18 @@ class KafkaBroker:
     def values(self, topic: str, *, partition: int = 0, at_least: int = 1, timeout: float = 10.0,
                settle: float = 0.3) -> list[bytes]:
         """The messages' values as produced, as :meth:`consume` waits for them."""
+        records = self.records(topic, partition=partition, at_least=at_least, timeout=timeout, settle=settle)
+        return [value for value, _ in records]
+
+    def records(self, topic: str, *, partition: int = 0, at_least: int = 1, timeout: float = 10.0,
+                settle: float = 0.3) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+        """The messages' values and record headers, as :meth:`consume` waits for them."""
         from confluent_kafka import Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.address, "group.id": "gdl-tests",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest"})
         consumer.assign([TopicPartition(topic, partition, 0)])
-        values: list[bytes] = []
+        values: list[tuple[bytes, list[tuple[str, bytes]]]] = []
         deadline = time.monotonic() + timeout
         settle_until: float | None = None
         try:
@@ -155,7 +161,7 @@ class KafkaBroker:
                     time.sleep(0.02)  # patched: yields to the hub
                     continue
                 assert message.error() is None, message.error()
-                values.append(message.value())
+                values.append((message.value(), message.headers() or []))
                 if len(values) >= at_least and settle_until is None:
                     settle_until = time.monotonic() + settle
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import gevent
 import pytest
 from confluent_kafka import KafkaError
@@ -57,11 +59,15 @@ def test_the_callback_arrives_on_the_topic_with_the_contract_payload(store, run_
                              callback_dst=TOPIC, extra='{"sku": 1}')
     record = callback_done(running, job_id)
     assert (record["callback_state"], record["callback_attempts"], record["callback_code"]) == ("delivered", 1, 0)
-    assert broker.consume(TOPIC) == [{
+    [body] = broker.consume(TOPIC)
+    go = ("success", "error", "extra", "resource_url", "download_url", "job_id", "response_code", "delivered",
+          "delivery_error", "image_size")
+    assert {name: body[name] for name in go} == {
         "success": True, "error": "", "extra": '{"sku": 1}', "resource_url": files.url("/a.png"),
         "download_url": f"{BASE}/{job_id[:3]}/{job_id}", "job_id": job_id, "response_code": 200,
         "delivered": True, "delivery_error": "", "image_size": "",
-    }]
+    }
+    assert (body["sha256"], body["size"]) == (hashlib.sha256(b"a file").hexdigest(), 6)
     assert notifier_stats(running, "successful")["successful"] == 1
 
 
@@ -174,3 +180,30 @@ def test_the_report_wait_follows_message_timeout() -> None:
     assert backend().report_timeout == 35.0  # gdl's default 30 s + 5 s grace
     assert KafkaBackend({"bootstrap.servers": "b:1", "message.timeout.ms": "2000"}).report_timeout == 7.0
     assert KafkaBackend({"bootstrap.servers": "b:1", "message.timeout.ms": 0}).report_timeout is None
+
+
+def test_signed_records_carry_the_three_headers_over_the_record_value(store, run_service, broker, files):
+    import base64
+
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    broker.create_topic(TOPIC)
+    running = run_service(backends=kafka(broker), notifier={"signing_secrets": [secret]})
+    job_id = running.enqueue(url=files.url("/a.png"), aggr_id="a", aggr_limit=1, callback_type="kafka",
+                             callback_dst=TOPIC)
+    assert callback_done(running, job_id)["callback_state"] == "delivered"
+    [(value, headers)] = broker.records(TOPIC)
+    names = {name: raw.decode() for name, raw in headers}
+    assert sorted(names) == ["webhook-id", "webhook-signature", "webhook-timestamp"]
+    assert names["webhook-id"] == f"msg_{job_id}"
+    assert Webhook(secret).verify(value, names)["job_id"] == job_id
+
+
+def test_unsigned_records_have_no_headers(store, run_service, broker, files):
+    broker.create_topic(TOPIC)
+    running = run_service(backends=kafka(broker))
+    job_id = running.enqueue(url=files.url("/a.png"), aggr_id="a", aggr_limit=1, callback_type="kafka",
+                             callback_dst=TOPIC)
+    assert callback_done(running, job_id)["callback_state"] == "delivered"
+    assert [headers for _, headers in broker.records(TOPIC)] == [[]]

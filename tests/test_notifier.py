@@ -6,6 +6,11 @@ from tests.conftest import wait_until
 from tests.samples import image_bytes
 
 BASE = "http://files.test/files"  # processor.download_url in make_config
+# The Go service's callback struct, field by field with its JSON type, in its order.
+GO_FIELDS = {"success": bool, "error": str, "extra": str, "resource_url": str, "download_url": str,
+             "job_id": str, "response_code": int, "delivered": bool, "delivery_error": str, "image_size": str}
+RESULT_FIELDS = {"sha256", "size", "content_type", "final_url", "redirects", "etag", "last_modified", "attempts",
+                 "resumed_bytes", "reused", "started_at", "finished_at", "timings"}
 
 
 def callback_done(running, job_id: str) -> dict:
@@ -24,11 +29,13 @@ def test_success_payload_field_by_field(run_service, files, receiver):
     record = callback_done(running, job_id)
     assert record["callback_state"] == "delivered"
     [body] = receiver.bodies()
-    assert body == {
+    assert {name: body[name] for name in GO_FIELDS} == {
         "success": True, "error": "", "extra": extra, "resource_url": files.url("/a.png"),
         "download_url": f"{BASE}/{job_id[:3]}/{job_id}", "job_id": job_id, "response_code": 200,
         "delivered": True, "delivery_error": "", "image_size": "10x7",
     }
+    assert set(body) == set(GO_FIELDS) | RESULT_FIELDS
+    assert {name: type(body[name]) for name in GO_FIELDS} == GO_FIELDS  # the Go struct decodes it unchanged
 
 
 def test_failure_payload(run_service, files, receiver):

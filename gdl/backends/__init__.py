@@ -11,6 +11,7 @@ this interface; adding a transport means adding a module here and a line in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from gdl.config import Config
@@ -22,8 +23,9 @@ class Backend(Protocol):
     def start(self) -> None:
         """Open connections; called once before the first notify."""
 
-    def notify(self, destination: str, body: bytes) -> int:
-        """Deliver ``body`` to ``destination``; returns a status code (HTTP's, or 0).
+    def notify(self, destination: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> int:
+        """Deliver ``body`` to ``destination`` with ``headers`` (the signature's: HTTP headers,
+        or Kafka record headers); returns a status code (HTTP's, or 0).
 
         Raises :class:`~gdl.errors.CallbackError` when it was not delivered.
         """

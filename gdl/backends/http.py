@@ -11,6 +11,7 @@ goes through the process's HTTP engine (:mod:`gdl.http`, ``http.engine``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import gevent
@@ -38,7 +39,7 @@ class HTTPBackend:
     def start(self) -> None:
         self.engine = make_engine(self.engine_name, guard=self.guard, pool_size=self.pool_size)
 
-    def notify(self, destination: str, body: bytes) -> int:
+    def notify(self, destination: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> int:
         assert self.engine is not None, "start() first"
         try:
             url = wire_url(destination)
@@ -49,7 +50,7 @@ class HTTPBackend:
         deadline = gevent.Timeout(self.timeout)
         deadline.start()
         try:
-            exchange = Exchange("POST", url, HEADERS, body=body, timeout=self.timeout)
+            exchange = Exchange("POST", url, [*HEADERS, *headers], body=body, timeout=self.timeout)
             response = self.engine.send(exchange)
             response.discard()
         except (BlockedAddress, InvalidURL) as exc:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gevent
@@ -95,15 +95,17 @@ class KafkaBackend:
             self._poller.name = "kafka-poller"
             log.info("kafka: producing callbacks to %s", self.servers)
 
-    def notify(self, destination: str, body: bytes) -> int:
-        """Produce ``body`` to the topic ``destination``; returns once the broker has it."""
+    def notify(self, destination: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> int:
+        """Produce ``body`` to the topic ``destination``, ``headers`` as record headers;
+        returns once the broker has it."""
         report = gevent.event.AsyncResult()
 
         def on_delivery(err: Any, _msg: Any) -> None:
             report.set(err)
 
         try:
-            self.producer.produce(destination, value=body, on_delivery=on_delivery)
+            record_headers: list[tuple[str, str | bytes | None]] = [(n, v.encode()) for n, v in headers]
+            self.producer.produce(destination, value=body, on_delivery=on_delivery, headers=record_headers or None)
         except BufferError as exc:
             raise CallbackError(f"kafka: the producer's queue is full, topic {destination}: {exc}") from exc
         except self._kafka_exception as exc:

@@ -1,4 +1,4 @@
-"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck``.
+"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys``.
 
 Each reads the same ``--config`` as the service and talks to Redis only
 through :class:`gdl.store.Store` (``enqueue`` submits through the HTTP API).
@@ -36,6 +36,7 @@ COMMANDS = {
     "job": ("status", "one job's full record and its attempts"),
     "retry-failed": ("repair", "queue every failed callback again (--aggr to pick one aggregation)"),
     "fsck": ("repair", "check Redis and the stored files against each other (--fix repairs)"),
+    "keys": ("keys", "keys new: print a fresh secret for notifier.signing_secrets"),
 }
 
 
@@ -83,6 +84,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = parsers["retry-failed"]
     p.add_argument("--aggr", metavar="ID", help="only the failed callbacks of this aggregation")
     p.add_argument("--dry-run", "-n", action="store_true", help="list them, queue nothing")
+
+    p = parsers["keys"]
+    p.add_argument("action", choices=["new"], help="new: print a fresh whsec_ secret")
 
     p = parsers["fsck"]
     p.add_argument("--fix", action="store_true", help="repair what is found")

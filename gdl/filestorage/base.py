@@ -36,15 +36,16 @@ class FileStorage(ABC):
     owned = True
 
     @abstractmethod
-    def store(self, temp_path: str, job: Job) -> None:
+    def store(self, temp_path: str, job: Job, *, sha256: str = "") -> None:
         """Move the complete file at ``temp_path`` to the job's place.
 
         ``temp_path`` is consumed: moved on success, removed on failure
-        (:class:`~gdl.errors.StorageError`).
+        (:class:`~gdl.errors.StorageError`). ``sha256`` (hex, "" when not
+        known) lets a storage that can check the bytes it receives do so.
         """
 
     @abstractmethod
-    def store_bytes(self, data: bytes, job: Job) -> None:
+    def store_bytes(self, data: bytes, job: Job, *, sha256: str = "") -> None:
         """Put a complete body held in memory at the job's place
         (:class:`~gdl.errors.StorageError` on failure)."""
 

@@ -35,7 +35,7 @@ class FilesystemStorage(FileStorage):
             raise ValueError(f"not a job id: {job_id!r}")
         return os.path.join(self.rootdir, job_id[:PREFIX_LENGTH], job_id)
 
-    def store(self, temp_path: str, job: Job) -> None:
+    def store(self, temp_path: str, job: Job, *, sha256: str = "") -> None:
         final = self.path_for(job.id)
         try:
             # One trip to the threadpool for the directory, the rename and their fsyncs.
@@ -45,7 +45,7 @@ class FilesystemStorage(FileStorage):
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
         log.debug("job %s: stored at %s", job.id, final)
 
-    def store_bytes(self, data: bytes, job: Job) -> None:
+    def store_bytes(self, data: bytes, job: Job, *, sha256: str = "") -> None:
         final = self.path_for(job.id)
         try:
             # One trip to the threadpool: the temp file, its fsync, the directory, the rename.

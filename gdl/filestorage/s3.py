@@ -12,12 +12,13 @@ import base64
 import io
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from gdl import __version__
+from gdl import __version__, checksum
 from gdl.errors import ConfigError, S3StorageError, StartupError
 from gdl.filestorage.base import SAFE_ID_RE, FileStorage, _remove_quietly, path_for_id
 from gdl.job import Job
@@ -38,6 +39,7 @@ S3_MAX_POOL_CONNECTIONS = 50  # connections kept per client (shared by every upl
 _S3_TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
     "TooManyRequestsException", "ServiceUnavailable", "InternalError", "RequestTimeout",
+    "BadDigest",  # the bytes S3 received are not those sent (ChecksumSHA256): sending them again may do
 })
 # An RFC 7230 token: what an S3 metadata name (an x-amz-meta-* header) may be.
 _HEADER_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -107,21 +109,28 @@ class S3Storage(FileStorage):
     def client(self) -> Any:
         return self.clients.get(self.region, self.endpoint_url)
 
-    def store(self, temp_path: str, job: Job) -> None:
+    def store(self, temp_path: str, job: Job, *, sha256: str = "") -> None:
         try:
-            self._upload(job, lambda key, extra_args: self.client.upload_file(
+            checked = sha256 if os.path.getsize(temp_path) < S3_MULTIPART_THRESHOLD else ""
+            self._upload(job, checked, lambda key, extra_args: self.client.upload_file(
                 temp_path, self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config()))
         finally:
             _remove_quietly(temp_path)
 
-    def store_bytes(self, data: bytes, job: Job) -> None:
-        self._upload(job, lambda key, extra_args: self.client.upload_fileobj(
+    def store_bytes(self, data: bytes, job: Job, *, sha256: str = "") -> None:
+        checked = sha256 if len(data) < S3_MULTIPART_THRESHOLD else ""
+        self._upload(job, checked, lambda key, extra_args: self.client.upload_fileobj(
             io.BytesIO(data), self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config()))
 
-    def _upload(self, job: Job, upload: Callable[[str, dict], None]) -> None:
+    def _upload(self, job: Job, sha256: str, upload: Callable[[str, dict], None]) -> None:
         key = path_for_id(job.id)
+        extra_args: dict[str, Any] = {"Metadata": self.metadata(job)} if self.caller else {}
+        if sha256:
+            # S3 recomputes it and refuses the upload on a mismatch (BadDigest). Single-part
+            # uploads only: a multipart upload's full-object checksum can only be a CRC.
+            extra_args.update(ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum.base64_of_hex(sha256))
         try:
-            upload(key, {"Metadata": self.metadata(job)} if self.caller else {})
+            upload(key, extra_args)
         except S3StorageError:
             raise
         except Exception as exc:

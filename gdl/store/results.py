@@ -12,18 +12,42 @@ from gdl.job import Job
 
 @dataclass(frozen=True)
 class DownloadOutcome:
-    """What a download attempt writes on its job, however it ended."""
+    """What a download attempt writes on its job, however it ended: the Go
+    service's fields, and what the final attempt says of itself (the
+    verifiable results, :meth:`gdl.job.Job.results`)."""
 
     attempts: int  # attempts counted so far, this one included (an internal error counts none)
     error: str = ""
     response_code: int = 0
-    bytes: int = 0
+    bytes: int = 0  # stored; for a failure, received before it failed
     image_size: str = ""
     mime: str = ""
+    started_at: int = 0  # the first attempt's start (ms); 0: recorded already
+    sha256: str = ""
+    content_type: str = ""
+    final_url: str = ""  # "" when no redirect changed it
+    redirects: int = 0
+    etag: str = ""
+    last_modified: str = ""
+    wait_ms: int = 0
+    ttfb_ms: int = 0
+    download_ms: int = 0
+    total_ms: int = 0
 
     def fields(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "error": self.error, "response_code": self.response_code,
-                "bytes": self.bytes, "image_size": self.image_size, "mime": self.mime}
+        """The status fields to write: the Go service's always (each attempt's own), the
+        others only when set, so that a job's hash carries no field at its default."""
+        out: dict[str, Any] = {"attempts": self.attempts, "error": self.error, "response_code": self.response_code,
+                               "bytes": self.bytes, "image_size": self.image_size, "mime": self.mime}
+        for name in _DESCRIBING:
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        return out
+
+
+_DESCRIBING = ("started_at", "sha256", "content_type", "final_url", "redirects", "etag", "last_modified",
+               "wait_ms", "ttfb_ms", "download_ms", "total_ms")
 
 
 @dataclass(frozen=True)
