@@ -77,7 +77,16 @@ from common import (  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 from gdl.api import make_server  # noqa: E402
-from gdl.store.layout import CALLBACK_QUEUE, FAILURES, job_key, lease_key, queue_key  # noqa: E402
+from gdl.store.layout import (  # noqa: E402
+    CALLBACK_QUEUE,
+    FAILURES,
+    HEARTBEATS,
+    WAKE_AGGR,
+    WAKE_CALLBACKS,
+    job_key,
+    lease_key,
+    queue_key,
+)
 
 log = logging.getLogger("bench.throughput")
 
@@ -266,12 +275,12 @@ class Gdl(Started):
             if proc.poll() is not None:
                 raise SystemExit(f"bench: gdl {name} exited with {proc.returncode}:\n"
                                  + self.log_path(name).read_text())
-        subscribers = dict(client.pubsub_numsub("gdl:wake:aggr", "gdl:wake:callbacks"))
-        beats = [json.loads(body) for body in client.hvals("gdl:heartbeats")]
+        subscribers = dict(client.pubsub_numsub(WAKE_AGGR, WAKE_CALLBACKS))
+        beats = [json.loads(body) for body in client.hvals(HEARTBEATS)]
         reporting = Counter(c for beat in beats for c in beat.get("components", {}))
         return (reporting["processor"] >= self.processors and reporting["notifier"] >= 1
-                and subscribers.get(b"gdl:wake:aggr", 0) >= self.processors
-                and subscribers.get(b"gdl:wake:callbacks", 0) >= 1)
+                and subscribers.get(WAKE_AGGR.encode(), 0) >= self.processors
+                and subscribers.get(WAKE_CALLBACKS.encode(), 0) >= 1)
 
     @property
     def processor_pid(self) -> int:
