@@ -75,10 +75,16 @@ def write_new_file(directory: str, prefix: str, data: bytes | bytearray) -> str:
     Blocking: call it through :func:`off_hub` (or from a function that is)."""
     fd, path = tempfile.mkstemp("", prefix, directory)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        # os-level calls, no file object: each call releases and retakes the
+        # GIL, which the hub's thread holds most of the time (fdopen's fstat,
+        # flush and close were three more trips of this thread through it).
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         try:
             os.unlink(path)
