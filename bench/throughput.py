@@ -301,6 +301,19 @@ class Gdl(Started):
         assert self.redis is not None
         return tree_cpu_seconds([self.redis.pid])
 
+    def redis_calls(self, reset: bool = False) -> dict[str, int]:
+        """Commands run by the redis-server so far, by name (``INFO commandstats``; those a script
+        runs counted too); with ``reset``, the counts start again from 0 (``CONFIG RESETSTAT``)."""
+        client = redis.Redis(unix_socket_path=str(self.redis_path), decode_responses=True)
+        try:
+            if reset:
+                client.config_resetstat()
+                return {}
+            return {name.removeprefix("cmdstat_"): int(stat["calls"])
+                    for name, stat in client.info("commandstats").items()}
+        finally:
+            client.close()
+
     def peak_rss_kib(self) -> dict[str, int]:
         """Peak resident memory so far (VmHWM, KiB) of each gdl process and of the redis-server."""
         assert self.redis is not None
@@ -782,6 +795,7 @@ class Row:
     key: str = ""  # the JSON lines' name: a reference's key, or a gdl run's tool
     peak_rss: dict[str, int] = field(default_factory=dict)  # peak RSS (VmHWM, KiB) by process
     leases: dict[str, int] = field(default_factory=dict)  # processor role alone: aggregations leased by process
+    redis_calls: dict[str, int] = field(default_factory=dict)  # gdl: Redis commands run in the window, by name
 
     @property
     def cpu_ms_per_unit(self) -> float:
@@ -948,6 +962,7 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
     receiver.expect(keys)
     enqueuer = Enqueuer(gdl.api_port, receiver.url)
     prepared = enqueuer.prepare(jobs)
+    gdl.redis_calls(reset=True)
     start = Readings.take(gdl, nginx, receiver)
     started = now()
     enqueuer.burst(prepared, min(args.connections, len(jobs)))
@@ -956,6 +971,7 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
              len(jobs) - receiver.missing)
     end = await_callbacks(receiver, gdl, what, timeout=max(120.0, len(jobs) / 10),
                           at_count=lambda: Readings.take(gdl, nginx, receiver, end=True))
+    redis_calls = gdl.redis_calls()
     last = max(receiver.arrivals[k][0] for k in keys)
     first = min(enqueuer.starts.values())
     by_process = {k: v - start.by_process[k] for k, v in end.by_process.items()}
@@ -963,7 +979,8 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
               redis_cpu=by_process["redis-server"], server_cpu=end.nginx - start.nginx,
               bench_cpu=end.bench - start.bench, note=f"enqueue {enqueued:.1f}s",
               machine_cpu=end.machine - start.machine, by_process=by_process, connections=end.peers - start.peers,
-              key=gdl_tool(gdl.layout, gdl.processors, gdl.engine), peak_rss=gdl.peak_rss_kib())
+              key=gdl_tool(gdl.layout, gdl.processors, gdl.engine), peak_rss=gdl.peak_rss_kib(),
+              redis_calls=redis_calls)
     payloads = check_callbacks(receiver, keys, what)
     check_files(gdl.rootdir, payloads, size, what)
     log.info("%s: %d callbacks, all success, all files %d bytes; %d gdl log lines", what, len(payloads), size,
@@ -1416,6 +1433,11 @@ def print_gdl_details(r: Row) -> None:
     together = f" (processors together {processors_cpu(r) * 1000 / r.units:.2f})" if several else ""
     print(f"{r.name}: cpu ms/job by process: {parts}{together}; "
           f"{r.connections} connections opened for {int(r.units)} callbacks")
+    if r.redis_calls:
+        calls = redis_calls_per_job(r)
+        top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:6] if k != "all")
+        print(f"{r.name}: redis commands per job: {calls['all']:.1f} counting those scripts run ({top}); "
+              f"one redis core at this CPU per job: {r.units / r.redis_cpu:.0f} jobs/s" if r.redis_cpu else "")
     if r.peak_rss:
         rss = rss_summary(r.peak_rss)
         total = rss.pop("gdl_total")
@@ -1633,6 +1655,13 @@ def rounded(value: Any) -> Any:
     return value
 
 
+def redis_calls_per_job(r: Row) -> dict[str, float]:
+    """Redis commands per job in a gdl row: ``all``, and by name."""
+    out = {k: v / r.units for k, v in r.redis_calls.items()}
+    out["all"] = sum(r.redis_calls.values()) / r.units
+    return out
+
+
 def jobs_record(r: Row) -> dict[str, Any]:
     """A jobs/s row (a gdl run or a reference) as JSON: its rate, CPU and, when known, peak RSS."""
     out: dict[str, Any] = {"tool": r.key, "name": r.name, "jobs": int(r.units), "seconds": r.seconds,
@@ -1640,6 +1669,8 @@ def jobs_record(r: Row) -> dict[str, Any]:
     if r.by_process:
         out["cpu_ms_per_job_by_process"] = {k: v * 1000 / r.units for k, v in r.by_process.items()}
         out["callback_connections"] = r.connections
+    if r.redis_calls:
+        out["redis_commands_per_job"] = redis_calls_per_job(r)
     if r.peak_rss:
         out["peak_rss_mb"] = rss_summary(r.peak_rss) if r.by_process else rss_mb(next(iter(r.peak_rss.values())))
     out["nginx_cpu_s"], out["bench_cpu_s"], out["other_cpu_s"] = r.server_cpu, r.bench_cpu, r.other_cpu
