@@ -6,9 +6,12 @@ same number of requests twice over N keep-alive connections (one thread
 and one ``http.client`` connection each):
 
 1. ``GET /hb``: the cost of HTTP and the WSGI server alone;
-2. ``POST /download``: parse, validate, one Lua script on Redis, 201.
+2. ``POST /download``: parse, validate, one Lua script on Redis, 201;
+3. ``POST /download/batch`` with 100, then 1,000 jobs a request: each job
+   validated, their scripts sent in pipelines.
 
-The ratio of the two rates says what enqueueing costs on top of HTTP. The
+Jobs/s against ``GET /hb``'s requests/s says what enqueueing costs on top of
+HTTP, and batches against single POSTs what a bulk client saves. The
 CPU columns say who was busy (gdl, redis-server, and this client): when the
 client's CPU is close to the elapsed time, the client was the bottleneck and
 the real server rate is higher than measured.
@@ -86,10 +89,15 @@ class Result:
     gdl_cpu: float
     redis_cpu: float
     client_cpu: float
+    per_request: int = 1  # jobs a request carries (0 for GET /hb)
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def jobs_rate(self) -> float:
+        return self.requests * max(self.per_request, 1) / self.seconds
 
 
 Request = tuple[str, str, bytes | None]
@@ -135,11 +143,21 @@ def heartbeats(n: int) -> list[Request]:
     return [("GET", "/hb", None)] * n
 
 
+def job(i: int, aggregations: int) -> dict:
+    return {"url": f"http://images.example.com/{i}.png", "aggr_id": f"bench{i % aggregations}",
+            "aggr_limit": 4, "callback_url": "http://callbacks.example.com/done", "extra": str(i)}
+
+
 def jobs(n: int, aggregations: int) -> Iterator[Request]:
     for i in range(n):
-        body = {"url": f"http://images.example.com/{i}.png", "aggr_id": f"bench{i % aggregations}",
-                "aggr_limit": 4, "callback_url": "http://callbacks.example.com/done", "extra": str(i)}
-        yield ("POST", "/download", json.dumps(body).encode())
+        yield ("POST", "/download", json.dumps(job(i, aggregations)).encode())
+
+
+def batches(n: int, size: int, aggregations: int) -> list[Request]:
+    """``n`` jobs in requests of ``size``."""
+    return [("POST", "/download/batch",
+             json.dumps({"jobs": [job(i, aggregations) for i in range(start, min(n, start + size))]}).encode())
+            for start in range(0, n, size)]
 
 
 def pending(servers: Servers) -> int:
@@ -150,12 +168,16 @@ def pending(servers: Servers) -> int:
 
 def print_table(results: list[Result], connections: int) -> None:
     print(f"connections: {connections}")
-    print(f"{'':16} {'requests':>9} {'seconds':>8} {'req/s':>9} {'gdl cpu':>8} {'redis cpu':>9} {'client cpu':>10}")
+    print(f"{'':20} {'requests':>9} {'seconds':>8} {'req/s':>9} {'jobs/s':>9} {'gdl ms/job':>10} "
+          f"{'redis ms/job':>12} {'client cpu':>10}")
     for r in results:
-        print(f"{r.name:16} {r.requests:>9} {r.seconds:>8.2f} {r.rate:>9.0f} "
-              f"{r.gdl_cpu:>7.2f}s {r.redis_cpu:>8.2f}s {r.client_cpu:>9.2f}s")
-    hb, enqueue = results
-    print(f"ratio enqueue/hb: {enqueue.rate / hb.rate:.2f}")
+        jobs_done = r.requests * max(r.per_request, 1)
+        print(f"{r.name:20} {r.requests:>9} {r.seconds:>8.2f} {r.rate:>9.0f} {r.jobs_rate:>9.0f} "
+              f"{r.gdl_cpu / jobs_done * 1000:>10.3f} {r.redis_cpu / jobs_done * 1000:>12.3f} {r.client_cpu:>9.2f}s")
+    hb, single, *bulk = results
+    print(f"ratio POST /download jobs/s to GET /hb req/s: {single.jobs_rate / hb.rate:.2f}")
+    for r in bulk:
+        print(f"ratio {r.name} jobs/s to POST /download jobs/s: {r.jobs_rate / single.jobs_rate:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,14 +195,26 @@ def main(argv: list[str] | None = None) -> int:
         run_load(servers, "warm-up", heartbeats(args.connections * 50), args.connections, 200)
         log.info("GET /hb x %d over %d connections", args.jobs, args.connections)
         hb = run_load(servers, "GET /hb", heartbeats(args.jobs), args.connections, 200)
+        hb.per_request = 0
         log.info("POST /download x %d over %d connections", args.jobs, args.connections)
         enqueue = run_load(servers, "POST /download", list(jobs(args.jobs, args.aggregations)),
                            args.connections, 201)
+        results = [hb, enqueue]
+        total = args.jobs
+        for size in (100, 1000):
+            # Five requests a connection at least, so that the last wave does not decide the rate.
+            n = max(args.jobs, size * args.connections * 5)
+            log.info("POST /download/batch of %d x %d over %d connections", size, n // size, args.connections)
+            result = run_load(servers, f"batch of {size}", batches(n, size, args.aggregations),
+                              args.connections, 200)
+            result.per_request = size
+            results.append(result)
+            total += n
         queued = pending(servers)
-        if queued != args.jobs:
-            raise SystemExit(f"bench: {queued} jobs pending after {args.jobs} accepted")
+        if queued != total:
+            raise SystemExit(f"bench: {queued} jobs pending after {total} accepted")
         log.info("%d jobs pending in %d aggregations, as accepted", queued, args.aggregations)
-    print_table([hb, enqueue], args.connections)
+    print_table(results, args.connections)
     return 0
 
 

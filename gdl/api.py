@@ -3,6 +3,8 @@
 Routes (the Go service's, plus gdl's own)::
 
     POST /download                  enqueue a job                 201 {"id": ...} | 400 {"error": ...}
+                                    (Idempotency-Key: a replay is 201 + Idempotent-Replayed, another body 422)
+    POST /download/batch            enqueue up to batch_max_jobs  200 {"jobs": [per item, in order]} | 413
     GET  /hb                        heartbeat                     200 | 503 while heartbeat_path exists
     POST /retry/<id>                re-deliver a failed callback  204 | 400
     GET  /dashboard/aggregations    pending aggregations          200 [{"name": "jobs:<aggr>", "size": N}]
@@ -34,14 +36,14 @@ from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, dashboard, destinations, metrics, sentry
+from gdl import __version__, dashboard, destinations, idempotency, metrics, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
-from gdl.job import ID_LENGTH, is_valid_id, new_id, parse_request
+from gdl.job import ID_LENGTH, Job, is_valid_id, new_id, parse_request
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
-from gdl.store import Store, now_ms
+from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ FILE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy
 
 _STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
            401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
-           411: "411 Length Required", 413: "413 Payload Too Large", 503: "503 Service Unavailable",
+           411: "411 Length Required", 413: "413 Payload Too Large", 422: "422 Unprocessable Content",
+           503: "503 Service Unavailable",
            500: "500 Internal Server Error"}
 
 
@@ -123,6 +126,7 @@ class API:
         self.stale_ms = int(cfg.processor.stats_interval * 1000 * STALE_AFTER_INTERVALS)
         self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("POST", re.compile(r"^/download$"), self.post_download),
+            ("POST", re.compile(r"^/download/batch$"), self.post_download_batch),
             ("GET", re.compile(r"^/hb$"), self.get_heartbeat),
             ("POST", re.compile(r"^/retry/([^/]*)$"), self.post_retry),  # an empty id is a 400, not a 404
             ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
@@ -189,12 +193,69 @@ class API:
 
     def post_download(self, environ: dict) -> Response:
         body = self._read_json(environ)
+        raw_key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        key = idempotency.parse_key(raw_key) if raw_key is not None else None
         now = self.clock()
-        job = parse_request(body, job_id=new_id(), now_ms=now)
-        destinations.check(job, body, self.guard)
-        job = self.store.enqueue(job, now=now)
+        job = self._job(body, now)
+        check = idempotency.idempotency(key, body, scope=self._scope(environ), ttl=self.cfg.api.idempotency_ttl)
+        [enqueued] = self.store.enqueue_many([(job, check)], now=now)
+        if enqueued.outcome is EnqueueOutcome.CONFLICT:
+            raise HTTPError(422, _conflict(enqueued.job_id))
+        if enqueued.outcome is EnqueueOutcome.REPLAYED:
+            status, headers, data = _json(201, {"id": enqueued.job_id, "state": self._state(enqueued.job_id)})
+            return status, [*headers, ("Idempotent-Replayed", "true")], data
         log.info("job %s: accepted for aggr %s: %s", job.id, job.aggr_id, job.url)
         return _json(201, {"id": job.id})
+
+    def post_download_batch(self, environ: dict) -> Response:
+        """Up to ``api.batch_max_jobs`` jobs, each validated on its own; per-item results in input order."""
+        body = self._read_json(environ)
+        items = body.get("jobs") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ValidationError("jobs", "must be a list of jobs")
+        most = self.cfg.api.batch_max_jobs
+        if len(items) > most:
+            raise HTTPError(413, f"jobs: {len(items)} jobs, more than api.batch_max_jobs ({most}); nothing enqueued")
+        now = self.clock()
+        scope = self._scope(environ)
+        results: list[dict] = [{} for _ in items]
+        valid: list[tuple[int, Job, Idempotency | None]] = []
+        for index, item in enumerate(items):
+            try:
+                valid.append((index, *self._batch_item(item, scope, now)))
+            except ValidationError as err:
+                results[index] = {"index": index, "status": 400, "error": str(err)}
+        enqueued = self.store.enqueue_many([(job, check) for _, job, check in valid], now=now)
+        for (index, _, _), outcome in zip(valid, enqueued):
+            results[index] = _batch_result(index, outcome)
+        accepted = sum(1 for r in results if r["status"] == 201)
+        log.info("api: batch of %d job(s): %d accepted, %d refused", len(items), accepted, len(items) - accepted)
+        return _json(200, {"jobs": results})
+
+    def _batch_item(self, item: Any, scope: str, now: int) -> tuple[Job, Idempotency | None]:
+        if not isinstance(item, dict):
+            raise ValidationError("job", "must be a JSON object")
+        raw_key = item.get("idempotency_key")
+        if raw_key is not None and not isinstance(raw_key, str):
+            raise ValidationError("idempotency_key", "must be a string")
+        key = idempotency.parse_key(raw_key, "idempotency_key") if raw_key is not None else None
+        body = {k: v for k, v in item.items() if k != "idempotency_key"}
+        job = self._job(body, now)
+        return job, idempotency.idempotency(key, body, scope=scope, ttl=self.cfg.api.idempotency_ttl)
+
+    def _job(self, body: Any, now: int) -> Job:
+        """A validated job from a request body (a ValidationError names the field)."""
+        job = parse_request(body, job_id=new_id(), now_ms=now)
+        destinations.check(job, body, self.guard)
+        return job
+
+    def _scope(self, environ: dict) -> str:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return idempotency.scope_of(token.strip() if scheme.lower() == "bearer" else "")
+
+    def _state(self, job_id: str) -> str:
+        job = self.store.get_job(job_id)
+        return job.status.state if job is not None else "deleted"
 
     def post_retry(self, environ: dict, job_id: str) -> Response:
         if not job_id:
@@ -302,6 +363,20 @@ class API:
     def _check_id(self, job_id: str, status: int) -> None:
         if not is_valid_id(job_id):
             raise HTTPError(status, f"{job_id!r} is not a job id ({ID_LENGTH} letters and digits)")
+
+
+def _conflict(job_id: str) -> str:
+    return (f"{idempotency.HEADER}: already used with another request body (job {job_id}); "
+            "a key is kept api.idempotency_ttl seconds")
+
+
+def _batch_result(index: int, enqueued: Enqueued) -> dict:
+    if enqueued.outcome is EnqueueOutcome.CONFLICT:
+        return {"index": index, "status": 422, "error": _conflict(enqueued.job_id)}
+    result = {"index": index, "status": 201, "id": enqueued.job_id}
+    if enqueued.outcome is EnqueueOutcome.REPLAYED:
+        result["replayed"] = True
+    return result
 
 
 def _chunks(handle: Any) -> Iterable[bytes]:

@@ -9,6 +9,14 @@ from __future__ import annotations
 import random
 
 
+def retry_delay(attempt: int, step: float, *, at_least: float | None = None) -> float:
+    """The Go service's linear backoff: retry N waits ``N * step`` seconds (an
+    uncounted retry, attempt 0, waits one step), or ``at_least`` if longer (a
+    ``Retry-After``)."""
+    delay = max(attempt, 1) * step
+    return delay if at_least is None else max(delay, at_least)
+
+
 class Backoff:
     def __init__(self, first: float = 0.1, most: float = 5.0):
         self.first = first

@@ -27,9 +27,9 @@ def payload(job: Job, *, download_url: str) -> dict[str, Any]:
     """The callback body of a finished job.
 
     ``download_url`` is where the stored file is (the job's storage decides:
-    :meth:`gdl.filestorage.Storages.url_for`); a failed download has none.
+    :meth:`gdl.filestorage.FileStorages.url_for`); a failed download has none.
     """
-    success = job.status.state == "succeeded"
+    success = job.succeeded
     return {
         "success": success,
         "error": job.status.error,

@@ -62,6 +62,8 @@ class ApiConfig:
     port: int = _key(8000, "port the HTTP API listens on", min=0, max=65535)
     heartbeat_path: str = _key("var/disable-api", "while this file exists GET /hb answers 503")
     max_body_bytes: int = _key(1 << 20, "largest accepted request body; larger is 413", min=1)
+    batch_max_jobs: int = _key(1000, "most jobs in one POST /download/batch; more is 413", min=1, max=100_000)
+    idempotency_ttl: float = _key(86400.0, "seconds an Idempotency-Key is remembered", min=1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,11 @@ class ProcessorConfig:
 class NotifierConfig:
     concurrency: int = _key(10, "callbacks delivered at once by one process", min=1)
     deletion_interval: float = _key(180.0, "minutes after a delivered callback before the file is deleted", min=0)
+
+    @property
+    def deletion_delay_ms(self) -> int:
+        """``deletion_interval`` (minutes, the Go service's unit) in milliseconds."""
+        return int(self.deletion_interval * 60_000)
     retry_backoff: float = _key(600.0, "seconds; the Nth retry of a callback waits N * retry_backoff", min=0)
     max_retries: int = _key(2, "retries of a failed callback delivery", min=0)
 
@@ -335,56 +342,90 @@ def _build(cls: Any, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, kind: type) -> Any:
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false (got {value!r})")
-        return value
-    if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number (got {value!r})")
-        if kind is int and value != int(value):
-            raise ConfigError(f"{key}: must be a whole number (got {value!r})")
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-            raise ConfigError(f"{key}: must be {bounds} (got {value!r})")
-        return kind(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string (got {value!r})")
-        return value
-    if kind is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: must be a list (got {value!r})")
-        return list(value)
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: must be a mapping (got {value!r})")
-        return dict(value)
-    raise AssertionError(kind)  # pragma: no cover - schema uses only the kinds above
+    try:
+        coerce = _COERCERS[kind]
+    except KeyError:  # pragma: no cover - the schema uses only the kinds below
+        raise AssertionError(kind) from None
+    return coerce(key, value, f, kind)
+
+
+def _as_bool(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false (got {value!r})")
+    return value
+
+
+def _as_number(key: str, value: Any, f: dataclasses.Field, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: must be a number (got {value!r})")
+    if kind is int and value != int(value):
+        raise ConfigError(f"{key}: must be a whole number (got {value!r})")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{key}: must be {bounds} (got {value!r})")
+    return kind(value)
+
+
+def _as_str(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string (got {value!r})")
+    return value
+
+
+def _as_list(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> list:
+    if isinstance(value, str):  # from the environment: comma-separated
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be a list (got {value!r})")
+    return list(value)
+
+
+def _as_dict(key: str, value: Any, _f: dataclasses.Field, _kind: type) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping (got {value!r})")
+    return dict(value)
+
+
+_COERCERS = {bool: _as_bool, int: _as_number, float: _as_number, str: _as_str, list: _as_list, dict: _as_dict}
 
 
 def _check_relations(cfg: Config) -> None:
     """Checks that involve more than one key or a value's inner shape."""
-    url = cfg.redis.url
+    _check_redis(cfg.redis)
+    if cfg.processor.disk.low > cfg.processor.disk.high:
+        raise ConfigError("processor.disk.low: must not be above processor.disk.high")
+    _check_filestorage(cfg.processor.filestorage)
+    if urlsplit(cfg.processor.download_url).scheme not in ("http", "https"):
+        raise ConfigError(f"processor.download_url: must be an http(s) URL (got {cfg.processor.download_url!r})")
+    for name, value in cfg.processor.request_headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"processor.request_headers.{name}: header values must be strings")
+    _check_engine(cfg.http.engine)
+    timeout = cfg.backends.http.get("timeout", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
+    _check_security(cfg.security)
+
+
+def _check_redis(redis: RedisConfig) -> None:
+    url = redis.url
     if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
-    if cfg.redis.sentinel and not cfg.redis.master_name:
+    if redis.sentinel and not redis.master_name:
         raise ConfigError("redis.master_name: required when redis.sentinel is set")
     for key in ("sentinel", "cluster_nodes"):
-        for addr in getattr(cfg.redis, key):
+        for addr in getattr(redis, key):
             host, _, port = str(addr).rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError(f"redis.{key}: {addr!r} is not host:port")
-    if cfg.redis.cluster_nodes and cfg.redis.sentinel:
+    if redis.cluster_nodes and redis.sentinel:
         raise ConfigError("redis.cluster_nodes: a Redis Cluster has no sentinels; set one of the two")
-    if cfg.redis.cluster_nodes and cfg.redis.wait_replicas:
+    if redis.cluster_nodes and redis.wait_replicas:
         raise ConfigError("redis.wait_replicas: not supported with redis.cluster_nodes (WAIT names no key)")
-    if cfg.processor.disk.low > cfg.processor.disk.high:
-        raise ConfigError("processor.disk.low: must not be above processor.disk.high")
-    fs = cfg.processor.filestorage
+
+
+def _check_filestorage(fs: dict) -> None:
     kind = fs.get("type")
     if kind == "filesystem":
         _known_keys("processor.filestorage", fs, ("type", "rootdir"), "filesystem")
@@ -397,28 +438,26 @@ def _check_relations(cfg: Config) -> None:
         for name in ("bucket", "region"):
             if not isinstance(fs.get(name), str) or not fs[name]:
                 raise ConfigError(f"processor.filestorage.{name}: required for s3 storage")
-        endpoint = fs.get("endpoint_url")
-        if endpoint is not None and endpoint != "" and (
-                not isinstance(endpoint, str) or urlsplit(endpoint).scheme not in ("http", "https")
-                or not urlsplit(endpoint).hostname):
-            raise ConfigError(f"processor.filestorage.endpoint_url: must be an http(s) URL (got {endpoint!r})")
+        _check_endpoint(fs.get("endpoint_url"))
     else:
         raise ConfigError(f"processor.filestorage.type: must be filesystem or s3 (got {kind!r})")
-    if urlsplit(cfg.processor.download_url).scheme not in ("http", "https"):
-        raise ConfigError(f"processor.download_url: must be an http(s) URL (got {cfg.processor.download_url!r})")
-    for name, value in cfg.processor.request_headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise ConfigError(f"processor.request_headers.{name}: header values must be strings")
-    _check_engine(cfg.http.engine)
-    timeout = cfg.backends.http.get("timeout", 30)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ConfigError(f"backends.http.timeout: must be a number > 0 (got {timeout!r})")
-    for cidr in cfg.security.allowed_networks:
+
+
+def _check_endpoint(endpoint: Any) -> None:
+    if endpoint is None or endpoint == "":
+        return
+    if not isinstance(endpoint, str) or urlsplit(endpoint).scheme not in ("http", "https") \
+            or not urlsplit(endpoint).hostname:
+        raise ConfigError(f"processor.filestorage.endpoint_url: must be an http(s) URL (got {endpoint!r})")
+
+
+def _check_security(security: SecurityConfig) -> None:
+    for cidr in security.allowed_networks:
         try:
             ipaddress.ip_network(str(cidr), strict=False)
         except ValueError as exc:
             raise ConfigError(f"security.allowed_networks: {cidr!r} is not a CIDR") from exc
-    for token in cfg.security.api_tokens:
+    for token in security.api_tokens:
         if not isinstance(token, str) or not token:
             raise ConfigError("security.api_tokens: tokens must be non-empty strings")
 

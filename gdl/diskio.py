@@ -20,11 +20,14 @@ import os
 import tempfile
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import gevent
 import gevent.threadpool
 from gevent.event import AsyncResult
+
+from gdl.errors import StartupError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -251,6 +254,18 @@ class Writeback:
         self.queued -= 1
         if isinstance(result.value, _Raised):  # a hint that failed: worth a line, not a traceback
             log.warning("disk: writeback request failed: %s", result.value.error)
+
+
+def check_writable(key: str, path: str) -> None:
+    """Create ``path`` if needed and prove we can write there, or fail naming ``key``
+    (:class:`~gdl.errors.StartupError`). A startup check: it runs on the hub."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".gdl-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"{key}: {path} is not writable: {exc.strerror or exc}") from exc
 
 
 def _libc_function(name: str) -> Any:

@@ -4,7 +4,7 @@
 (:mod:`gdl.http`: ``curl`` or ``requests``, ``http.engine``) for one proxy
 (or none); :class:`Downloaders` shares it between every aggregation pool of
 a process that uses that proxy. :meth:`Downloader.fetch` streams the body,
-exactly as served, into a temp file in ``storage_dir``, checking the job's
+exactly as served, into a temp file in the scratch directory (``processor.storage_dir``), checking the job's
 mime patterns on the first bytes and reading the image size at the end. It
 returns a :class:`Fetched` or raises a :class:`~gdl.errors.DownloadError`
 subclass; on every failure the temp file is gone. Where the file goes next
@@ -88,11 +88,11 @@ class Downloader:
     proxy is checked here as far as its URL shows.
     """
 
-    def __init__(self, *, proxy: str, default_headers: dict[str, str], storage_dir: str, chunk_size: int,
+    def __init__(self, *, proxy: str, default_headers: dict[str, str], scratch_dir: str, chunk_size: int,
                  max_bytes: int = 0, max_redirects: int = 10, guard: AddressGuard | None = None,
                  pool_size: int = 10, hosts: int = 10, engine: str = DEFAULT_ENGINE,
                  ca_bundle: str | None = None):
-        self.storage_dir = storage_dir
+        self.scratch_dir = scratch_dir  # partial downloads: processor.storage_dir
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
@@ -136,7 +136,7 @@ class Downloader:
             # A body declared to fit one chunk stays in memory: the storage then
             # writes it in one trip to the threadpool, not two.
             small = declared is not None and declared <= self.chunk_size
-            attempt.temp = _TempFile(self.storage_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
+            attempt.temp = _TempFile(self.scratch_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
             found_mime = self._stream_body(job, response, declared, attempt.temp)
             body = attempt.temp.finish()
         size = attempt.temp.size

@@ -1,8 +1,11 @@
 """The error tree: every failure gdl reasons about is a type.
 
-Whether a download failure is retried, and whether it counts as an attempt,
-is decided here by class attributes (and, for HTTP answers, the status code),
-never by matching message text:
+Whether a failure is retried, and whether it counts as an attempt, is
+decided here, never by matching message text. It is said one way: every
+error has the instance attributes ``retriable`` (and, for downloads,
+``internal``), set when it is made; a class's usual answer is its
+``RETRIABLE`` / ``INTERNAL`` constant, and an error whose answer depends on
+the case (an HTTP status, an S3 error, a callback's failure) is given it:
 
 - ``retriable``: the same request may succeed later (5xx, 429, a dropped
   connection, a body cut short, a timeout). Retried up to the job's
@@ -49,14 +52,17 @@ class DownloadError(GdlError):
     ``retry_after`` is the earliest retry the server asked for, in seconds.
     """
 
-    retriable = False
-    internal = False
+    RETRIABLE = False  # a class's usual answer; each instance says its own in ``retriable``
+    INTERNAL = False
     phase = "request"
 
-    def __init__(self, message: str, *, response_code: int = 0, retry_after: float | None = None):
+    def __init__(self, message: str, *, response_code: int = 0, retry_after: float | None = None,
+                 retriable: bool | None = None, internal: bool | None = None):
         super().__init__(message)
         self.response_code = response_code
         self.retry_after = retry_after
+        self.retriable: bool = self.RETRIABLE if retriable is None else retriable
+        self.internal: bool = self.INTERNAL if internal is None else internal
 
 
 class HTTPStatusError(DownloadError):
@@ -64,30 +70,27 @@ class HTTPStatusError(DownloadError):
 
     def __init__(self, status: int, reason: str = "", *, retry_after: float | None = None):
         text = f"Received status code {status}" + (f" {reason}" if reason else "")
-        super().__init__(text, response_code=status, retry_after=retry_after)
-
-    @property
-    def retriable(self) -> bool:  # type: ignore[override]
-        return self.response_code >= 500 or self.response_code == 429
+        super().__init__(text, response_code=status, retry_after=retry_after,
+                         retriable=status >= 500 or status == 429)
 
 
 class ConnectionFailed(DownloadError):
     """The connection could not be made or broke before a response arrived."""
 
-    retriable = True
+    RETRIABLE = True
 
 
 class TruncatedBody(DownloadError):
     """The body ended before Content-Length, or the connection dropped mid-body."""
 
-    retriable = True
+    RETRIABLE = True
     phase = "body"
 
 
 class DownloadTimeout(DownloadError):
     """The whole download took longer than its deadline."""
 
-    retriable = True
+    RETRIABLE = True
     phase = "body"
 
 
@@ -131,8 +134,8 @@ class InvalidImage(DownloadError):
 class StorageError(DownloadError):
     """Writing or moving the file failed on our side: retried, not counted."""
 
-    retriable = True
-    internal = True
+    RETRIABLE = True
+    INTERNAL = True
     phase = "storage"
 
 
@@ -143,7 +146,7 @@ class UnexpectedError(DownloadError):
     cannot retry a job forever.
     """
 
-    retriable = True
+    RETRIABLE = True
 
 
 class CallbackError(GdlError):
@@ -174,9 +177,7 @@ class S3StorageError(StorageError):
     """
 
     def __init__(self, message: str, *, retriable: bool, internal: bool):
-        super().__init__(message)
-        self.retriable = retriable
-        self.internal = internal
+        super().__init__(message, retriable=retriable, internal=internal)
 
 
 class UnknownTopic(CallbackError):

@@ -24,8 +24,9 @@ import math
 import re
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,11 +73,31 @@ def is_valid_id(value: str) -> bool:
     return bool(ID_RE.fullmatch(value))  # fullmatch: ``$`` alone also matches before a final newline
 
 
+class JobState(StrEnum):
+    """Where a job's download stands (its ``state``)."""
+
+    QUEUED = "queued"  # in its aggregation's queue, due now or later (a retry)
+    IN_FLIGHT = "in_flight"  # taken by a pool: in the in-flight set, with a deadline
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class CallbackState(StrEnum):
+    """Where a job's callback stands (its ``callback_state``)."""
+
+    WAITING = ""  # the download has not ended yet
+    NONE = "none"  # no callback asked for (the job stores into its own S3 bucket)
+    QUEUED = "queued"  # in the callback queue, due now or later (a retry)
+    IN_FLIGHT = "in_flight"  # taken by a notifier
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up on: listed in callbacks:failed for POST /retry
+
+
 @dataclass
 class Status:
     """A job's progress: written only by the scripts of :mod:`gdl.store`."""
 
-    state: str = "queued"
+    state: JobState = JobState.QUEUED
     attempts: int = 0
     error: str = ""
     response_code: int = 0
@@ -84,7 +105,7 @@ class Status:
     image_size: str = ""
     mime: str = ""
     finished_at: int = 0
-    callback_state: str = ""
+    callback_state: CallbackState = CallbackState.WAITING
     callback_attempts: int = 0
     callback_error: str = ""
     callback_code: int = 0
@@ -120,7 +141,7 @@ class Job:
 
     @property
     def succeeded(self) -> bool:
-        return self.status.state == "succeeded"
+        return self.status.state is JobState.SUCCEEDED
 
     def to_hash(self) -> dict[str, str]:
         """The flat string mapping stored in ``job:<id>`` (spec and status).
@@ -143,9 +164,8 @@ class Job:
             if f.name == "status" or f.name not in data:
                 continue
             kwargs[f.name] = _from_field(f.name, data[f.name])
-        status = Status(**{  # type: ignore[arg-type]  # each field gets its own type, which mypy cannot follow
-            f.name: (int(data[f.name] or 0) if isinstance(f.default, int) else data[f.name])
-            for f in fields(Status) if f.name in data
+        status = Status(**{
+            name: _STATUS_READERS[name](data[name]) for name in _STATUS_FIELDS if name in data
         })
         return cls(status=status, **kwargs)
 
@@ -160,6 +180,17 @@ _SPEC_FIELDS = tuple(f.name for f in fields(Job) if f.name != "status")
 _STATUS_FIELDS = tuple(f.name for f in fields(Status))
 _SPEC_DEFAULTS = {name: getattr(Job(id="", url="", aggr_id="", aggr_limit=0), name) for name in _SPEC_FIELDS}
 _STATUS_DEFAULTS = {name: getattr(Status(), name) for name in _STATUS_FIELDS}
+
+
+def _int_field(raw: str) -> int:
+    return int(raw or 0)
+
+
+# How each status field is read back from its hash string.
+_STATUS_READERS: dict[str, Callable[[str], Any]] = {
+    name: JobState if name == "state" else CallbackState if name == "callback_state"
+    else _int_field if isinstance(default, int) else str
+    for name, default in _STATUS_DEFAULTS.items()}
 
 
 def status_fields(**values: Any) -> dict[str, str]:

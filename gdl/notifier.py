@@ -25,14 +25,15 @@ import gevent.event
 
 from gdl import callback, sentry
 from gdl.backends import Backend
+from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.errors import CallbackError, StoreUnavailable, UndefinedBackend, UnknownTopic
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job
 from gdl.lease import Keeper
-from gdl.pool import TakingPool
 from gdl.stats import NotifierStats
 from gdl.store import CALLBACKS, Store, Taken, now_ms
+from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,11 @@ class Notifier(TakingPool):
     kind = CALLBACKS
 
     def __init__(self, store: Store, cfg: Config, keeper: Keeper, backends: dict[str, Backend], *,
-                 stats: NotifierStats, storages: Storages | None = None, clock: Callable[[], int] = now_ms):
+                 stats: NotifierStats, filestorages: FileStorages | None = None, clock: Callable[[], int] = now_ms):
         super().__init__(size=cfg.notifier.concurrency, keeper=keeper, clock=clock, logger=log)
         self.store = store
         self.cfg = cfg.notifier
-        self.storages = storages or Storages.from_config(cfg)  # the stored files' URLs
+        self.filestorages = filestorages or FileStorages.from_config(cfg)  # the stored files' URLs
         self.sweep_interval = cfg.processor.scan_interval
         self.backends = backends
         self.stats = stats
@@ -91,14 +92,14 @@ class Notifier(TakingPool):
         backend = self.backends.get(job.callback_type)
         if backend is None:
             raise UndefinedBackend(job.callback_type)
-        url = self.storages.url_for(job) if job.succeeded else ""
+        url = self.filestorages.url_for(job) if job.succeeded else ""
         body = callback.encode(callback.payload(job, download_url=url))
         return backend.notify(job.callback_dst, body)
 
     def _delivered(self, job: Job, status: int, started: float) -> None:
         now = self.clock()
         attempts = job.status.callback_attempts + 1
-        delete_at = now + int(self.cfg.deletion_interval * 60_000)
+        delete_at = now + self.cfg.deletion_delay_ms
         log.info("job %s: callback delivered to %s (%d) in %.0f ms", job.id, job.callback_dst, status,
                  (time.monotonic() - started) * 1000)
         self.stats.incr("successful")
@@ -116,7 +117,7 @@ class Notifier(TakingPool):
         elif isinstance(err, UnknownTopic):
             self.stats.incr("kafka_unknown_topic")
         if err.retriable and attempts <= self.cfg.max_retries:
-            delay = attempts * self.cfg.retry_backoff
+            delay = retry_delay(attempts, self.cfg.retry_backoff)
             due = now + int(delay * 1000)
             log.info("job %s: %s; retry %d of %d in %.0fs", job.id, err, attempts, self.cfg.max_retries, delay)
             self.stats.incr("retried")
@@ -129,7 +130,7 @@ class Notifier(TakingPool):
         self.stats.incr("failed")
         entry["outcome"] = "failed"
         self.settle("callback failure", job, lambda: self.store.callback_failed(
-            job, self.keeper.owner, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
+            job, self.keeper.owner, now=now, log_entry=entry, callback_attempts=attempts, callback_error=str(err),
             callback_code=err.status, callback_due_at=0))
 
     def _put_back(self, job: Job) -> None:

@@ -1,10 +1,5 @@
-"""Pools: a gevent ``Pool`` fed from a Redis queue, one per aggregation.
-
-:class:`TakingPool` is the loop shared by the processor's aggregation pools
-and the notifier: wait for a free slot, take at most that many due jobs into
-the in-flight set (one script, so Redis always knows who holds what), spawn
-one greenlet per job, and sleep on a wake event until the next job is due.
-It never runs more greenlets than its size.
+"""Aggregation pools: one per aggregation, fed from its Redis queue by the
+taking loop of :mod:`gdl.taking`.
 
 :class:`AggregationPool` is one aggregation: its size is the aggregation's
 ``aggr_limit``, it owns the aggregation's lease (claimed by the scanner),
@@ -27,21 +22,19 @@ import gevent.event
 import gevent.pool
 
 from gdl import sentry
-from gdl.backoff import Backoff
+from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
-from gdl.filestorage import Storages
-from gdl.job import Job
+from gdl.filestorage import FileStorages
+from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, Settled, Store, Taken
+from gdl.store import DOWNLOADS, Store, Taken
+from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
-
-MAX_WAIT = 5.0  # longest sleep between looks at the queue when nothing wakes us
-
 
 class AggrLog(logging.LoggerAdapter):
     """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
@@ -50,153 +43,21 @@ class AggrLog(logging.LoggerAdapter):
         return f"aggr {(self.extra or {})['aggr_id']}: {msg}", kwargs
 
 
-class TakingPool:
-    """Feeds a ``gevent.pool.Pool`` of ``size`` from an in-flight-taking script."""
-
-    kind = DOWNLOADS
-
-    def __init__(self, *, size: int, keeper: Keeper, clock: Callable[[], int],
-                 idle_timeout: float | None = None, gate: gevent.event.Event | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter = log):
-        self.pool = gevent.pool.Pool(size)
-        self.size = size
-        self.keeper = keeper
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.gate = gate
-        self.log = logger
-        self._wake = gevent.event.Event()
-        self.stopping = False
-
-    # The two operations a concrete pool supplies.
-    def take(self, now: int, count: int) -> Taken:
-        raise NotImplementedError
-
-    def handle(self, job: Job) -> None:
-        raise NotImplementedError
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop taking work; greenlets in flight carry on (see :meth:`interrupt`)."""
-        self.stopping = True
-        self._wake.set()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the greenlets in flight to finish; True when none is left."""
-        return self.pool.join(timeout=timeout)
-
-    def interrupt(self, timeout: float) -> None:
-        """Kill greenlets in flight: each puts its job back as it dies."""
-        self.pool.kill(block=True, timeout=timeout)
-
-    @property
-    def busy(self) -> int:
-        return len(self.pool)
-
-    def run(self) -> None:
-        idle_since: float | None = None
-        backoff = Backoff()
-        while not self.stopping:
-            if not self._gate_open():
-                self._wait_for_gate()
-                continue
-            self.pool.wait_available()
-            # A pause (disk, shutdown, a lost lease) may have begun while we
-            # waited for a slot: it holds at the moment of taking.
-            if self.stopping or not self._gate_open():
-                continue
-            now = self.clock()
-            self._wake.clear()  # before taking, so a wake during the take is not lost
-            try:
-                taken = self.take(now, self.pool.free_count())
-            except StoreUnavailable:  # logged once per outage by the store
-                self._wake.wait(backoff.next())
-                continue
-            backoff.reset()
-            if taken.lease_lost:
-                self.log.warning("lease no longer held by this process: taking nothing more")
-                self.stopping = True
-                break
-            if taken.limit is not None and taken.limit != self.size:
-                self.log.info("limit changed from %d to %d: ending this pool to start one of the new size",
-                              self.size, taken.limit)
-                self.stopping = True
-            for job in taken.jobs:
-                self.keeper.hold(self.kind, job.id)
-                self.pool.spawn(self._handle_held, job)
-            if taken.jobs:
-                idle_since = None
-                continue
-            if self.busy:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            if self._idle_for_too_long(idle_since):
-                break
-            self._wake.wait(self._sleep_for(now, taken.next_due, idle_since))
-        self.pool.join()
-
-    def _gate_open(self) -> bool:
-        return self.gate is None or self.gate.is_set()
-
-    def _wait_for_gate(self) -> None:
-        """Until the gate opens or :meth:`stop` (which sets the wake event) is called."""
-        if self.gate is not None:
-            self._wake.clear()
-            if not self.stopping:
-                gevent.wait([self.gate, self._wake], count=1, timeout=MAX_WAIT)
-
-    def _idle_for_too_long(self, idle_since: float | None) -> bool:
-        return (self.idle_timeout is not None and idle_since is not None
-                and time.monotonic() - idle_since >= self.idle_timeout)
-
-    def _sleep_for(self, now: int, next_due: int | None, idle_since: float | None) -> float:
-        timeout = MAX_WAIT
-        if next_due is not None:
-            timeout = min(timeout, max(0.0, (next_due - now) / 1000))
-        if self.idle_timeout is not None and idle_since is not None:
-            timeout = min(timeout, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)))
-        return timeout
-
-    def _handle_held(self, job: Job) -> None:
-        try:
-            self.handle(job)
-        finally:
-            self.keeper.drop(self.kind, job.id)
-
-    def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
-        """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
-        backoff = Backoff()
-        while True:
-            try:
-                settled = write()
-                if not settled:
-                    self.log.warning("job %s: %s not recorded, %s", job.id, what, settled.value)
-                return
-            except StoreUnavailable:
-                if self.stopping:
-                    self.log.warning("job %s: %s left to the sweep, redis unavailable", job.id, what)
-                    return
-                gevent.sleep(backoff.next())
-
-
 class AggregationPool(TakingPool):
     """One aggregation's downloads, at most ``aggr_limit`` at once."""
 
     kind = DOWNLOADS
 
     def __init__(self, aggr_id: str, limit: int, proxy: str, *, store: Store, cfg: Config, keeper: Keeper,
-                 storages: Storages, downloaders: Downloaders, stats: ProcessorStats,
+                 filestorages: FileStorages, downloaders: Downloaders, stats: ProcessorStats,
                  gate: gevent.event.Event | None, clock: Callable[[], int]):
         super().__init__(size=limit, keeper=keeper, clock=clock, idle_timeout=cfg.processor.pool_idle_timeout,
                          gate=gate, logger=AggrLog(log, {"aggr_id": aggr_id}))
         self.aggr_id = aggr_id
         self.store = store
         self.cfg = cfg.processor
-        self.deletion_interval = cfg.notifier.deletion_interval
-        self.storages = storages
+        self.deletion_delay_ms = cfg.notifier.deletion_delay_ms
+        self.filestorages = filestorages
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
@@ -255,7 +116,7 @@ class AggregationPool(TakingPool):
             self._downloading.discard(current)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
-        storage = self.storages.for_job(job)
+        storage = self.filestorages.for_job(job)
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job)
             return
@@ -275,7 +136,7 @@ class AggregationPool(TakingPool):
                            bytes=fetched.size)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-            state="succeeded", attempts=attempts, error="",
+            state=JobState.SUCCEEDED, attempts=attempts, error="",
             response_code=fetched.response_code, bytes=fetched.size, image_size=fetched.image_size,
             mime=fetched.mime, finished_at=now))
 
@@ -293,9 +154,7 @@ class AggregationPool(TakingPool):
         entry = _log_entry(outcome, now, attempts, started, response_code=err.response_code, error=str(err),
                            phase=err.phase)
         if retry:
-            delay = max(attempts, 1) * self.cfg.retry_backoff
-            if err.retry_after is not None:
-                delay = max(delay, err.retry_after)
+            delay = retry_delay(attempts, self.cfg.retry_backoff, at_least=err.retry_after)
             due = now + int(delay * 1000)
             which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
@@ -307,12 +166,12 @@ class AggregationPool(TakingPool):
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry,
-                state="failed", attempts=attempts,
+                state=JobState.FAILED, attempts=attempts,
                 error=str(err), response_code=err.response_code, finished_at=now))
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""
-        return now + int(self.deletion_interval * 60_000)
+        return now + self.deletion_delay_ms
 
     def _put_back(self, job: Job) -> None:
         """Interrupted (shutdown, or a lease that may lapse): due now again, no attempt counted."""
@@ -342,7 +201,7 @@ def shared_downloaders(cfg: Config) -> Downloaders:
 
     def make(proxy: str) -> Downloader:
         return Downloader(proxy=proxy, default_headers=cfg.processor.request_headers,
-                          storage_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
+                          scratch_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
                           guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
                           engine=cfg.http.engine)

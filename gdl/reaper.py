@@ -6,7 +6,7 @@ deletes each file from its job's storage, then forgets the jobs in one script.
 Deleting is idempotent, so a crash between the two steps only means the
 next pass deletes an already missing file.
 
-The storage is the job's (:meth:`gdl.filestorage.Storages.for_job`), read
+The storage is the job's (:meth:`gdl.filestorage.FileStorages.for_job`), read
 from the job's record, which is still there until ``forget``. A file in the
 caller's own bucket (``s3_bucket``) is the caller's: it is left there and
 only the job is forgotten, as the Go service did.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import gevent.event
 
 from gdl.errors import StorageError, StoreUnavailable
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.job import Job
 from gdl.stats import Stats
 from gdl.store import Store, now_ms
@@ -31,10 +31,10 @@ BATCH = 500
 
 
 class Reaper:
-    def __init__(self, store: Store, storages: Storages, stats: Stats, *, interval: float,
+    def __init__(self, store: Store, filestorages: FileStorages, stats: Stats, *, interval: float,
                  clock: Callable[[], int] = now_ms):
         self.store = store
-        self.storages = storages
+        self.filestorages = filestorages
         self.stats = stats
         self.interval = interval
         self.clock = clock
@@ -58,7 +58,7 @@ class Reaper:
         due = self.store.due_deletions(now=now, limit=BATCH)
         done = []
         for job_id in due:
-            storage = self.storages.for_job(self._job(job_id))
+            storage = self.filestorages.for_job(self._job(job_id))
             if not storage.owned:
                 log.info("job %s: file left in the caller's bucket", job_id)
                 done.append(job_id)

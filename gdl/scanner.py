@@ -38,11 +38,11 @@ import gevent.pool
 
 from gdl.config import Config
 from gdl.errors import StoreUnavailable
-from gdl.filestorage import Storages
+from gdl.filestorage import FileStorages
 from gdl.lease import Keeper
 from gdl.pool import AggregationPool, shared_downloaders
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, OVER_SHARE, Store, now_ms
+from gdl.store import DOWNLOADS, ClaimOutcome, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,19 @@ REGISTRATION_SCANS = 3
 
 
 class Scanner:
-    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, storages: Storages,
-                 stats: ProcessorStats, healthy: gevent.event.Event, clock: Callable[[], int] = now_ms):
+    def __init__(self, store: Store, cfg: Config, keeper: Keeper, *, filestorages: FileStorages,
+                 stats: ProcessorStats, healthy: gevent.event.Event, clock: Callable[[], int] = now_ms,
+                 pool_class: type[AggregationPool] = AggregationPool):
         self.store = store
         self.cfg = cfg
         self.keeper = keeper
-        self.storages = storages
+        self.filestorages = filestorages
         self.downloaders = shared_downloaders(cfg)
         self.stats = stats
         self.healthy = healthy
         self.clock = clock
+        self.monotonic = keeper.monotonic  # one driven clock for leases and deferrals in tests
+        self.pool_class = pool_class
         self.pools: dict[str, AggregationPool] = {}
         self.slots = 0  # the sizes of self.pools added up (fair claims), kept as pools start and end
         self.group = gevent.pool.Group()
@@ -139,7 +142,7 @@ class Scanner:
         if next_due is not None and next_due > now:
             timeout = (next_due - now) / 1000
         if self._deferred:
-            timeout = min(timeout, max(0.0, min(self._deferred.values()) - time.monotonic()))
+            timeout = min(timeout, max(0.0, min(self._deferred.values()) - self.monotonic()))
         return timeout
 
     def _register(self, now: int, claiming: bool) -> None:
@@ -152,7 +155,7 @@ class Scanner:
 
     def _claim_deferred(self, now: int) -> None:
         """Claim, whatever the shares, what this process left to others that nobody took."""
-        clock = time.monotonic()
+        clock = self.monotonic()
         ripe = [aggr_id for aggr_id, at in self._deferred.items() if at <= clock]
         for aggr_id in ripe:
             del self._deferred[aggr_id]
@@ -178,15 +181,15 @@ class Scanner:
         sent = self.keeper.monotonic()
         claimed = self.store.claim(aggr_id, self.keeper.owner, self.keeper.ttl_ms, now=now, slots=self.slots,
                                    fair=fair)
-        if claimed is OVER_SHARE:
+        if claimed.outcome is ClaimOutcome.OVER_SHARE:
             log.debug("aggr %s: left to a processor below its share for %.2fs", aggr_id, FAIR_SHARE_WAIT)
-            self._deferred[aggr_id] = time.monotonic() + FAIR_SHARE_WAIT
+            self._deferred[aggr_id] = self.monotonic() + FAIR_SHARE_WAIT
             return
-        if not isinstance(claimed, tuple):  # another process runs it, or it has no record: nothing to run
+        if not claimed:  # another process runs it, or it has no record: nothing to run
             return
-        limit, proxy = claimed
-        pool = AggregationPool(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
-                               storages=self.storages, downloaders=self.downloaders, stats=self.stats,
+        limit, proxy = claimed.limit, claimed.proxy
+        pool = self.pool_class(aggr_id, limit, proxy, store=self.store, cfg=self.cfg, keeper=self.keeper,
+                               filestorages=self.filestorages, downloaders=self.downloaders, stats=self.stats,
                                gate=self.healthy, clock=self.clock)
         self.keeper.hold_lease(aggr_id, sent)
         self.pools[aggr_id] = pool

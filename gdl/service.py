@@ -22,7 +22,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import gevent
 import gevent.event
@@ -32,39 +31,27 @@ from gdl import __version__, sentry
 from gdl.api import API, make_server
 from gdl.backends import from_config as backends_from_config
 from gdl.config import Config
-from gdl.diskcheck import DiskChecker
+from gdl.diskio import check_writable
 from gdl.errors import StartupError, StoreUnavailable
-from gdl.filestorage import FileStorage, Storages
+from gdl.filestorage import FileStorage, FileStorages
 from gdl.lease import Keeper
 from gdl.notifier import Notifier
-from gdl.reaper import Reaper
+from gdl.processor import Processor
 from gdl.redis_server import EmbeddedRedis
 from gdl.scanner import Scanner
-from gdl.stats import NotifierStats, ProcessorStats, Reporter, Stats
-from gdl.store import WAKE_AGGR, WAKE_CALLBACKS, Store, now_ms
+from gdl.stats import NotifierStats, Reporter, Stats
+from gdl.store import WAKE_CALLBACKS, Store, now_ms
 from gdl.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
 ROLES = ("api", "processor", "notifier")
 SHUTDOWN_DEADLINE = 10.0
-REAPER_INTERVAL = 1.0
 
 
 def process_token() -> str:
     """Names this process in leases, in-flight records and stats."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def check_writable(key: str, path: str) -> None:
-    """Create ``path`` if needed and prove we can write there, or fail naming ``key``."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".gdl-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StartupError(f"{key}: {path} is not writable: {exc.strerror or exc}") from exc
 
 
 class Service:
@@ -79,7 +66,7 @@ class Service:
         self.greenlets: list[gevent.Greenlet] = []
         self.stopped = gevent.event.Event()
         self._signals = 0
-        self.scanner: Scanner | None = None
+        self.processor: Processor | None = None
         self.notifier: Notifier | None = None
         self.server: WSGIServer | None = None
         self.helpers: list = []
@@ -112,15 +99,15 @@ class Service:
             self._start_api(storage.default)
         log.info("gdl %s: started %s as %s (config %s)", __version__, ", ".join(self.roles), self.token, cfg.source)
 
-    def _storage(self) -> Storages:
+    def _storage(self) -> FileStorages:
         if "processor" in self.roles:
             check_writable("processor.storage_dir", self.cfg.processor.storage_dir)
         if self.cfg.processor.filestorage.get("type") == "filesystem" and {"processor", "api"} & set(self.roles):
             check_writable("processor.filestorage.rootdir", self.cfg.processor.filestorage["rootdir"])
-        storages = Storages.from_config(self.cfg)
+        filestorages = FileStorages.from_config(self.cfg)
         if "processor" in self.roles:
-            storages.default.check()
-        return storages
+            filestorages.default.check()
+        return filestorages
 
     def _connect(self) -> Store:
         rcfg = self.cfg.redis
@@ -156,28 +143,22 @@ class Service:
         if renamed:
             log.info("redis: %d key(s) of the earlier layout renamed with the {gdl} hash tag", renamed)
 
-    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
-        cfg, store = self.cfg, self.store
-        assert store is not None
-        stats = ProcessorStats()
-        disk = DiskChecker(cfg.processor.storage_dir, high=cfg.processor.disk.high, low=cfg.processor.disk.low,
-                           interval=cfg.processor.disk.interval, stats=stats)
-        self.scanner = Scanner(store, cfg, keeper, storages=storages, stats=stats, healthy=disk.healthy,
-                               clock=self.clock)
-        reaper = Reaper(store, storages, stats, interval=REAPER_INTERVAL, clock=self.clock)
-        wakeup.on(WAKE_AGGR, self.scanner.on_wake)
-        disk.check_once()
-        self.helpers += [disk, reaper]
-        self._spawn("disk", disk.run)
-        self._spawn("reaper", reaper.run)
-        self._spawn("scanner", self.scanner.run)
-        return stats
+    def _start_processor(self, keeper: Keeper, wakeup: Wakeup, filestorages: FileStorages) -> Stats:
+        assert self.store is not None
+        self.processor = Processor(self.store, self.cfg, keeper, filestorages, clock=self.clock)
+        self.helpers += self.processor.helpers
+        self.processor.start(wakeup, self._spawn)
+        return self.processor.stats
 
-    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup, storages: Storages) -> Stats:
+    @property
+    def scanner(self) -> Scanner | None:
+        return self.processor.scanner if self.processor else None
+
+    def _start_notifier(self, keeper: Keeper, wakeup: Wakeup, filestorages: FileStorages) -> Stats:
         assert self.store is not None
         stats = NotifierStats()
         self.notifier = Notifier(self.store, self.cfg, keeper, backends_from_config(self.cfg), stats=stats,
-                                 storages=storages, clock=self.clock)
+                                 filestorages=filestorages, clock=self.clock)
         wakeup.on(WAKE_CALLBACKS, self.notifier.on_wake)
         self._spawn("notifier", self.notifier.run)
         return stats
@@ -240,15 +221,15 @@ class Service:
         def left() -> float:
             return max(0.5, deadline - (time.monotonic() - started) - 1.0)
 
-        if self.scanner:
-            self.scanner.stop()
+        if self.processor:
+            self.processor.stop()
         if self.notifier:
             self.notifier.stop()
         if self.server:
             self.server.close()  # stop accepting; requests in progress finish below
         self._drain(min(self.cfg.processor.shutdown_grace, left()))
-        if self.scanner:
-            self.scanner.interrupt(timeout=left() / 2)
+        if self.processor:
+            self.processor.interrupt(timeout=left() / 2)
         if self.notifier:
             self.notifier.interrupt(timeout=left() / 2)
         if self.server:
@@ -267,7 +248,7 @@ class Service:
         log.info("gdl: stopped in %.1fs", time.monotonic() - started)
 
     def _busy(self) -> int:
-        return (self.scanner.busy if self.scanner else 0) + (self.notifier.busy if self.notifier else 0)
+        return (self.processor.busy if self.processor else 0) + (self.notifier.busy if self.notifier else 0)
 
     def _drain(self, grace: float) -> None:
         """Let downloads and callbacks in flight finish for up to ``grace`` seconds."""
@@ -276,8 +257,8 @@ class Service:
             return
         log.info("shutdown: letting %d job(s) in flight finish, for up to %gs", busy, grace)
         until = time.monotonic() + grace
-        if self.scanner:
-            self.scanner.drain(timeout=grace)
+        if self.processor:
+            self.processor.drain(timeout=grace)
         if self.notifier:
             self.notifier.drain(timeout=max(0.0, until - time.monotonic()))
         busy = self._busy()

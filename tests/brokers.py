@@ -124,16 +124,28 @@ class KafkaBroker:
         subprocess.run([self.binary, "topic", "create", name, "--broker", f"tcp://{self.address}",
                         "--partitions", str(partitions)], check=True, capture_output=True, timeout=10)
 
+    def topics(self) -> list[str]:
+        """The topics the broker has, from tansu's own CLI."""
+        listed = subprocess.run([self.binary, "topic", "list", "--broker", f"tcp://{self.address}"], check=True,
+                                capture_output=True, timeout=10)
+        return sorted(topic["name"] for topic in json.loads(listed.stdout))
+
     def consume(self, topic: str, *, partition: int = 0, at_least: int = 1, timeout: float = 10.0,
                 settle: float = 0.3) -> list[dict]:
         """The JSON messages of ``topic``'s partition from offset 0: waits for ``at_least``,
         then ``settle`` seconds more so that extra (duplicate) messages show up too."""
+        values = self.values(topic, partition=partition, at_least=at_least, timeout=timeout, settle=settle)
+        return [json.loads(value) for value in values]
+
+    def values(self, topic: str, *, partition: int = 0, at_least: int = 1, timeout: float = 10.0,
+               settle: float = 0.3) -> list[bytes]:
+        """The messages' values as produced, as :meth:`consume` waits for them."""
         from confluent_kafka import Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.address, "group.id": "gdl-tests",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest"})
         consumer.assign([TopicPartition(topic, partition, 0)])
-        messages: list[dict] = []
+        values: list[bytes] = []
         deadline = time.monotonic() + timeout
         settle_until: float | None = None
         try:
@@ -143,9 +155,9 @@ class KafkaBroker:
                     time.sleep(0.02)  # patched: yields to the hub
                     continue
                 assert message.error() is None, message.error()
-                messages.append(json.loads(message.value()))
-                if len(messages) >= at_least and settle_until is None:
+                values.append(message.value())
+                if len(values) >= at_least and settle_until is None:
                     settle_until = time.monotonic() + settle
         finally:
             consumer.close()
-        return messages
+        return values

@@ -247,6 +247,15 @@ def make_config(tmp: Path, redis_url: str, **sections: dict) -> config.Config:
     return config.load(path, environ={})
 
 
+def backend_from_config(directory: Path, kind: str, **sections: dict) -> Any:
+    """The ``kind`` callback backend as gdl makes it from a config file of ``sections`` (not started)."""
+    from gdl.backends import from_config
+
+    path = directory / f"gdl-{kind}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump({"notifier": {"concurrency": 10}, **sections}))
+    return from_config(config.load(path, environ={}))[kind]
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, redis_server: RedisServer, store: Store) -> Callable[..., config.Config]:
     """Configs on this test's directories and on an emptied test Redis."""
@@ -370,3 +379,26 @@ def gdl_process(tmp_path: Path) -> Iterator[Callable[..., GdlProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 server on loopback, one for the session (tests/brokers.py)."""
+    from tests.brokers import MotoServer  # brokers imports this module: not at the top
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty moto, and the AWS chain pointed at test credentials only."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    moto_server.reset()
+    return moto_server

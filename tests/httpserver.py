@@ -143,61 +143,65 @@ class LoopbackServer:
             self._counts[entry.path] += 1
 
 
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves a :class:`LoopbackServer`'s routes (the server is set by :func:`_handler_for`)."""
+
+    protocol_version = "HTTP/1.1"
+    loopback: LoopbackServer
+
+    def do_GET(self) -> None:  # http.server's naming
+        path = urlsplit(self.path).path or "/"
+        self.loopback._record(Recorded(self.command, self.path, path, self.headers, self.client_address[1]))
+        route = self.loopback.routes.get(path) or Route(status=404, body=b"no route\n")
+        try:
+            self._answer(route)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away, e.g. after its deadline
+
+    do_POST = do_GET  # noqa: N815 - http.server's naming
+
+    def _answer(self, route: Route) -> None:
+        self._drain_request_body()
+        self.send_response(route.status)
+        for name, value in route.headers.items():
+            self.send_header(name, value)
+        length = len(route.body) if route.content_length == "auto" else route.content_length
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        elif route.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            route = Route(**{**route.__dict__, "close": True})  # close-delimited body
+        if route.close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self._send_body(route)
+
+    def _send_body(self, route: Route) -> None:
+        if route.chunked and route.content_length is None:
+            half = len(route.body) // 2
+            for part in (route.body[:half], route.body[half:]):
+                if part:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif route.drip_interval > 0:
+            for i in range(len(route.body)):
+                self.wfile.write(route.body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(route.drip_interval)
+        else:
+            self.wfile.write(route.body)
+        self.wfile.flush()
+
+    def _drain_request_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep test output clean
+
+
 def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # http.server's naming
-            path = urlsplit(self.path).path or "/"
-            server._record(Recorded(self.command, self.path, path, self.headers, self.client_address[1]))
-            route = server.routes.get(path) or Route(status=404, body=b"no route\n")
-            try:
-                self._answer(route)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client went away, e.g. after its deadline
-
-        do_POST = do_GET  # noqa: N815 - http.server's naming
-
-        def _answer(self, route: Route) -> None:
-            self._drain_request_body()
-            self.send_response(route.status)
-            for name, value in route.headers.items():
-                self.send_header(name, value)
-            length = len(route.body) if route.content_length == "auto" else route.content_length
-            if length is not None:
-                self.send_header("Content-Length", str(length))
-            elif route.chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                route = Route(**{**route.__dict__, "close": True})  # close-delimited body
-            if route.close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self._send_body(route)
-
-        def _send_body(self, route: Route) -> None:
-            if route.chunked and route.content_length is None:
-                half = len(route.body) // 2
-                for part in (route.body[:half], route.body[half:]):
-                    if part:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-                self.wfile.write(b"0\r\n\r\n")
-            elif route.drip_interval > 0:
-                for i in range(len(route.body)):
-                    self.wfile.write(route.body[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(route.drip_interval)
-            else:
-                self.wfile.write(route.body)
-            self.wfile.flush()
-
-        def _drain_request_body(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # keep test output clean
-
-    return Handler
+    return type("Handler", (_Handler,), {"loopback": server})

@@ -3,8 +3,9 @@
 - :class:`HoldServer` answers ``/hold/<group>/<anything>`` after holding the
   response ``hold`` seconds, and records how many requests of each group
   were in progress at once (the download side of ``aggr_limit``).
-- :class:`CallbackReceiver` records every callback POST and answers with a
-  scripted sequence of status codes per path (then 200).
+- :class:`CallbackReceiver` records every callback POST (parsed, and as the
+  bytes and headers received) and answers with a scripted sequence of status
+  codes per path (then 200); a 3xx sends the client to ``<path>/moved``.
 - :class:`RawServer` answers with whatever bytes a test writes (answers no
   well-behaved server gives) and counts the connections it accepted.
 """
@@ -86,6 +87,8 @@ class CallbackReceiver(_Server):
     def __init__(self, hold: float = 0.0) -> None:
         self.hold = hold
         self.received: dict[str, list[dict]] = defaultdict(list)
+        self.raw: dict[str, list[bytes]] = defaultdict(list)
+        self.headers: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.script: dict[str, list[int]] = {}
         self.current = 0
         super().__init__()
@@ -106,7 +109,11 @@ class CallbackReceiver(_Server):
     def app(self, environ: dict, start_response: Any) -> list[bytes]:
         path = environ["PATH_INFO"]
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = json.loads(environ["wsgi.input"].read(length) or b"null")
+        data = environ["wsgi.input"].read(length)
+        self.raw[path].append(data)
+        self.headers[path].append({name[5:].replace("_", "-").title(): value for name, value in environ.items()
+                                   if name.startswith("HTTP_")} | {"Content-Type": environ.get("CONTENT_TYPE", "")})
+        body = json.loads(data or b"null")
         if self.hold:
             self.current += 1
             try:
@@ -116,7 +123,9 @@ class CallbackReceiver(_Server):
         self.received[path].append(body)
         pending = self.script.get(path)
         status = pending.pop(0) if pending else 200
-        start_response(f"{status} X", [("Content-Length", "0")])
+        # A redirect points at ``<path>/moved``: a client that followed it would show up there.
+        location = [("Location", path + "/moved")] if 300 <= status < 400 else []
+        start_response(f"{status} X", [("Content-Length", "0"), *location])
         return []
 
 

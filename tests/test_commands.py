@@ -89,7 +89,8 @@ def test_unknown_role_or_command_is_a_usage_error(cfg_path: Path) -> None:
 def test_enqueue_1000_urls_then_wait_reports_1000_succeeded(tmp_path: Path, redis_server, store: Store,
                                                            gdl_process, receiver: CallbackReceiver) -> None:
     port = free_port()
-    cfg = make_config(tmp_path, redis_server.url, api={"port": port}, notifier={"concurrency": 20})
+    cfg = make_config(tmp_path, redis_server.url, api={"port": port, "batch_max_jobs": 300},
+                      notifier={"concurrency": 20})
     proc = gdl_process(cfg)
     wait_until(lambda: heartbeat(port) == 200 or proc.process.poll() is not None, timeout=15)
     assert heartbeat(port) == 200, proc.output()
@@ -112,6 +113,9 @@ def test_enqueue_1000_urls_then_wait_reports_1000_succeeded(tmp_path: Path, redi
     assert len(bodies) == 1000 and len({b["job_id"] for b in bodies}) == 1000
     assert {(b["success"], b["extra"]) for b in bodies} == {(True, "batch-7")}
     assert {b["resource_url"] for b in bodies} == {f"{files.url('/f')}?n={i}" for i in range(1000)}
+    # Submitted api.batch_max_jobs at a time through POST /download/batch.
+    assert sorted(re.findall(r"api: batch of (\d+) job\(s\): \1 accepted", proc.output())) == \
+        ["100", "300", "300", "300"]
 
 
 def test_enqueue_json_lines_rejections_and_a_failure_summary(run_service, store: Store,
@@ -253,7 +257,7 @@ def plant_failed_callback(store: Store, aggr: str, callback: str, error: str = "
                                  state="succeeded")
     taken = store.take_callbacks("planter", now=now_ms(), count=100, deadline=now_ms() + 60_000).jobs
     [cb] = [j for j in taken if j.id == job.id]
-    assert store.callback_failed(cb, "planter", log_entry={"at": now_ms()}, callback_attempts=3,
+    assert store.callback_failed(cb, "planter", now=now_ms(), log_entry={}, callback_attempts=3,
                                  callback_error=error, callback_code=500)
     return job.id
 

@@ -6,7 +6,7 @@ The browser test needs Debian's chromium at /usr/bin/chromium and the
 playwright package (the `test` extra); without them it fails, it is never
 skipped. Its screenshot is saved under the test's tmp_path, and also into the
 directory named by GDL_SCREENSHOTS when that is set (`GDL_SCREENSHOTS=docs`
-refreshes the README's picture).
+refreshes docs/dashboard.png, the picture in docs/operating.md).
 """
 
 import os
@@ -18,7 +18,7 @@ import pytest
 from gdl import store as keys
 from gdl.dashboard import PROCESS_FORGET_AFTER_MS, overview, process_status, throughput
 from gdl.stats import NotifierStats, ProcessorStats, Reporter
-from gdl.store import Store
+from gdl.store import Claim, ClaimOutcome, Store
 from tests.conftest import wait_until
 from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver, HoldServer
@@ -168,7 +168,7 @@ def test_throughput_is_fifteen_minutes_of_ten_second_buckets(store: Store) -> No
 def test_aggregations_view_drops_an_active_pool_whose_process_died(store: Store) -> None:
     store.redis.hset(keys.ACTIVE, "ghost", "dead-process")  # no lease, no queue: its process died
     store.redis.hset(keys.aggr_key("live"), mapping={"limit": 2, "proxy": ""})
-    assert store.claim("live", "p1", 60_000) == (2, "")
+    assert store.claim("live", "p1", 60_000) == Claim(ClaimOutcome.CLAIMED, 2, "")
     rows, queued = store.aggregations_view(now=NOW)
     assert [r["aggr_id"] for r in rows] == ["live"]
     assert rows[0]["lease_holder"] == "p1" and queued == 0

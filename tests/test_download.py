@@ -45,18 +45,18 @@ def server():
 
 
 @pytest.fixture
-def storage_dir(tmp_path) -> str:
+def scratch_dir(tmp_path) -> str:
     path = tmp_path / "partial"
     path.mkdir()
     return str(path)
 
 
 @pytest.fixture
-def make_downloader(storage_dir, engine):
+def make_downloader(scratch_dir, engine):
     made: list[Downloader] = []
 
     def make(**overrides) -> Downloader:
-        options = {"proxy": "", "default_headers": DEFAULT_HEADERS, "storage_dir": storage_dir, "chunk_size": 1024,
+        options = {"proxy": "", "default_headers": DEFAULT_HEADERS, "scratch_dir": scratch_dir, "chunk_size": 1024,
                    "engine": engine}
         options.update(overrides)
         downloader = Downloader(**options)
@@ -80,7 +80,7 @@ def make_job(url: str, **fields) -> Job:
 # ---------------------------------------------------------------------------- bytes
 
 
-def test_stores_the_exact_bytes(server, downloader, storage_dir) -> None:
+def test_stores_the_exact_bytes(server, downloader, scratch_dir) -> None:
     body = os.urandom(300_000)
     server.add("/blob", body, headers={"Content-Type": "application/octet-stream"})
     job = make_job(server.url("/blob"))
@@ -92,18 +92,18 @@ def test_stores_the_exact_bytes(server, downloader, storage_dir) -> None:
     assert fetched.response_code == 200
     assert fetched.mime == ""  # not sniffed: the job asks neither a mime type nor an image size
     assert fetched.image_size == ""
-    assert os.path.dirname(fetched.path) == storage_dir
+    assert os.path.dirname(fetched.path) == scratch_dir
     assert os.path.basename(fetched.path).startswith(job.id + ".")
 
 
-def test_a_body_declared_to_fit_one_chunk_stays_in_memory(server, make_downloader, storage_dir) -> None:
+def test_a_body_declared_to_fit_one_chunk_stays_in_memory(server, make_downloader, scratch_dir) -> None:
     server.add("/fits", b"x" * 1024)
     server.add("/over", b"y" * 1025)
     downloader = make_downloader(chunk_size=1024)
     fits = downloader.fetch(make_job(server.url("/fits")), timeout=5)
-    assert (fits.body, fits.path, fits.size, os.listdir(storage_dir)) == (b"x" * 1024, "", 1024, [])
+    assert (fits.body, fits.path, fits.size, os.listdir(scratch_dir)) == (b"x" * 1024, "", 1024, [])
     over = downloader.fetch(make_job(server.url("/over")), timeout=5)
-    assert (over.body, os.listdir(storage_dir)) == (None, [os.path.basename(over.path)])
+    assert (over.body, os.listdir(scratch_dir)) == (None, [os.path.basename(over.path)])
     assert fetched_body(over) == b"y" * 1025
 
 
@@ -159,18 +159,28 @@ def test_a_kept_connection_the_server_closed_is_not_reused(downloader) -> None:
     assert (fetched_body(first), fetched_body(second), len(accepted)) == (b"ok", b"ok", 2)
 
 
-def test_a_big_body_is_handed_to_disk_writeback_as_it_arrives(server, downloader, storage_dir) -> None:
+def open_under(directory) -> list[str]:
+    """The files under ``directory`` this process has a descriptor of."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return [p for p in paths if p.startswith(str(directory))]
+
+
+def test_a_big_body_is_handed_to_disk_writeback_as_it_arrives(server, downloader, scratch_dir) -> None:
     body = os.urandom(20 * 1024 * 1024)
     server.add("/big", body)
     os.unlink(downloader.fetch(make_job(server.url("/big")), timeout=30).path)  # the kept connection, the thread
     wait_until(lambda: diskio.writeback.queued == 0, timeout=10)
-    fds_before = len(os.listdir("/proc/self/fd"))
     requested = diskio.writeback.requested
     fetched = downloader.fetch(make_job(server.url("/big")), timeout=30)
     # At 8 and 16 MiB; the rest is the final fsync's.
     assert diskio.writeback.requested - requested == 2
     wait_until(lambda: diskio.writeback.queued == 0, timeout=10)
-    assert len(os.listdir("/proc/self/fd")) == fds_before  # the thread closed its duplicates
+    assert open_under(scratch_dir) == []  # the thread closed its duplicates (other fds may come and go)
     assert fetched_body(fetched) == body
 
 
@@ -196,13 +206,13 @@ def test_downloaders_share_one_per_proxy_until_its_last_user_lets_go(make_downlo
 # ---------------------------------------------------------------------------- status codes
 
 
-def test_404_is_not_retriable(server, downloader, storage_dir) -> None:
+def test_404_is_not_retriable(server, downloader, scratch_dir) -> None:
     with pytest.raises(HTTPStatusError) as info:
         downloader.fetch(make_job(server.url("/missing")), timeout=5)
     assert info.value.response_code == 404
     assert info.value.retriable is False
     assert str(info.value) == "Received status code 404 Not Found"
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
@@ -249,17 +259,17 @@ def test_parse_retry_after(value, expected) -> None:
 # ---------------------------------------------------------------------------- broken bodies and deadline
 
 
-def test_truncated_body(server, downloader, storage_dir) -> None:
+def test_truncated_body(server, downloader, scratch_dir) -> None:
     server.add_truncated("/cut", b"x" * 3000, declared_length=10_000)
     with pytest.raises(TruncatedBody) as info:
         downloader.fetch(make_job(server.url("/cut")), timeout=5)
     assert info.value.retriable is True
     assert info.value.response_code == 200
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @needs_gevent
-def test_drip_is_cut_at_the_deadline(server, downloader, storage_dir) -> None:
+def test_drip_is_cut_at_the_deadline(server, downloader, scratch_dir) -> None:
     # Each byte arrives well within any per-read timeout; only the overall deadline stops it.
     server.add_drip("/slow", b"x" * 40, interval=0.1)
     with pytest.raises(DownloadTimeout) as info:
@@ -267,39 +277,39 @@ def test_drip_is_cut_at_the_deadline(server, downloader, storage_dir) -> None:
     assert str(info.value) == "download did not finish within 1s"
     assert info.value.response_code == 200
     assert info.value.retriable is True
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @needs_gevent
-def test_killed_download_removes_its_temp_file(server, make_downloader, storage_dir) -> None:
+def test_killed_download_removes_its_temp_file(server, make_downloader, scratch_dir) -> None:
     server.add_drip("/slow", b"x" * 40, interval=0.05)
     downloader = make_downloader(chunk_size=4)  # a body declared to fit one chunk stays in memory
     greenlet = gevent.spawn(downloader.fetch, make_job(server.url("/slow")), timeout=10)
     gevent.sleep(0.4)
-    assert len(os.listdir(storage_dir)) == 1  # mid-body
+    assert len(os.listdir(scratch_dir)) == 1  # mid-body
     greenlet.kill(block=True, timeout=2)
     assert greenlet.dead
     assert isinstance(greenlet.value, gevent.GreenletExit)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @needs_gevent
-def test_a_temp_file_made_after_its_download_was_killed_is_removed(storage_dir) -> None:
+def test_a_temp_file_made_after_its_download_was_killed_is_removed(scratch_dir) -> None:
     # The kill lands while the file is being made off the hub: here, while the
     # request to make it waits behind a threadpool kept busy on purpose.
     threads = gevent.get_hub().threadpool
     sleep = monkey.get_original("time", "sleep")
     busy = [threads.spawn(sleep, 0.3) for _ in range(threads.maxsize)]
-    making = gevent.spawn(diskio.mkstemp, storage_dir, "job.")
+    making = gevent.spawn(diskio.mkstemp, scratch_dir, "job.")
     gevent.sleep(0.1)
     making.kill(block=True, timeout=2)
     assert isinstance(making.value, gevent.GreenletExit)
     gevent.joinall(busy)
-    made = [threads.spawn(diskio.mkstemp, storage_dir, "later.") for _ in range(threads.maxsize)]
+    made = [threads.spawn(diskio.mkstemp, scratch_dir, "later.") for _ in range(threads.maxsize)]
     for result in made:  # first in, first out: the killed caller's file is made before these
         fd, _ = result.get()
         os.close(fd)
-    wait_until(lambda: sorted(name.split(".")[0] for name in os.listdir(storage_dir)) == ["later"] * threads.maxsize,
+    wait_until(lambda: sorted(name.split(".")[0] for name in os.listdir(scratch_dir)) == ["later"] * threads.maxsize,
                timeout=2)
 
 
@@ -328,8 +338,8 @@ def test_invalid_url(downloader, url) -> None:
 
 
 def test_unwritable_storage_dir_is_a_storage_error(server, make_downloader, tmp_path) -> None:
-    server.add("/a", b"abc" * 1000)  # more than one chunk: written to storage_dir as it arrives
-    downloader = make_downloader(storage_dir=str(tmp_path / "does-not-exist"))
+    server.add("/a", b"abc" * 1000)  # more than one chunk: written to scratch_dir as it arrives
+    downloader = make_downloader(scratch_dir=str(tmp_path / "does-not-exist"))
     with pytest.raises(StorageError) as info:
         downloader.fetch(make_job(server.url("/a")), timeout=5)
     assert info.value.internal is True
@@ -339,23 +349,23 @@ def test_unwritable_storage_dir_is_a_storage_error(server, make_downloader, tmp_
 # ---------------------------------------------------------------------------- size limit
 
 
-def test_max_bytes_by_content_length(server, make_downloader, storage_dir) -> None:
+def test_max_bytes_by_content_length(server, make_downloader, scratch_dir) -> None:
     server.add("/big", b"x" * 5000)
     downloader = make_downloader(max_bytes=4096)
     with pytest.raises(TooLarge, match="Content-Length 5000") as info:
         downloader.fetch(make_job(server.url("/big")), timeout=5)
     assert info.value.retriable is False
     assert info.value.response_code == 200
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @pytest.mark.parametrize("framing", [{"content_length": None}, {"content_length": None, "chunked": True}])
-def test_max_bytes_by_bytes_read(server, make_downloader, storage_dir, framing) -> None:
+def test_max_bytes_by_bytes_read(server, make_downloader, scratch_dir, framing) -> None:
     server.add("/big", b"x" * 10_000, **framing)  # no Content-Length to check up front
     downloader = make_downloader(max_bytes=4096)
     with pytest.raises(TooLarge, match="exceeds the limit of 4096 bytes"):
         downloader.fetch(make_job(server.url("/big")), timeout=5)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 def test_body_of_exactly_max_bytes_is_fine(server, make_downloader) -> None:
@@ -373,14 +383,14 @@ def test_mime_match(server, downloader) -> None:
     assert fetched.mime == "image/png"
 
 
-def test_mime_mismatch(server, downloader, storage_dir) -> None:
+def test_mime_mismatch(server, downloader, scratch_dir) -> None:
     server.add("/doc", tiny_pdf(), headers={"Content-Type": "image/png"})  # the header is not believed
     with pytest.raises(MimeMismatch) as info:
         downloader.fetch(make_job(server.url("/doc"), mime_type="image/*"), timeout=5)
     assert str(info.value) == "Expected mime-type to be (image/*), found (application/pdf)"
     assert info.value.retriable is False
     assert info.value.response_code == 200
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @pytest.mark.parametrize("fmt, ok", [("PNG", False), ("JPEG", True), ("GIF", True)])
@@ -424,13 +434,13 @@ def test_image_size_ignores_other_types(server, downloader) -> None:
     assert (fetched.mime, fetched.image_size) == ("application/pdf", "")
 
 
-def test_broken_image_header(server, downloader, storage_dir) -> None:
+def test_broken_image_header(server, downloader, scratch_dir) -> None:
     server.add("/broken.png", broken_png())
     with pytest.raises(InvalidImage) as info:
         downloader.fetch(make_job(server.url("/broken.png"), extract_image_size=True), timeout=5)
     assert info.value.response_code == 200
     assert info.value.retriable is False
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 # ---------------------------------------------------------------------------- request headers, redirects, proxy
@@ -486,13 +496,13 @@ def test_a_utf8_location_is_followed(server, downloader) -> None:
     assert fetched_body(downloader.fetch(make_job(server.url("/old")), timeout=5)) == b"moved"
 
 
-def test_too_many_redirects(server, make_downloader, storage_dir) -> None:
+def test_too_many_redirects(server, make_downloader, scratch_dir) -> None:
     server.add_redirect("/loop", "/loop")
     with pytest.raises(TooManyRedirects) as info:
         make_downloader(max_redirects=3).fetch(make_job(server.url("/loop")), timeout=5)
     assert info.value.retriable is False
     assert server.count("/loop") == 4  # the request and 3 hops
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 def test_proxy_is_used(server, make_downloader) -> None:

@@ -1,4 +1,7 @@
-"""gdl.filestorage: the filesystem layout, atomic moves, idempotent deletes, the config factory."""
+"""gdl.filestorage: what is the filesystem storage's own (the layout on disk, atomic
+moves across filesystems, ``open``, which failures are retried, a delete that knows
+whether the file was there) and the config factory. What every storage promises is
+in tests/test_filestorage_contract.py."""
 
 from __future__ import annotations
 
@@ -38,9 +41,6 @@ def test_path_layout(storage, tmp_path) -> None:
 def test_path_for_refuses_unsafe_ids(storage, bad) -> None:
     with pytest.raises(ValueError):
         storage.path_for(bad)
-    assert storage.exists(bad) is False
-    assert storage.delete(bad) is False
-    assert storage.open(bad) is None
 
 
 def test_store_moves_the_temp_file(storage, tmp_path) -> None:
@@ -51,13 +51,6 @@ def test_store_moves_the_temp_file(storage, tmp_path) -> None:
     assert storage.exists("6QEywYsd0jrKAg") is True
     with storage.open("6QEywYsd0jrKAg") as f:
         assert f.read() == b"the bytes"
-
-
-def test_store_replaces_an_existing_file(storage, tmp_path) -> None:
-    storage.store(write_temp(tmp_path, b"first"), make_job())
-    storage.store(write_temp(tmp_path, b"second"), make_job())
-    with storage.open("6QEywYsd0jrKAg") as f:
-        assert f.read() == b"second"
 
 
 def test_store_across_filesystems_copies_then_renames(storage, tmp_path, monkeypatch) -> None:
@@ -81,16 +74,14 @@ def test_store_across_filesystems_copies_then_renames(storage, tmp_path, monkeyp
     assert os.listdir(tmp_path / "files" / "6QE") == ["6QEywYsd0jrKAg"]  # no copy left behind
 
 
-def test_store_failure_is_a_storage_error_and_consumes_the_temp_file(tmp_path) -> None:
+def test_a_disk_failure_is_retried_without_counting_an_attempt(tmp_path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"")  # rootdir is a file: its subdirectory cannot be made
     storage = FilesystemStorage(str(blocker))
-    temp = write_temp(tmp_path)
     with pytest.raises(StorageError) as info:
-        storage.store(temp, make_job())
-    assert info.value.internal is True
-    assert str(blocker) in str(info.value)
-    assert not os.path.exists(temp)
+        storage.store(write_temp(tmp_path), make_job())
+    assert (type(info.value), info.value.retriable, info.value.internal) == (StorageError, True, True)
+    assert str(info.value) == f"cannot store {blocker}/6QE/6QEywYsd0jrKAg: Not a directory"
 
 
 def test_store_bytes_writes_through_a_temp_file_in_temp_dir(tmp_path) -> None:
@@ -101,31 +92,24 @@ def test_store_bytes_writes_through_a_temp_file_in_temp_dir(tmp_path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_store_bytes_failure_is_a_storage_error_and_leaves_no_temp_file(tmp_path) -> None:
-    (tmp_path / "tmp").mkdir()
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_bytes(b"")
-    storage = FilesystemStorage(str(blocker), temp_dir=str(tmp_path / "tmp"))
-    with pytest.raises(StorageError) as info:
-        storage.store_bytes(b"in memory", make_job())
-    assert info.value.internal is True
-    assert str(blocker) in str(info.value)
-    assert os.listdir(tmp_path / "tmp") == []
+def test_store_bytes_into_a_missing_temp_dir_is_a_storage_error(tmp_path) -> None:
     missing = FilesystemStorage(str(tmp_path / "files"), temp_dir=str(tmp_path / "no-such-dir"))
     with pytest.raises(StorageError, match="cannot store"):
         missing.store_bytes(b"in memory", make_job())
+    assert missing.exists("6QEywYsd0jrKAg") is False
 
 
-def test_delete_is_idempotent(storage, tmp_path) -> None:
+def test_deleting_a_file_that_is_gone_says_false(storage, tmp_path) -> None:
     storage.store(write_temp(tmp_path), make_job())
     assert storage.delete("6QEywYsd0jrKAg") is True
-    assert storage.exists("6QEywYsd0jrKAg") is False
     assert storage.delete("6QEywYsd0jrKAg") is False
     assert storage.delete("neverStored123") is False
 
 
-def test_open_absent_is_none(storage) -> None:
-    assert storage.open("6QEywYsd0jrKAg") is None
+def test_check_makes_a_missing_rootdir(tmp_path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "new" / "files"))
+    storage.check()
+    assert os.listdir(tmp_path / "new" / "files") == []  # made, and the probe file gone
 
 
 def with_filestorage(settings: dict) -> Config:

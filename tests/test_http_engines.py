@@ -1,6 +1,7 @@
 """The HTTP seam's contract on both engines (the ``engine`` fixture): one exchange,
-failures in the same words and types, the guard at connect time, back-pressure,
-and HTTP callbacks. The download and security suites run on both engines too.
+failures in the same words and types, the guard at connect time, back-pressure.
+The download and security suites run on both engines too, and so do HTTP
+callbacks (tests/test_http_callbacks.py, tests/test_backends_contract.py).
 
 Real loopback servers only (tests/httpserver.py, tests/servers.py).
 """
@@ -18,14 +19,12 @@ from pathlib import Path
 import gevent
 import pytest
 
-from gdl.backends.http import HTTPBackend
 from gdl.config import allowed_networks_hint
-from gdl.errors import BlockedAddress, CallbackError, ConnectionFailed, DownloadTimeout, TLSError, TruncatedBody
+from gdl.errors import BlockedAddress, ConnectionFailed, DownloadTimeout, TLSError, TruncatedBody
 from gdl.http import Engine, Exchange, make_engine
 from gdl.netguard import AddressGuard
 from tests.conftest import free_port, wait_until
 from tests.httpserver import LoopbackServer
-from tests.servers import CallbackReceiver
 
 LOOPBACK_REFUSED = f"({allowed_networks_hint('127.0.0.1')})"  # the setting, and how to allow it
 
@@ -283,54 +282,3 @@ def test_a_reader_that_falls_behind_pauses_the_curl_transfer(server) -> None:
     finally:
         http.close()
     assert b"".join(received) == body
-
-
-# ---------------------------------------------------------------------------- callbacks through each engine
-
-
-@pytest.fixture
-def backend(engine: str) -> Iterator[Callable[..., HTTPBackend]]:
-    started: list[HTTPBackend] = []
-
-    def start(**options) -> HTTPBackend:
-        made = HTTPBackend(timeout=5, engine=engine, **options)
-        made.start()
-        started.append(made)
-        return made
-
-    yield start
-    for each in started:
-        each.stop()
-
-
-def test_a_callback_is_a_json_post(receiver: CallbackReceiver, backend) -> None:
-    http = backend()
-    assert http.notify(receiver.url("/cb"), b'{"job_id": "j1"}') == 200
-    assert http.notify(receiver.url("/cb"), b'{"job_id": "j2"}') == 200
-    assert receiver.bodies() == [{"job_id": "j1"}, {"job_id": "j2"}]
-
-
-def test_a_callback_answered_503_is_retried(receiver: CallbackReceiver, backend) -> None:
-    receiver.answer("/cb", 503)
-    with pytest.raises(CallbackError) as info:
-        backend().notify(receiver.url("/cb"), b"{}")
-    assert (str(info.value), info.value.status) == (f"callback to {receiver.url('/cb')} answered 503", 503)
-    assert info.value.retriable is True
-
-
-def test_a_refused_callback_is_retried_and_says_why(backend) -> None:
-    port = closed_port()
-    url = f"http://127.0.0.1:{port}/cb"
-    with pytest.raises(CallbackError) as info:
-        backend().notify(url, b"{}")
-    assert str(info.value) == f"callback to {url} failed: connection refused by 127.0.0.1:{port}"
-    assert info.value.retriable is True
-
-
-def test_a_guarded_callback_to_loopback_fails_at_once(receiver: CallbackReceiver, backend) -> None:
-    with pytest.raises(CallbackError) as info:
-        backend(guard=AddressGuard()).notify(receiver.url("/cb"), b"{}")
-    assert str(info.value) == (f"callback to {receiver.url('/cb')} refused: 127.0.0.1 is a loopback address "
-                               f"{LOOPBACK_REFUSED}")
-    assert info.value.retriable is False
-    assert receiver.bodies() == []

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gevent
 import pytest
 from confluent_kafka import KafkaError
 
-from gdl.backends.kafka import KafkaBackend
+from gdl.backends.kafka import PERMANENT_ERRORS, UNKNOWN_TOPIC_ERRORS, KafkaBackend
 from gdl.errors import CallbackError, ConfigError, UnknownTopic
 from tests.brokers import KafkaBroker
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.httpserver import LoopbackServer
 
 BASE = "http://files.test/files"  # processor.download_url in make_config
@@ -98,6 +99,35 @@ def test_an_unknown_topic_fails_the_callback_at_once_and_is_counted(store, run_s
     assert (stats["kafka_unknown_topic"], stats["failed"], stats.get("retried", 0)) == (1, 1, 0)
 
 
+# --------------------------------------------------------------------------- the backend alone, on the broker
+# (what every backend promises is in tests/test_backends_contract.py)
+
+
+def test_an_unknown_topic_is_an_unknown_topic_error(broker):
+    backend = KafkaBackend(kafka(broker)["kafka"])
+    backend.start()
+    try:
+        with pytest.raises(UnknownTopic) as info:
+            backend.notify("no-such-topic", b"{}")
+    finally:
+        backend.stop()
+    assert (str(info.value), info.value.retriable, info.value.status) == (
+        "kafka: delivery to topic no-such-topic failed: UNKNOWN_TOPIC_OR_PART: Broker: Unknown topic or partition",
+        False, 0)
+
+
+def test_stop_purges_what_cannot_be_delivered_and_its_notify_fails_retriable(tmp_path):
+    backend = KafkaBackend({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 60_000})
+    backend.start()
+    waiting = gevent.spawn(backend.notify, TOPIC, b"{}")
+    gevent.sleep(0.1)  # produced; no broker to take it
+    backend.stop()
+    with pytest.raises(CallbackError) as info:
+        waiting.get(timeout=10)
+    assert (type(info.value), info.value.retriable) == (CallbackError, True)
+    assert str(info.value).startswith(f"kafka: delivery to topic {TOPIC} failed: _PURGE_QUEUE: ")
+
+
 # --------------------------------------------------------------------------- the backend alone, no broker
 
 
@@ -110,6 +140,7 @@ def backend() -> KafkaBackend:
     (KafkaError._UNKNOWN_TOPIC, UnknownTopic, False),
     (KafkaError._UNKNOWN_PARTITION, UnknownTopic, False),
     (KafkaError.TOPIC_AUTHORIZATION_FAILED, CallbackError, False),
+    (KafkaError.TOPIC_EXCEPTION, CallbackError, False),  # an invalid topic name
     (KafkaError.MSG_SIZE_TOO_LARGE, CallbackError, False),
     (KafkaError._MSG_TIMED_OUT, CallbackError, True),
     (KafkaError._TRANSPORT, CallbackError, True),
@@ -119,6 +150,12 @@ def test_delivery_errors_are_typed_by_code(code: int, kind: type, retriable: boo
     err = backend()._error("t", KafkaError(code))
     assert (type(err), err.retriable) == (kind, retriable)
     assert str(err).startswith(f"kafka: delivery to topic t failed: {KafkaError(code).name()}: ")
+
+
+def test_every_error_name_the_backend_classifies_is_one_of_confluent_kafkas() -> None:
+    # A misspelt name would be skipped in silence, and its error retried.
+    names = UNKNOWN_TOPIC_ERRORS + PERMANENT_ERRORS
+    assert [name for name in names if not hasattr(KafkaError, name)] == []
 
 
 @pytest.mark.parametrize(("settings", "message"), [

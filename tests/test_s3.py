@@ -17,33 +17,13 @@ import requests
 from gdl.api import make_server
 from gdl.config import Config, ProcessorConfig
 from gdl.errors import S3StorageError, StartupError
-from gdl.filestorage import S3_MULTIPART_CHUNKSIZE, FilesystemStorage, Storages
+from gdl.filestorage import S3_MULTIPART_CHUNKSIZE, FileStorages, FilesystemStorage
 from gdl.job import Job
 from tests.brokers import REGION, MotoServer
 from tests.conftest import config_file, wait_until
 
 BUCKET = "gdl-files"
 DEFAULT_DOWNLOAD_URL = "http://localhost:8000/files"  # processor.download_url's default: S3 URLs in callbacks
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
-    """An empty moto, and the AWS chain pointed at test credentials only."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(name, raising=False)
-    moto_server.reset()
-    return moto_server
 
 
 def our_bucket(s3: MotoServer, bucket: str = BUCKET) -> dict[str, Any]:
@@ -140,6 +120,30 @@ def test_a_missing_callers_bucket_fails_the_job_without_retry(run_service, s3, f
 def test_a_missing_bucket_of_ours_stops_the_processor_at_startup(run_service, s3):
     with pytest.raises(StartupError, match=r"^processor\.filestorage\.bucket: bucket nope: HTTP 404"):
         run_service(("processor",), processor={"filestorage": our_bucket(s3, "nope")})
+
+
+def test_deleting_an_object_that_is_gone_says_true_as_s3_cannot_tell(s3):
+    s3.create_bucket(BUCKET)
+    storage = storages(endpoint_url=s3.url).default
+    storage.store_bytes(b"doomed", a_job())
+    assert (storage.delete("6QEywYsd0jrKAg"), storage.delete("6QEywYsd0jrKAg")) == (True, True)
+    assert storage.delete("neverStored123") is True
+
+
+def test_a_missing_bucket_of_ours_is_a_permanent_internal_storage_error(s3):
+    storage = storages(endpoint_url=s3.url, bucket="nope").default
+    with pytest.raises(S3StorageError) as info:
+        storage.store_bytes(b"data", a_job())
+    assert (str(info.value), info.value.retriable, info.value.internal) == (
+        "cannot store s3://nope/6QE/6QEywYsd0jrKAg: NoSuchBucket (404): The specified bucket does not exist",
+        False, True)
+
+
+def test_objects_are_served_by_s3_not_opened_through_gdl(s3):
+    s3.create_bucket(BUCKET)
+    storage = storages(endpoint_url=s3.url).default
+    storage.store_bytes(b"in the bucket", a_job())
+    assert (storage.exists("6QEywYsd0jrKAg"), storage.open("6QEywYsd0jrKAg")) == (True, None)
 
 
 class FlakyS3:
@@ -279,10 +283,10 @@ def a_job(**fields: Any) -> Job:
     return Job(id="6QEywYsd0jrKAg", url="http://example.com/a", aggr_id="a", aggr_limit=1, **fields)
 
 
-def storages(download_url: str = DEFAULT_DOWNLOAD_URL, **filestorage: Any) -> Storages:
+def storages(download_url: str = DEFAULT_DOWNLOAD_URL, **filestorage: Any) -> FileStorages:
     settings = {"type": "s3", "bucket": BUCKET, "region": REGION, **filestorage}
     cfg = dataclasses.replace(Config(), processor=ProcessorConfig(filestorage=settings, download_url=download_url))
-    return Storages.from_config(cfg)
+    return FileStorages.from_config(cfg)
 
 
 def test_urls_in_callbacks(s3, tmp_path) -> None:
@@ -294,7 +298,7 @@ def test_urls_in_callbacks(s3, tmp_path) -> None:
     assert storages("https://cdn.example/f/").url_for(a_job()) == f"https://cdn.example/f/{path}"
     assert storages(endpoint_url="http://minio:9000").url_for(a_job(s3_bucket="theirs", s3_region="x-1")) == \
         f"http://minio:9000/theirs/{path}"  # the callers' buckets live on our endpoint too
-    local = Storages(FilesystemStorage(str(tmp_path)), download_url="http://gdl/files")
+    local = FileStorages(FilesystemStorage(str(tmp_path)), download_url="http://gdl/files")
     assert local.url_for(a_job()) == f"http://gdl/files/{path}"
 
 

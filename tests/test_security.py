@@ -65,18 +65,18 @@ def server() -> Iterator[LoopbackServer]:
 
 
 @pytest.fixture
-def storage_dir(tmp_path: Path) -> str:
+def scratch_dir(tmp_path: Path) -> str:
     path = tmp_path / "partial"
     path.mkdir()
     return str(path)
 
 
 @pytest.fixture
-def make_downloader(storage_dir: str, engine: str) -> Iterator[Callable[..., Downloader]]:
+def make_downloader(scratch_dir: str, engine: str) -> Iterator[Callable[..., Downloader]]:
     made: list[Downloader] = []
 
     def make(guard: AddressGuard | None, **options) -> Downloader:
-        settings = {"proxy": "", "default_headers": HEADERS, "storage_dir": storage_dir, "chunk_size": 4096,
+        settings = {"proxy": "", "default_headers": HEADERS, "scratch_dir": scratch_dir, "chunk_size": 4096,
                     "engine": engine}
         downloader = Downloader(**{**settings, **options}, guard=guard)
         made.append(downloader)
@@ -197,7 +197,7 @@ def test_guard_follows_the_config() -> None:
 # ---------------------------------------------------------------------------- downloads
 
 
-def test_loopback_url_is_refused_by_default(server, make_downloader, storage_dir) -> None:
+def test_loopback_url_is_refused_by_default(server, make_downloader, scratch_dir) -> None:
     server.add("/a", b"secret")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard()).fetch(job(server.url("/a")), timeout=5)
@@ -207,7 +207,7 @@ def test_loopback_url_is_refused_by_default(server, make_downloader, storage_dir
     assert info.value.retriable is False
     assert info.value.response_code == 0
     assert server.count("/a") == 0
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 def test_loopback_url_is_allowed_by_allowed_networks(server, make_downloader) -> None:
@@ -278,7 +278,7 @@ def test_address_spellings_do_reach_loopback_when_allowed(server, make_downloade
     assert fetched_body(fetched) == b"here"
 
 
-def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, storage_dir) -> None:
+def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, scratch_dir) -> None:
     server.add_redirect("/r", "http://169.254.169.254/latest/meta-data/")
     with pytest.raises(BlockedAddress) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/r")), timeout=5)
@@ -286,7 +286,7 @@ def test_redirect_to_the_metadata_address_is_refused(server, make_downloader, st
                                "at redirect 1 to http://169.254.169.254/latest/meta-data/")
     assert info.value.retriable is False
     assert server.count("/r") == 1
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 def test_redirect_to_a_name_resolving_to_a_private_address_is_refused(server, make_downloader) -> None:
@@ -429,16 +429,16 @@ def test_https_keeps_sni_and_verifies_the_hostname(certificate, raw_server, make
 # ---------------------------------------------------------------------------- hostile servers
 
 
-def test_content_length_of_10_gb_is_refused_before_reading(server, make_downloader, storage_dir) -> None:
+def test_content_length_of_10_gb_is_refused_before_reading(server, make_downloader, scratch_dir) -> None:
     server.add("/huge", b"x" * 1000, content_length=10 * 1024 ** 3, close=True)
     with pytest.raises(TooLarge) as info:
         make_downloader(AddressGuard(LOOPBACK), max_bytes=1 << 20).fetch(job(server.url("/huge")), timeout=5)
     assert str(info.value) == "Content-Length 10737418240 exceeds the limit of 1048576 bytes"
     assert (info.value.retriable, info.value.response_code) == (False, 200)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
-def test_an_endless_chunked_body_is_cut_at_the_limit(raw_server, make_downloader, storage_dir) -> None:
+def test_an_endless_chunked_body_is_cut_at_the_limit(raw_server, make_downloader, scratch_dir) -> None:
     sent = [0]
 
     def endless(sock: socket.socket, _request: bytes) -> None:
@@ -452,7 +452,7 @@ def test_an_endless_chunked_body_is_cut_at_the_limit(raw_server, make_downloader
     with pytest.raises(TooLarge) as info:
         make_downloader(AddressGuard(LOOPBACK), max_bytes=100_000).fetch(job(srv.url("/x")), timeout=10)
     assert str(info.value) == "body exceeds the limit of 100000 bytes"
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
     assert sent[0] >= 100_000
 
 
@@ -466,16 +466,16 @@ def test_a_body_longer_than_its_content_length_is_read_to_the_length_only(server
     assert fetched_body(downloader.fetch(job(server.url("/next")), timeout=5)) == b"clean"
 
 
-def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, storage_dir) -> None:
+def test_a_one_byte_per_second_server_is_stopped_at_the_deadline(server, make_downloader, scratch_dir) -> None:
     server.add_drip("/drip", b"x" * 100, interval=1.0)
     with pytest.raises(DownloadTimeout) as info:
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(server.url("/drip")), timeout=2)
     assert str(info.value) == "download did not finish within 2s"  # the whole download's deadline, not a read's
     assert (info.value.retriable, info.value.response_code) == (True, 200)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
-def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, storage_dir) -> None:
+def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, scratch_dir) -> None:
     def reset(sock: socket.socket, _request: bytes) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 20_000)
         gevent.sleep(0.1)
@@ -486,7 +486,7 @@ def test_a_connection_reset_mid_body_is_retried(raw_server, make_downloader, sto
         make_downloader(AddressGuard(LOOPBACK)).fetch(job(raw_server(reset).url("/x")), timeout=5)
     assert str(info.value).endswith(" bytes: connection reset by peer")
     assert (info.value.retriable, info.value.response_code) == (True, 200)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 def test_a_gzip_bomb_is_stored_as_sent(server, make_downloader) -> None:
@@ -500,12 +500,12 @@ def test_a_gzip_bomb_is_stored_as_sent(server, make_downloader) -> None:
     assert fetched.mime == "application/gzip"
 
 
-def test_a_gzip_bomb_over_the_limit_is_refused(server, make_downloader, storage_dir) -> None:
+def test_a_gzip_bomb_over_the_limit_is_refused(server, make_downloader, scratch_dir) -> None:
     bomb = gzip_of_zeros(128 << 20)
     server.add("/bomb", bomb, headers={"Content-Encoding": "gzip"}, content_length=None, chunked=True)
     with pytest.raises(TooLarge, match="body exceeds the limit of 50000 bytes"):
         make_downloader(AddressGuard(LOOPBACK), max_bytes=50_000).fetch(job(server.url("/bomb")), timeout=10)
-    assert os.listdir(storage_dir) == []
+    assert os.listdir(scratch_dir) == []
 
 
 @pytest.mark.parametrize("framing", [

@@ -10,9 +10,11 @@ import redis.exceptions
 from gdl import store as keys
 from gdl.errors import StoreUnavailable
 from gdl.job import Job, new_id
-from gdl.store import CALLBACKS, DOWNLOADS, Settled
+from gdl.store import CALLBACKS, DOWNLOADS, Claim, ClaimOutcome, Settled
 from tests.conftest import free_port
 from tests.samples import take_holding_lease
+
+CLAIMED = ClaimOutcome.CLAIMED
 
 NOW = 1_700_000_000_000
 OWNER = "host:1:abc"
@@ -130,7 +132,7 @@ def test_settle_refuses_a_job_swept_back_to_the_same_lease_holder(store):
 
 def test_take_is_fenced_by_the_lease(store):
     job = store.enqueue(make_job(), now=NOW)
-    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 3, "")
     store.redis.set(keys.lease_key("shop"), OTHER, px=60_000)  # the lease lapsed and passed to another process
     refused = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000, lease_ttl_ms=60_000)
     assert (refused.lease_lost, refused.jobs) == (True, [])
@@ -142,7 +144,7 @@ def test_take_is_fenced_by_the_lease(store):
 
 def test_take_by_the_holder_extends_its_lease(store):
     store.enqueue(make_job(), now=NOW)
-    assert store.claim("shop", OWNER, 1_000) == (3, "")
+    assert store.claim("shop", OWNER, 1_000) == Claim(CLAIMED, 3, "")
     taken = store.take_downloads("shop", OWNER, now=NOW, count=3, deadline=NOW + 5000, lease_ttl_ms=45_000)
     assert (taken.lease_lost, len(taken.jobs)) == (False, 1)
     assert 1_000 < store.redis.pttl(keys.lease_key("shop")) <= 45_000
@@ -180,10 +182,10 @@ def test_sweep_puts_expired_jobs_back_due_now(store):
 
 def test_renew_extends_deadlines_and_reports_lost_leases(store):
     job = store.enqueue(make_job(), now=NOW)
-    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 3, "")
     store.take_downloads("shop", OWNER, now=NOW, count=1, deadline=NOW + 100, lease_ttl_ms=60_000)
-    assert store.claim("shop", OWNER, 60_000) is None
-    assert store.claim("shop", OTHER, 60_000) is None
+    assert store.claim("shop", OWNER, 60_000) == Claim(ClaimOutcome.HELD)
+    assert store.claim("shop", OTHER, 60_000) == Claim(ClaimOutcome.HELD)
     store.redis.set(keys.lease_key("other"), OTHER)
     renewal = store.renew(OWNER, 3000, now=NOW + 50, leases=["shop", "other"], inflight={DOWNLOADS: [job.id]})
     assert renewal.lost == ["other"]
@@ -197,9 +199,10 @@ def test_renew_extends_deadlines_and_reports_lost_leases(store):
 
 def test_claim_takes_the_lease_reads_the_settings_and_marks_the_pool_active(store):
     store.enqueue(make_job(aggr_proxy="http://proxy:3128"), now=NOW)
-    assert store.claim("shop", OWNER, 60_000) == (3, "http://proxy:3128")
+    assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 3, "http://proxy:3128")
     assert (store.lease_holder("shop"), store.redis.hget(keys.ACTIVE, "shop")) == (OWNER, OWNER)
-    assert store.claim("nowhere", OWNER, 60_000) is None  # no aggregation record: no lease kept
+    # No aggregation record: no lease kept.
+    assert store.claim("nowhere", OWNER, 60_000) == Claim(ClaimOutcome.NO_RECORD)
     assert store.lease_holder("nowhere") is None and store.redis.hget(keys.ACTIVE, "nowhere") is None
     store.redis.hset(keys.ACTIVE, "shop", OTHER)  # (a later claim by another process, after a lease expiry)
     assert store.release("shop", OWNER)
@@ -213,16 +216,16 @@ def test_a_fair_claim_leaves_an_aggregation_to_a_processor_below_its_share(store
     store.register_processor(OWNER, until=NOW + 10_000, slots=8)
     store.register_processor(OTHER, until=NOW + 10_000, slots=0)
     # Shares count this aggregation in: OWNER holds 8 of (8 + 0 + 4) slots, over its half of 6.
-    assert store.claim("a", OWNER, 60_000, now=NOW, slots=8, fair=True) is keys.OVER_SHARE
+    assert store.claim("a", OWNER, 60_000, now=NOW, slots=8, fair=True) == Claim(ClaimOutcome.OVER_SHARE)
     assert store.lease_holder("a") is None and store.redis.hget(keys.ACTIVE, "a") is None
-    assert store.claim("a", OTHER, 60_000, now=NOW, slots=0, fair=True) == (4, "")
+    assert store.claim("a", OTHER, 60_000, now=NOW, slots=0, fair=True) == Claim(CLAIMED, 4, "")
     assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OWNER: "8", OTHER: "4"}
     # Holding 6 of (6 + 4 + 4), OWNER is within its share of 7 and claims.
-    assert store.claim("b", OWNER, 60_000, now=NOW, slots=6, fair=True) == (4, "")
+    assert store.claim("b", OWNER, 60_000, now=NOW, slots=6, fair=True) == Claim(CLAIMED, 4, "")
     assert store.redis.hget(keys.PROCESSOR_SLOTS, OWNER) == "10"
     # 10 of (10 + 4 + 4) is over 9; the unconditional claim (for what nobody else took) ignores shares.
-    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=True) is keys.OVER_SHARE
-    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=False) == (4, "")
+    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=True) == Claim(ClaimOutcome.OVER_SHARE)
+    assert store.claim("c", OWNER, 60_000, now=NOW, slots=10, fair=False) == Claim(CLAIMED, 4, "")
     assert store.lease_holder("c") == OWNER
 
 
@@ -230,7 +233,7 @@ def test_a_lapsed_registration_no_longer_counts_in_fair_claims(store):
     store.enqueue(make_job("a", aggr_limit=4), now=NOW)
     store.register_processor(OWNER, until=NOW + 10_000, slots=8)
     store.register_processor(OTHER, until=NOW + 1_000, slots=0)  # it stopped scanning: lapses at NOW + 1 s
-    assert store.claim("a", OWNER, 60_000, now=NOW + 2_000, slots=8, fair=True) == (4, "")
+    assert store.claim("a", OWNER, 60_000, now=NOW + 2_000, slots=8, fair=True) == Claim(CLAIMED, 4, "")
     assert store.redis.zrange(keys.PROCESSORS, 0, -1) == [OWNER]
     assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OWNER: "12"}
     store.unregister_processor(OWNER)
@@ -241,13 +244,13 @@ def test_an_unregistered_claimer_is_not_held_to_shares_and_not_counted(store):
     store.enqueue(make_job("a", aggr_limit=4), now=NOW)
     store.register_processor(OTHER, until=NOW + 10_000, slots=0)
     store.register_processor("third", until=NOW + 10_000, slots=0)
-    assert store.claim("a", OWNER, 60_000, now=NOW, slots=100, fair=True) == (4, "")
+    assert store.claim("a", OWNER, 60_000, now=NOW, slots=100, fair=True) == Claim(CLAIMED, 4, "")
     assert store.redis.hgetall(keys.PROCESSOR_SLOTS) == {OTHER: "0", "third": "0"}
 
 
 def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store):
     job = store.enqueue(make_job(), now=NOW)
-    assert store.claim("shop", OWNER, 60_000) == (3, "")
+    assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 3, "")
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
     store.finish_download(held, OWNER, now=NOW, forget_at=LATER, log_entry={}, state="succeeded")
     assert not store.release("shop", OTHER)
@@ -255,7 +258,7 @@ def test_release_forgets_the_record_of_an_aggregation_with_nothing_queued(store)
     assert store.release("shop", OWNER)
     assert store.redis.exists(keys.aggr_key("shop")) == 0
     store.enqueue(make_job(aggr_limit=5), now=NOW)  # the next job brings it back
-    assert store.claim("shop", OWNER, 60_000) == (5, "")
+    assert store.claim("shop", OWNER, 60_000) == Claim(CLAIMED, 5, "")
     assert store.get_job(job.id).status.state == "succeeded"
 
 
@@ -283,7 +286,8 @@ def test_failed_callback_can_be_retried_once_failed(store):
     assert store.retry_failed_callback(job.id, now=NOW) == -1
     assert store.retry_failed_callback("nosuchjob00000", now=NOW) == 0
     [cb] = store.take_callbacks(OWNER, now=NOW, count=5, deadline=NOW + 100).jobs
-    store.callback_failed(cb, OWNER, log_entry={}, callback_attempts=3, callback_error="500")
+    store.callback_failed(cb, OWNER, now=NOW + 1, log_entry={}, callback_attempts=3, callback_error="500")
+    assert store.redis.zscore(keys.FAILED_CALLBACKS, job.id) == NOW + 1
     assert store.retry_failed_callback(job.id, now=NOW + 5) == 1
     record = store.get_job(job.id)
     assert (record.status.callback_state, record.status.callback_attempts) == ("queued", 0)

@@ -40,12 +40,16 @@ class HTTPBackend:
 
     def notify(self, destination: str, body: bytes) -> int:
         assert self.engine is not None, "start() first"
-        if urlsplit(destination).scheme.lower() not in ("http", "https"):
+        try:
+            url = wire_url(destination)
+        except InvalidURL as exc:
+            raise CallbackError(f"callback to {destination} refused: {exc}", retriable=False) from exc
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
             raise CallbackError(f"callback to {destination} refused: only http and https URLs", retriable=False)
         deadline = gevent.Timeout(self.timeout)
         deadline.start()
         try:
-            exchange = Exchange("POST", wire_url(destination), HEADERS, body=body, timeout=self.timeout)
+            exchange = Exchange("POST", url, HEADERS, body=body, timeout=self.timeout)
             response = self.engine.send(exchange)
             response.discard()
         except (BlockedAddress, InvalidURL) as exc:

@@ -43,6 +43,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # as long as the message timeout above, so the message would time out first).
     "topic.metadata.propagation.max.ms": 10_000,
 }
+# Delivery errors, by confluent_kafka.KafkaError name, that fail a callback for good
+# (any other is retried). Names missing from an older confluent-kafka are skipped.
+UNKNOWN_TOPIC_ERRORS = ("_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART", "_UNKNOWN_PARTITION")
+PERMANENT_ERRORS = ("TOPIC_AUTHORIZATION_FAILED", "TOPIC_EXCEPTION",  # TOPIC_EXCEPTION: an invalid topic name
+                    "MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "_INVALID_ARG", "INVALID_RECORD")
 BUSY_POLL_INTERVAL = 0.005  # seconds between poll(0) calls while reports are awaited
 IDLE_POLL_INTERVAL = 1.0  # seconds between poll(0) calls otherwise (serves librdkafka's logs and errors)
 REPORT_GRACE = 5.0  # seconds past message.timeout.ms before giving up on a delivery report
@@ -69,9 +74,8 @@ class KafkaBackend:
         # message.timeout.ms 0 is librdkafka's "forever": then so is the wait for the report.
         self.report_timeout: float | None = timeout_ms / 1000 + REPORT_GRACE if timeout_ms > 0 else None
         self.servers = str(conf.get("bootstrap.servers", ""))
-        self._unknown = _codes("_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART", "_UNKNOWN_PARTITION")
-        self._permanent = _codes("TOPIC_AUTHORIZATION_FAILED", "INVALID_TOPIC_EXCEPTION", "MSG_SIZE_TOO_LARGE",
-                                 "RECORD_LIST_TOO_LARGE", "_INVALID_ARG", "INVALID_RECORD")
+        self._unknown = _codes(*UNKNOWN_TOPIC_ERRORS)
+        self._permanent = _codes(*PERMANENT_ERRORS)
         self._kafka_error = confluent_kafka.KafkaError
         self._kafka_exception = confluent_kafka.KafkaException
         conf["error_cb"] = self._on_error

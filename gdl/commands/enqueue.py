@@ -5,9 +5,12 @@
 Each line of FILE (or stdin) is a URL, or a JSON object with any
 ``POST /download`` fields (``{"url": ..., "aggr_id": ..., "extra": ...}``);
 the options fill in the fields a line leaves out. Blank lines and lines
-starting with ``#`` are skipped. Jobs go to ``POST /download`` over a few
-keep-alive connections (``--connections``) with a progress bar showing
-accepted/s; lines the API refuses are listed on stderr with its reason.
+starting with ``#`` are skipped. Jobs go to ``POST /download/batch``,
+``api.batch_max_jobs`` at a time, over a few keep-alive connections
+(``--connections``), each line with an idempotency key of this run (a batch
+sent again after a dropped connection creates nothing twice), with a
+progress bar showing accepted/s; lines the API refuses are listed on stderr
+with its reason.
 
 ``--wait`` then follows the accepted jobs in Redis until each has reached
 its end (download succeeded or failed, callback delivered or failed), with a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 from collections import Counter
@@ -32,6 +36,7 @@ from tqdm import tqdm
 from gdl.commands import EXIT_OK, EXIT_PROBLEMS, open_store, table
 from gdl.config import Config
 from gdl.errors import StartupError
+from gdl.job import CallbackState, JobState
 from gdl.store import Store
 
 SUBMIT_TRIES = 4  # a 503 (Redis away) or a dropped connection is tried again, with backoff
@@ -40,6 +45,8 @@ WAIT_BATCH = 1000
 REJECTIONS_SHOWN = 20
 REASON_LENGTH = 100
 SUCCEEDED = "succeeded"
+FINISHED = (JobState.SUCCEEDED, JobState.FAILED)
+SETTLED_CALLBACK = (CallbackState.DELIVERED, CallbackState.FAILED, CallbackState.NONE)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
@@ -56,7 +63,8 @@ def run(name: str, args: argparse.Namespace, cfg: Config) -> int:
     token = args.token if args.token is not None else (cfg.security.api_tokens or [""])[0]
     store = open_store(cfg) if args.wait else None  # fail before submitting anything
     lines, rejected = _read(args)
-    submitted = submit(lines, base, token, connections=max(1, args.connections), quiet=args.quiet)
+    submitted = submit(lines, base, token, connections=max(1, args.connections),
+                       batch_size=cfg.api.batch_max_jobs, quiet=args.quiet)
     submitted.rejected = sorted(rejected + submitted.rejected)
     _report_submission(submitted, total=len(lines) + len(rejected))
     if args.print_ids:
@@ -116,41 +124,43 @@ def _read(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list[tuple[
     return bodies, rejected
 
 
-def submit(lines: list[tuple[int, dict]], base: str, token: str, *, connections: int,
+def submit(lines: list[tuple[int, dict]], base: str, token: str, *, connections: int, batch_size: int = 1000,
            quiet: bool = False) -> Submitted:
-    """POST every body over ``connections`` keep-alive connections."""
+    """POST every body, ``batch_size`` at a time to ``POST /download/batch``, over
+    ``connections`` keep-alive connections. Each line carries an idempotency key
+    of this run, so that a batch sent again after a dropped connection or a 503
+    creates nothing twice."""
     out = Submitted()
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     bar = tqdm(total=len(lines), desc="enqueue", unit=" accepted", bar_format=BAR_FORMAT, disable=quiet,
                file=sys.stderr, dynamic_ncols=True)
-    pending: Iterator[tuple[int, dict]] = iter(lines)
+    run = secrets.token_hex(8)
+    batches: Iterator[list[tuple[int, dict]]] = (lines[i:i + batch_size] for i in range(0, len(lines), batch_size))
     failure: list[BaseException] = []
 
     def worker() -> None:
         with requests.Session() as session:
-            for number, body in pending:
+            for batch in batches:
                 if failure:
                     return
+                jobs = [{**body, "idempotency_key": f"gdl-enqueue-{run}-{number}"} for number, body in batch]
                 try:
-                    status, answer = _post(session, f"{base}/download", body, headers)
+                    status, answer = _post(session, f"{base}/download/batch", {"jobs": jobs}, headers)
                 except StartupError as exc:
                     failure.append(exc)
                     return
-                if status == 201:
-                    out.accepted.append((number, answer["id"], str(body.get("url", ""))))
-                elif status == 401:
+                if status == 401:
                     failure.append(StartupError(f"{base}: 401 {answer.get('error', '')} "
                                                 "(security.api_tokens is set: pass --token)"))
                     return
-                else:
-                    out.rejected.append((number, f"{status} {answer.get('error', '')}"))
-                bar.update(1)
+                _record(out, batch, status, answer)
+                bar.update(len(batch))
 
     started = time.monotonic()
     group = gevent.pool.Group()
-    for _ in range(min(connections, max(1, len(lines)))):
+    for _ in range(min(connections, max(1, -(-len(lines) // batch_size)))):
         group.spawn(worker)
     group.join()
     out.seconds = time.monotonic() - started
@@ -159,6 +169,20 @@ def submit(lines: list[tuple[int, dict]], base: str, token: str, *, connections:
         print(f"gdl: accepted {len(out.accepted)} job(s) before stopping", file=sys.stderr)
         raise failure[0]
     return out
+
+
+def _record(out: Submitted, batch: list[tuple[int, dict]], status: int, answer: dict) -> None:
+    """Each line's result, from the batch's answer (or the whole batch's refusal)."""
+    results = answer.get("jobs") if status == 200 else None
+    if not isinstance(results, list) or len(results) != len(batch):
+        reason = f"{status} {answer.get('error', '')}"
+        out.rejected += [(number, reason) for number, _ in batch]
+        return
+    for (number, body), result in zip(batch, results):
+        if result.get("status") == 201:
+            out.accepted.append((number, result["id"], str(body.get("url", ""))))
+        else:
+            out.rejected.append((number, f"{result.get('status')} {result.get('error', '')}"))
 
 
 def _post(session: requests.Session, url: str, body: dict, headers: dict) -> tuple[int, dict]:
@@ -196,13 +220,13 @@ def outcome(record: dict[str, str] | None) -> str | None:
     """A finished job's result (``succeeded`` or a reason), None while it is under way."""
     if record is None:
         return "gone (deleted before it was seen finished)"
-    state, callback = record["state"], record["callback_state"]
-    if state not in ("succeeded", "failed") or callback not in ("delivered", "failed", "none"):
+    state, callback = JobState(record["state"]), CallbackState(record["callback_state"])
+    if state not in FINISHED or callback not in SETTLED_CALLBACK:
         return None
-    if state == "failed":
+    if state is JobState.FAILED:
         reason = f"download failed: {_short(record['error'])}"
-        return reason + (" (callback failed too)" if callback == "failed" else "")
-    if callback == "failed":
+        return reason + (" (callback failed too)" if callback is CallbackState.FAILED else "")
+    if callback is CallbackState.FAILED:
         return f"callback failed: {_short(record['callback_error'])}"
     return SUCCEEDED
 

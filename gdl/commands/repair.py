@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from gdl import store as keys
 from gdl.commands import EXIT_OK, EXIT_PROBLEMS, open_store, table
 from gdl.config import Config
-from gdl.filestorage import FilesystemStorage, from_config
-from gdl.job import is_valid_id
+from gdl.filestorage import FileStorage, FilesystemStorage, from_config
+from gdl.job import CallbackState, JobState, is_valid_id
 from gdl.store import CALLBACKS, DOWNLOADS, Store, now_ms
 
 SHOWN = 50  # rows listed by retry-failed; examples listed per fsck check
@@ -97,87 +97,108 @@ class Check:
     note: str = ""
 
 
+@dataclass
+class JobSets:
+    """The sorted sets of job ids, read before anything else: a job created
+    after this read is not misjudged by the checks."""
+
+    queue_of: dict[str, str | None]  # key -> the aggregation whose queue it is, or None
+    entries: dict[str, list[tuple[str, int]]]  # key -> its (member, score) pairs
+
+    @classmethod
+    def read(cls, store: Store) -> JobSets:
+        queue_of: dict[str, str | None] = {key: None for key in (
+            keys.INFLIGHT[DOWNLOADS], keys.INFLIGHT[CALLBACKS], keys.CALLBACK_QUEUE, keys.DELETIONS,
+            keys.FAILED_CALLBACKS)}
+        for aggr in sorted(store.queued_aggregations()):
+            queue_of[keys.queue_key(aggr)] = aggr
+        return cls(queue_of, {key: store.zset_entries(key) for key in queue_of})
+
+
 def fsck(store: Store, cfg: Config, *, fix: bool, verbose: bool = False) -> int:
     now = now_ms()
     storage = from_config(cfg)
-    checks = {c.name: c for c in (
-        Check("orphan files", "stored files whose job is gone"),
-        Check("missing files", "succeeded jobs whose stored file is gone"),
-        Check("expired in-flight", "jobs held past their deadline"),
-        Check("dangling entries", "set entries with no job record"),
-        Check("stale due index", "aggregations indexed with an empty queue"),
-        Check("failed index", "failed callbacks not in the retry list, or listed but not failed"),
-    )}
+    sets = JobSets.read(store)
+    missing, failed_index = check_job_records(store, storage, sets, now, fix)
+    dangling, stale = check_set_entries(store, sets, fix)
+    checks = [check_orphan_files(store, storage, fix), missing, check_expired(store, sets, now, fix),
+              dangling, stale, failed_index]
+    print(report(checks, fix=fix, verbose=verbose))
+    problems = sum(len(c.found) - c.fixed for c in checks)
+    return EXIT_OK if problems == 0 else EXIT_PROBLEMS
 
-    # Sets of job ids, read first: a job created after this read is not misjudged below.
-    # (key -> the aggregation whose queue it is, or None)
-    sets: dict[str, str | None] = {keys.INFLIGHT[DOWNLOADS]: None, keys.INFLIGHT[CALLBACKS]: None,
-                                   keys.CALLBACK_QUEUE: None, keys.DELETIONS: None, keys.FAILED_CALLBACKS: None}
-    aggrs = sorted(store.queued_aggregations())
-    for aggr in aggrs:
-        sets[keys.queue_key(aggr)] = aggr
-    entries = {key: store.zset_entries(key) for key in sets}
-    deletions = dict(entries[keys.DELETIONS])
-    failed_listed = dict(entries[keys.FAILED_CALLBACKS])
 
-    # Jobs: the failed index and missing files.
-    job_ids = list(store.job_ids())
+def check_job_records(store: Store, storage: FileStorage, sets: JobSets, now: int, fix: bool) -> tuple[Check, Check]:
+    """Succeeded jobs whose file is gone, and the failed-callbacks index against the jobs' states."""
+    missing = Check("missing files", "succeeded jobs whose stored file is gone")
+    failed_index = Check("failed index", "failed callbacks not in the retry list, or listed but not failed")
+    deletions = dict(sets.entries[keys.DELETIONS])
+    failed_listed = dict(sets.entries[keys.FAILED_CALLBACKS])
     missing_delivered: list[str] = []
+    job_ids = list(store.job_ids())
     for start in range(0, len(job_ids), BATCH):
         chunk = job_ids[start:start + BATCH]
         for job_id, record in zip(chunk, store.job_fields(chunk, "state", "callback_state", "s3_bucket")):
             if record is None:
                 continue  # forgotten meanwhile
-            if (record["callback_state"] == "failed") != (job_id in failed_listed):
-                checks["failed index"].found.append(job_id)
-            if (record["state"] == "succeeded" and not record["s3_bucket"]
+            if (record["callback_state"] == CallbackState.FAILED) != (job_id in failed_listed):
+                failed_index.found.append(job_id)
+            if (record["state"] == JobState.SUCCEEDED and not record["s3_bucket"]
                     and deletions.get(job_id, FOREVER) > now and not storage.exists(job_id)):
-                checks["missing files"].found.append(job_id)
+                missing.found.append(job_id)
                 if job_id in deletions:
                     missing_delivered.append(job_id)
+    if fix:
+        missing.fixed = store.forget(missing_delivered, now=FOREVER)
+        left = len(missing.found) - missing.fixed
+        if left:
+            missing.note = f"{left} not delivered yet: re-enqueue their URLs"
+        failed_index.fixed = sum(1 for job_id in failed_index.found
+                                 if store.reconcile_failed_callback(job_id, failed_at=now))
+    return missing, failed_index
 
-    # Orphan files.
-    if isinstance(storage, FilesystemStorage):
-        stored = list(_stored_ids(storage.rootdir))
-        for start in range(0, len(stored), BATCH):
-            chunk = stored[start:start + BATCH]
-            checks["orphan files"].found += [i for i, r in zip(chunk, store.job_fields(chunk, "state")) if r is None]
-    else:
-        checks["orphan files"].note = "skipped: not filesystem storage"
 
-    # Set entries.
-    for key, queue_of in sets.items():
-        ids = [member for member, _ in entries[key]]
+def check_orphan_files(store: Store, storage: FileStorage, fix: bool) -> Check:
+    check = Check("orphan files", "stored files whose job is gone")
+    if not isinstance(storage, FilesystemStorage):
+        check.note = "skipped: not filesystem storage"
+        return check
+    stored = list(_stored_ids(storage.rootdir))
+    for start in range(0, len(stored), BATCH):
+        chunk = stored[start:start + BATCH]
+        check.found += [i for i, r in zip(chunk, store.job_fields(chunk, "state")) if r is None]
+    if fix:  # each file deleted only if its job is still gone
+        check.fixed = sum(1 for job_id in check.found
+                          if store.job_fields([job_id], "state")[0] is None and storage.delete(job_id))
+    return check
+
+
+def check_set_entries(store: Store, sets: JobSets, fix: bool) -> tuple[Check, Check]:
+    """Set entries whose job is gone, and aggregations indexed with an empty queue."""
+    dangling = Check("dangling entries", "set entries with no job record")
+    stale = Check("stale due index", "aggregations indexed with an empty queue")
+    for key, queue_of in sets.queue_of.items():
+        ids = [member for member, _ in sets.entries[key]]
         gone = {i for i, r in zip(ids, store.job_fields(ids, "state")) if r is None} if ids else set()
-        checks["dangling entries"].found += [f"{key[len(keys.PREFIX):]} {i}" for i in sorted(gone)]
+        dangling.found += [f"{key[len(keys.PREFIX):]} {i}" for i in sorted(gone)]
         if fix and gone:
-            checks["dangling entries"].fixed += store.drop_dangling(key, sorted(gone), aggr_id=queue_of)
+            dangling.fixed += store.drop_dangling(key, sorted(gone), aggr_id=queue_of)
         if queue_of is not None and not ids:
-            checks["stale due index"].found.append(queue_of)
+            stale.found.append(queue_of)
             if fix:
                 store.drop_dangling(key, [], aggr_id=queue_of)
-                checks["stale due index"].fixed += 1
+                stale.fixed += 1
+    return dangling, stale
+
+
+def check_expired(store: Store, sets: JobSets, now: int, fix: bool) -> Check:
+    check = Check("expired in-flight", "jobs held past their deadline")
     for kind in (DOWNLOADS, CALLBACKS):
-        expired = [i for i, deadline in entries[keys.INFLIGHT[kind]] if deadline < now]
-        checks["expired in-flight"].found += [f"{kind} {i}" for i in expired]
+        expired = [i for i, deadline in sets.entries[keys.INFLIGHT[kind]] if deadline < now]
+        check.found += [f"{kind} {i}" for i in expired]
         if fix and expired:
-            checks["expired in-flight"].fixed += len(store.sweep(kind, now=now))
-
-    if fix:
-        for job_id in checks["orphan files"].found:
-            if store.job_fields([job_id], "state")[0] is None and storage.delete(job_id):
-                checks["orphan files"].fixed += 1
-        checks["missing files"].fixed = store.forget(missing_delivered, now=FOREVER)
-        left = len(checks["missing files"].found) - checks["missing files"].fixed
-        if left:
-            checks["missing files"].note = f"{left} not delivered yet: re-enqueue their URLs"
-        for job_id in checks["failed index"].found:
-            if store.reconcile_failed_callback(job_id, failed_at=now):
-                checks["failed index"].fixed += 1
-
-    print(report(list(checks.values()), fix=fix, verbose=verbose))
-    problems = sum(len(c.found) - c.fixed for c in checks.values())
-    return EXIT_OK if problems == 0 else EXIT_PROBLEMS
+            check.fixed += len(store.sweep(kind, now=now))
+    return check
 
 
 def _stored_ids(rootdir: str) -> Iterable[str]:

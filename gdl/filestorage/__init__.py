@@ -11,7 +11,7 @@
   (``processor.filestorage: {type: s3, ...}``) or the caller's (a job's
   ``s3_bucket`` + ``s3_region``).
 
-:class:`Storages` is the one place that decides which storage a job's file
+:class:`FileStorages` is the one place that decides which storage a job's file
 goes to, whether the reaper deletes it and which URL the callback carries;
 the pool, the reaper and the notifier all ask it.
 
@@ -32,10 +32,10 @@ from gdl.filestorage.s3 import S3_MULTIPART_CHUNKSIZE, S3Clients, S3Storage, _bo
 from gdl.job import Job
 
 __all__ = ["PREFIX_LENGTH", "S3_MULTIPART_CHUNKSIZE", "FileStorage", "FilesystemStorage", "S3Clients",
-           "S3Storage", "Storages", "from_config", "join_url", "path_for_id"]
+           "S3Storage", "FileStorages", "from_config", "join_url", "path_for_id"]
 
 
-class Storages:
+class FileStorages:
     """The storage of each job: the one place that decides.
 
     - A job with ``s3_bucket`` + ``s3_region`` goes to the caller's bucket
@@ -59,7 +59,7 @@ class Storages:
         self.endpoint_url = endpoint_url
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Storages:
+    def from_config(cls, cfg: Config) -> FileStorages:
         clients = S3Clients()
         default = from_config(cfg, clients=clients)
         s3 = isinstance(default, S3Storage)

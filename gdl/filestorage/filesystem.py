@@ -82,6 +82,10 @@ class FilesystemStorage(FileStorage):
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
 
+    def check(self) -> None:
+        """rootdir is made if missing and takes a new file, or gdl stops naming
+        ``processor.filestorage.rootdir``."""
+        diskio.check_writable("processor.filestorage.rootdir", self.rootdir)
 
 
 def _write_and_place(data: bytes, temp_dir: str, prefix: str, target: str, rootdir: str) -> None:

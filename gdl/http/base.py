@@ -153,8 +153,17 @@ class Engine(ABC):
 def wire_url(url: str) -> str:
     """``url`` as it is sent, prepared as requests prepares it: a non-ASCII host in IDNA, and what
     needs quoting in the path and query (spaces, non-ASCII) percent-quoted, the rest left as given.
-    Raises InvalidURL for a host IDNA cannot encode."""
-    parts = urlsplit(url)
+    Raises InvalidURL for a URL that does not parse, a host name with an empty
+    label (``a..b``: no resolver could answer it, so both engines refuse it at
+    once rather than retry), or a host IDNA cannot encode."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise InvalidURL(f"invalid URL {url!r}: {exc}") from exc
+    if host and not host.startswith("[") and "" in host.rstrip(".").split("."):
+        raise InvalidURL(f"invalid URL {url!r}: the host name has an empty label")
     if not parts.netloc.isascii() and parts.hostname:
         try:
             host = idna.encode(parts.hostname, uts46=True).decode("ascii")

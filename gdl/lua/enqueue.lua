@@ -1,23 +1,63 @@
--- Enqueue one job and record its aggregation, in one step: a job is never
--- visible without its aggregation, its queue entry and the due index entry.
--- KEYS[1] job hash          KEYS[2] aggregation hash
--- KEYS[3] aggregation queue KEYS[4] due index
--- ARGV[1] job id   ARGV[2] aggr id   ARGV[3] aggr limit   ARGV[4] aggr proxy
--- ARGV[5] due (ms) ARGV[6] wake channel
--- ARGV[7..] the job hash as field, value pairs
--- Returns 1, or 0 when the id is taken (nothing written; the caller draws again).
--- The wake-up is published only when the queue had nothing due by now: if it
--- had, its pool is running and takes this job when a slot frees, and a
+-- Enqueue jobs of one aggregation and record the aggregation, in one step: a
+-- job is never visible without its aggregation, its queue entry and the due
+-- index entry. Each job's idempotency record is checked and written in the
+-- same step, so that requests with one key, through any number of API
+-- processes, create exactly one job.
+-- KEYS[1] aggregation hash   KEYS[2] aggregation queue   KEYS[3] due index
+-- then for job i: KEYS[2 + 2i] its hash, KEYS[3 + 2i] its idempotency record
+--   (a key of its own even for a job without one: every key is declared)
+-- ARGV[1] aggr id   ARGV[2] due (ms)   ARGV[3] wake channel   ARGV[4] records' ttl (ms)
+-- then for job i, five arguments from ARGV[5i]: id, fingerprint ('' for no
+--   idempotency key), aggr limit, aggr proxy, the job hash as a JSON object of
+--   strings (one argument rather than a pair per field: a client's cost of
+--   sending a job is per argument)
+-- Returns one reply per job: 1 created; 0 when the id is taken (nothing
+-- written; the caller draws again); {2, id} when its record names a job made
+-- by the same request (a replay); {3, id} when it names one made by another
+-- request. The aggregation's limit and proxy are the last created job's.
+-- The wake-up is published only when the queue had nothing due by then: if it
+-- had, its pool is running and takes these jobs when slots free, and a
 -- message per job would cost every listening process a wake for nothing.
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
+local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local created = false
+local replies = {}
+for i = 1, (#ARGV - 4) / 5 do
+  local a = 5 * i
+  local id, fingerprint = ARGV[a], ARGV[a + 1]
+  local job = KEYS[2 + 2 * i]
+  local record = KEYS[3 + 2 * i]
+  local reply = nil
+  if fingerprint ~= '' then
+    local seen = redis.call('HMGET', record, 'id', 'fingerprint')
+    if seen[1] then
+      reply = {seen[2] == fingerprint and 2 or 3, seen[1]}
+    end
+  end
+  if not reply and redis.call('EXISTS', job) == 1 then
+    reply = 0
+  end
+  if not reply then
+    local flat = {}
+    for field, value in pairs(cjson.decode(ARGV[a + 4])) do
+      flat[#flat + 1] = field
+      flat[#flat + 1] = value
+    end
+    redis.call('HSET', job, unpack(flat))
+    redis.call('HSET', KEYS[1], 'limit', ARGV[a + 2], 'proxy', ARGV[a + 3])
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    if fingerprint ~= '' then
+      redis.call('HSET', record, 'id', id, 'fingerprint', fingerprint)
+      redis.call('PEXPIRE', record, ARGV[4])
+    end
+    created = true
+    reply = 1
+  end
+  replies[i] = reply
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-redis.call('HSET', KEYS[2], 'limit', ARGV[3], 'proxy', ARGV[4])
-local head = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[4], 'LT', ARGV[5], ARGV[2])
-if not head[2] or tonumber(head[2]) > tonumber(ARGV[5]) then
-  redis.call('PUBLISH', ARGV[6], ARGV[2])
+if created then
+  redis.call('ZADD', KEYS[3], 'LT', ARGV[2], ARGV[1])
+  if not head[2] or tonumber(head[2]) > tonumber(ARGV[2]) then
+    redis.call('PUBLISH', ARGV[3], ARGV[1])
+  end
 end
-return 1
+return replies

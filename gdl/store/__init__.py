@@ -39,6 +39,9 @@ Layout (``gdl:`` prefix)::
     active                     hash    aggr id -> owner token of the   scanner (claim,      api, cli
                                        lease its pool holds (pools     pool end), readers
                                        whose queue may be empty)       (prune stale)
+    idem:<scope>:<key>         hash    id, fingerprint of the request  api (enqueue.lua)    api (enqueue.lua)
+                                       that first used an Idempotency-
+                                       Key (PEXPIRE api.idempotency_ttl)
     tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
                                        callbacks, callback_failures    reporter (HINCRBY
                                        (EXPIRE 16 min)                 of its deltas)
@@ -54,14 +57,26 @@ move between them is one script, so a crash at any instant loses nothing:
 anything left in an in-flight set past its deadline is put back by the sweep.
 """
 
-from gdl.store.core import OVER_SHARE, Health, JobStore, Renewal, Settled, Taken, now_ms
+from gdl.store.core import JobStore
+from gdl.store.health import Health, now_ms
 from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
 from gdl.store.operator import OperatorView
+from gdl.store.results import (
+    Claim,
+    ClaimOutcome,
+    Enqueued,
+    EnqueueOutcome,
+    Idempotency,
+    Renewal,
+    Settled,
+    Taken,
+)
 
 
 class Store(OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["OVER_SHARE", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms", *_layout_names]
+__all__ = ["Claim", "ClaimOutcome", "Enqueued", "EnqueueOutcome", "Idempotency", "Health", "JobStore", "Renewal",
+           "Settled", "Store", "Taken", "now_ms", *_layout_names]

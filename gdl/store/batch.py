@@ -62,6 +62,15 @@ class ScriptBatcher:
             self._flusher = gevent.spawn(self._flush)
         return call.result.get()
 
+    def run_many(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args), in as few pipelines as ``MAX_BATCH`` allows;
+        blocks until every reply is in and returns them in order, raising the first error."""
+        made = [_Call(script, keys, args) for keys, args in calls]
+        self._pending.extend(made)
+        if made and self._flusher is None:
+            self._flusher = gevent.spawn(self._flush)
+        return [call.result.get() for call in made]
+
     def _flush(self) -> None:
         try:
             while self._pending:

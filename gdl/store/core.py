@@ -2,20 +2,17 @@
 
 Every method is one Redis call or one script (``gdl/lua/``); Redis errors
 that mean "not now" become :class:`~gdl.errors.StoreUnavailable`, and
-:class:`Health` logs each outage once.
+:class:`~gdl.store.health.Health` logs each outage once. What the steps
+answer is typed in :mod:`gdl.store.results`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import redis
 import redis.exceptions
@@ -23,8 +20,11 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from gdl.errors import StoreUnavailable
-from gdl.job import Job, new_id, status_fields
+from gdl.job import CallbackState, Job, JobState, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
+from gdl.store.health import UNAVAILABLE as _UNAVAILABLE
+from gdl.store.health import Health
+from gdl.store.health import translated as _translated
 from gdl.store.layout import (
     ACTIVE,
     CALLBACK_QUEUE,
@@ -41,121 +41,29 @@ from gdl.store.layout import (
     WAKE_AGGR,
     WAKE_CALLBACKS,
     aggr_key,
+    idempotency_key,
     job_key,
     lease_key,
     log_key,
     queue_key,
 )
+from gdl.store.results import (
+    _SETTLED,
+    Claim,
+    Enqueued,
+    Idempotency,
+    Renewal,
+    Settled,
+    Taken,
+    claim_from_reply,
+    enqueued_from_reply,
+)
 
 log = logging.getLogger("gdl.store")
 
 
-# Redis failures that mean "not now" rather than "wrong": translated to StoreUnavailable.
-# (A ReadOnlyError is a master demoted by a failover: the next connection finds the new one.)
-_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,  # a cluster still forming, or failing over a master
-    redis.exceptions.OutOfMemoryError,
-    OSError,
-)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Health:
-    """Whether Redis answers, as this process last saw it.
-
-    Every greenlet meets an outage; only this object logs it: one line when
-    it starts, one when it ends (once :meth:`watch` is called: before that,
-    at start-up or in a one-shot command, the caller reports the failure).
-    ``errors`` counts failed calls for metrics.
-    """
-
-    def __init__(self) -> None:
-        self.down_since: float | None = None
-        self.errors = 0
-        self.outages = 0
-        self.watching = False
-
-    def watch(self) -> None:
-        self.watching = True
-
-    def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            self.outages += 1
-            if self.watching:
-                log.warning("redis: unavailable (%s); work pauses and resumes when it is back", exc)
-
-    def answered(self) -> None:
-        if self.down_since is not None:
-            if self.watching:
-                log.warning("redis: back after %.1fs", time.monotonic() - self.down_since)
-            self.down_since = None
-
-
-def _translated(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: JobStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            result = fn(self, *args, **kwargs)
-        except _UNAVAILABLE as exc:
-            self.health.failed(exc)
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        if self.health.down_since is not None:
-            self.health.answered()
-        return result
-    return wrapper  # type: ignore[return-value]
-
-
 # How many of a queue's first ids a take reports, to name as the next take's candidates.
 HEAD_SEEN = 16
-
-# What a fair claim returns when the caller is over its share (Store.claim).
-OVER_SHARE = "over share"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass
-class Taken:
-    """Jobs moved into an in-flight set, when the queue's next job is due, and
-    the aggregation's current limit (None for the callback queue)."""
-
-    jobs: list[Job]
-    next_due: int | None
-    limit: int | None = None
-    lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
-
-
-class Settled(StrEnum):
-    """What became of an outcome written by a settle script (settle.lua)."""
-
-    RECORDED = "recorded"
-    NOT_OURS = "the job is no longer ours"
-    LEASE_LOST = "this process no longer holds the aggregation's lease"
-
-    def __bool__(self) -> bool:
-        return self is Settled.RECORDED
-
-
-_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST}
-
-
-@dataclass
-class Renewal:
-    """One renewal of a process's leases (renew_leases.lua)."""
-
-    lost: list[str]
-    margin_ms: int | None  # least time to live a held lease had left; None when none was held
-
 
 class JobStore:
     """Typed operations on gdl's Redis layout: the data flow of a job."""
@@ -225,38 +133,54 @@ class JobStore:
 
     # ---------------------------------------------------------------- enqueue (api)
 
-    @_translated
     def enqueue(self, job: Job, *, now: int) -> Job:
-        """Store ``job`` and queue it due ``now``; redraws the id if it is taken."""
-        while True:
-            fields = job.to_hash()
-            pairs = [x for kv in fields.items() for x in kv]
-            keys = [job_key(job.id), aggr_key(job.aggr_id), queue_key(job.aggr_id), DUE_INDEX]
-            args = [job.id, job.aggr_id, job.aggr_limit, job.aggr_proxy, now, WAKE_AGGR, *pairs]
-            if self._enqueue_durably(keys, args) == 1:
-                return job
-            log.warning("job %s: id already taken, drawing another", job.id)
-            job.id = new_id()
+        """Store ``job`` and queue it due ``now`` (its id redrawn if taken)."""
+        self.enqueue_many([(job, None)], now=now)
+        return job
 
-    def _enqueue_durably(self, keys: list[str], args: list[Any]) -> int:
-        """Run the enqueue script; with ``wait_replicas``, also wait for replicas.
+    @_translated
+    def enqueue_many(self, items: list[tuple[Job, Idempotency | None]], *, now: int) -> list[Enqueued]:
+        """Store and queue jobs due ``now``, each one script (its idempotency key
+        checked and recorded in the same step), sent in as few pipelines as the
+        batcher allows; an id found taken is drawn again. Results in order."""
+        results: list[Enqueued | None] = [None] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            groups = _by_aggregation(pending, items)
+            replies = self._enqueue_durably([_enqueue_call([items[i] for i in group], now) for group in groups])
+            taken = []
+            for group, group_replies in zip(groups, replies):
+                for i, reply in zip(group, group_replies):
+                    job = items[i][0]
+                    if reply == 0:
+                        log.warning("job %s: id already taken, drawing another", job.id)
+                        job.id = new_id()
+                        taken.append(i)
+                    else:
+                        results[i] = enqueued_from_reply(reply, job.id)
+            pending = taken
+        return [r for r in results if r is not None]
+
+    def _enqueue_durably(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the enqueue scripts; with ``wait_replicas``, also wait for replicas.
 
         Redis replicates asynchronously: a job acknowledged by a master that
         fails over before replicating it would be lost. WAIT (on the same
-        connection as the write, hence the pipeline) makes the 201 mean "on
+        connection as the writes, hence the pipeline) makes the 201 mean "on
         ``wait_replicas`` replicas too"; when they do not confirm in time the
-        caller gets a 503 and retries (the job may then exist twice).
+        caller gets a 503 and retries (with an Idempotency-Key, safely).
         """
         if not self.wait_replicas:
-            return int(self._run_batched("enqueue", keys, args))
+            return self._batcher.run_many(self._scripts["enqueue"], calls)
         with self.redis.pipeline(transaction=False) as pipe:
-            self._scripts["enqueue"](keys=keys, args=args, client=pipe)
+            for keys, args in calls:
+                self._scripts["enqueue"](keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            created, acknowledged = pipe.execute()
-        if created == 1 and acknowledged < self.wait_replicas:
+            *replies, acknowledged = pipe.execute()
+        if any(reply == 1 for group in replies for reply in group) and acknowledged < self.wait_replicas:
             raise StoreUnavailable(
                 f"redis: job written but confirmed by {acknowledged} of {self.wait_replicas} replica(s)")
-        return int(created)
+        return replies
 
     # ---------------------------------------------------------------- reads
 
@@ -316,21 +240,17 @@ class JobStore:
 
     @_translated
     def claim(self, aggr_id: str, owner: str, ttl_ms: int, *, now: int = 0, slots: int = 0,
-              fair: bool = False) -> tuple[int, str] | str | None:
-        """Take ``aggr_id``'s lease for a pool and mark it active; its (limit, proxy),
-        or None when a process holds the lease or the aggregation has no record.
+              fair: bool = False) -> Claim:
+        """Take ``aggr_id``'s lease for a pool and mark it active: claimed with its
+        limit and proxy, or refused (another process holds the lease, or the
+        aggregation has no record).
 
         ``slots`` is what the caller's pools hold already. A ``fair`` claim by a
-        registered processor (:meth:`register_processor`) returns
-        :data:`OVER_SHARE` instead of claiming when that is more than its share
-        of all registered processors' slots (see claim.lua)."""
+        registered processor (:meth:`register_processor`) is refused
+        ``OVER_SHARE`` when that is more than its share of all registered
+        processors' slots (see claim.lua)."""
         keys = [lease_key(aggr_id), aggr_key(aggr_id), ACTIVE, PROCESSORS, PROCESSOR_SLOTS]
-        reply = self._run_batched("claim", keys, [owner, ttl_ms, aggr_id, now, slots, int(fair)])
-        if reply == -2:
-            return OVER_SHARE
-        if not isinstance(reply, list):
-            return None
-        return int(reply[0]), reply[1]
+        return claim_from_reply(self._run_batched("claim", keys, [owner, ttl_ms, aggr_id, now, slots, int(fair)]))
 
     @_translated
     def register_processor(self, owner: str, *, until: int, slots: int) -> None:
@@ -393,7 +313,7 @@ class JobStore:
         (fenced: ``Taken.lease_lost`` otherwise); a take extends the lease by
         ``lease_ttl_ms``, so that what it starts is covered for that long."""
         keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id)]
-        return self._take(keys, [now, count, deadline, owner, "state", "in_flight", aggr_id, lease_ttl_ms])
+        return self._take(keys, [now, count, deadline, owner, "state", JobState.IN_FLIGHT, aggr_id, lease_ttl_ms])
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, now: int, forget_at: int, log_entry: dict,
@@ -402,10 +322,10 @@ class JobStore:
         callback (its own S3 bucket) goes straight to the deletion queue, due at
         ``forget_at``, so that its record does not outlive its usefulness."""
         if job.wants_callback:
-            status["callback_state"] = "queued"
+            status["callback_state"] = CallbackState.QUEUED
             return self._settle(job, owner, DOWNLOADS, log_entry, status,
                                 enter=CALLBACK_QUEUE, score=now, wake=(WAKE_CALLBACKS, job.id))
-        status["callback_state"] = "none"
+        status["callback_state"] = CallbackState.NONE
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=DELETIONS, score=forget_at)
 
     @_translated
@@ -416,7 +336,7 @@ class JobStore:
         Only work due now wakes the scanners; later work is found by the
         scanner's timed wait on the due index.
         """
-        status["state"] = "queued"
+        status["state"] = JobState.QUEUED
         wake = (WAKE_AGGR, job.aggr_id) if due <= now else None
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=queue_key(job.aggr_id),
                             score=due, due_index=True, wake=wake)
@@ -426,7 +346,7 @@ class JobStore:
     @_translated
     def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
-        return self._take(keys, [now, count, deadline, owner, "callback_state", "in_flight", "", 0])
+        return self._take(keys, [now, count, deadline, owner, "callback_state", CallbackState.IN_FLIGHT, "", 0])
 
     def _take(self, keys: list[str], args: list[Any]) -> Taken:
         """Run take.lua on the queue ``keys[0]``, naming as candidates its head as
@@ -459,20 +379,19 @@ class JobStore:
 
     @_translated
     def callback_delivered(self, job: Job, owner: str, *, delete_at: int, log_entry: dict, **status: Any) -> Settled:
-        status["callback_state"] = "delivered"
+        status["callback_state"] = CallbackState.DELIVERED
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=DELETIONS, score=delete_at)
 
     @_translated
-    def callback_failed(self, job: Job, owner: str, *, log_entry: dict, **status: Any) -> Settled:
-        """Mark the callback failed and list it in ``callbacks:failed`` (the retry list)."""
-        status["callback_state"] = "failed"
-        failed_at = int(log_entry.get("at") or now_ms())
-        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=failed_at)
+    def callback_failed(self, job: Job, owner: str, *, now: int, log_entry: dict, **status: Any) -> Settled:
+        """Mark the callback failed and list it in ``callbacks:failed`` (the retry list), as of ``now``."""
+        status["callback_state"] = CallbackState.FAILED
+        return self._settle(job, owner, CALLBACKS, log_entry, status, enter=FAILED_CALLBACKS, score=now)
 
     @_translated
     def retry_callback_later(self, job: Job, owner: str, *, due: int, log_entry: dict | None,
                              **status: Any) -> Settled:
-        status["callback_state"] = "queued"
+        status["callback_state"] = CallbackState.QUEUED
         return self._settle(job, owner, CALLBACKS, log_entry, status, enter=CALLBACK_QUEUE,
                             score=due, wake=(WAKE_CALLBACKS, job.id))
 
@@ -563,6 +482,34 @@ class JobStore:
         if msg is None or msg.get("type") != "message":
             return None
         return msg["channel"], msg["data"]
+
+
+# Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
+ENQUEUE_CHUNK = 200
+
+
+def _by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
+    """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
+    groups: dict[str, list[int]] = {}
+    for i in indexes:
+        groups.setdefault(items[i][0].aggr_id, []).append(i)
+    return [group[start:start + ENQUEUE_CHUNK] for group in groups.values()
+            for start in range(0, len(group), ENQUEUE_CHUNK)]
+
+
+def _enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
+    """enqueue.lua's keys and arguments for jobs of one aggregation."""
+    aggr_id = group[0][0].aggr_id
+    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX]
+    ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
+    args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
+    for job, check in group:
+        # A job without a key still declares a record key of its own, never written.
+        record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
+        keys += [job_key(job.id), record]
+        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
+        args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
+    return keys, args
 
 
 def _taken(reply: list) -> Taken:

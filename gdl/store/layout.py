@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Every key carries one hash tag, ``{gdl}``: on a Redis Cluster all of them
 # live in one slot, so that every script's keys are on one node (tier 1: a
-# cluster-mode Redis runs gdl unchanged; see README's design notes for tier 2).
+# cluster-mode Redis runs gdl unchanged; see docs/design.md for tier 2).
 PREFIX = "{gdl}:"
 # Keys of the layout before the hash tag, renamed at start (upgrade_layout).
 LEGACY_PREFIX = "gdl:"
@@ -40,6 +40,11 @@ def queue_key(aggr_id: str) -> str:
 
 def lease_key(aggr_id: str) -> str:
     return f"{PREFIX}lease:{aggr_id}"
+
+
+def idempotency_key(scope: str, key: str) -> str:
+    """The record of an ``Idempotency-Key`` used under ``scope`` (an API token's digest, or ``anon``)."""
+    return f"{PREFIX}idem:{scope}:{key}"
 
 
 # Fair shares between processor processes (claim.lua): who is running, and
@@ -95,6 +100,7 @@ __all__ = [
     "aggr_key",
     "queue_key",
     "lease_key",
+    "idempotency_key",
     "PROCESSORS",
     "PROCESSOR_SLOTS",
     "tput_key",

@@ -1,0 +1,103 @@
+"""What the store's steps answer: small result types instead of tuples,
+magic strings and negative integers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gdl.job import Job
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An ``Idempotency-Key`` as the store keeps it: scoped (to an API token, or
+    anonymous), with the fingerprint of the request that used it first."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    ttl_ms: int
+
+
+class EnqueueOutcome(StrEnum):
+    CREATED = "created"
+    REPLAYED = "replayed"  # the key's first request had the same body: its job, nothing new
+    CONFLICT = "conflict"  # the key's first request had another body: nothing new
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    outcome: EnqueueOutcome
+    job_id: str  # the job created, or the one the key's first request created
+
+
+def enqueued_from_reply(reply: list | int, job_id: str) -> Enqueued:
+    """enqueue.lua's reply (0, the id taken, is the caller's to handle)."""
+    if isinstance(reply, list):
+        return Enqueued(EnqueueOutcome.REPLAYED if int(reply[0]) == 2 else EnqueueOutcome.CONFLICT, reply[1])
+    return Enqueued(EnqueueOutcome.CREATED, job_id)
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"
+    HELD = "another process holds the lease"
+    NO_RECORD = "the aggregation has no record"  # queue entries without settings: nothing to run
+    OVER_SHARE = "over its share"  # a fair claim by a processor over its share (claim.lua)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a claim of an aggregation's lease: its settings when claimed."""
+
+    outcome: ClaimOutcome
+    limit: int = 0
+    proxy: str = ""
+
+    def __bool__(self) -> bool:
+        return self.outcome is ClaimOutcome.CLAIMED
+
+
+_CLAIM_REFUSED = {0: ClaimOutcome.HELD, -1: ClaimOutcome.NO_RECORD, -2: ClaimOutcome.OVER_SHARE}
+
+
+def claim_from_reply(reply: list | int) -> Claim:
+    """claim.lua's reply: {limit, proxy}, or 0, -1 or -2."""
+    if isinstance(reply, list):
+        return Claim(ClaimOutcome.CLAIMED, int(reply[0]), reply[1])
+    return Claim(_CLAIM_REFUSED[int(reply)])
+
+
+@dataclass
+class Taken:
+    """Jobs moved into an in-flight set, when the queue's next job is due, and
+    the aggregation's current limit (None for the callback queue)."""
+
+    jobs: list[Job]
+    next_due: int | None
+    limit: int | None = None
+    lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
+
+
+class Settled(StrEnum):
+    """What became of an outcome written by a settle script (settle.lua)."""
+
+    RECORDED = "recorded"
+    NOT_OURS = "the job is no longer ours"
+    LEASE_LOST = "this process no longer holds the aggregation's lease"
+
+    def __bool__(self) -> bool:
+        return self is Settled.RECORDED
+
+
+_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST}
+
+
+@dataclass
+class Renewal:
+    """One renewal of a process's leases (renew_leases.lua)."""
+
+    lost: list[str]
+    margin_ms: int | None  # least time to live a held lease had left; None when none was held
+
+
