@@ -31,7 +31,11 @@ from common import (
     write_gdl_config,
 )
 
-from gdl.store.layout import HEARTBEATS, WAKE_AGGR, WAKE_CALLBACKS
+from gdl.store.layout import (
+    HEARTBEATS,
+    WAKE_AGGR,
+    WAKE_CALLBACKS,
+)
 
 log = logging.getLogger("bench.throughput")
 
@@ -244,6 +248,19 @@ class Gdl(Started):
     def redis_cpu(self) -> float:
         assert self.redis is not None
         return tree_cpu_seconds([self.redis.pid])
+
+    def redis_calls(self, reset: bool = False) -> dict[str, int]:
+        """Commands run by the redis-server so far, by name (``INFO commandstats``; those a script
+        runs counted too); with ``reset``, the counts start again from 0 (``CONFIG RESETSTAT``)."""
+        client = redis.Redis(unix_socket_path=str(self.redis_path), decode_responses=True)
+        try:
+            if reset:
+                client.config_resetstat()
+                return {}
+            return {name.removeprefix("cmdstat_"): int(stat["calls"])
+                    for name, stat in client.info("commandstats").items()}
+        finally:
+            client.close()
 
     def peak_rss_kib(self) -> dict[str, int]:
         """Peak resident memory so far (VmHWM, KiB) of each gdl process and of the redis-server."""

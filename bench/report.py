@@ -26,6 +26,7 @@ class Row:
     key: str = ""  # the JSON lines' name: a reference's key, or a gdl run's tool
     peak_rss: dict[str, int] = field(default_factory=dict)  # peak RSS (VmHWM, KiB) by process
     leases: dict[str, int] = field(default_factory=dict)  # processor role alone: aggregations leased by process
+    redis_calls: dict[str, int] = field(default_factory=dict)  # gdl: Redis commands run in the window, by name
 
     @property
     def cpu_ms_per_unit(self) -> float:
@@ -93,6 +94,11 @@ def print_gdl_details(r: Row) -> None:
     together = f" (processors together {processors_cpu(r) * 1000 / r.units:.2f})" if several else ""
     print(f"{r.name}: cpu ms/job by process: {parts}{together}; "
           f"{r.connections} connections opened for {int(r.units)} callbacks")
+    if r.redis_calls:
+        calls = redis_calls_per_job(r)
+        top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:6] if k != "all")
+        print(f"{r.name}: redis commands per job: {calls['all']:.1f} counting those scripts run ({top}); "
+              f"one redis core at this CPU per job: {r.units / r.redis_cpu:.0f} jobs/s" if r.redis_cpu else "")
     if r.peak_rss:
         rss = rss_summary(r.peak_rss)
         total = rss.pop("gdl_total")
@@ -116,6 +122,13 @@ def rounded(value: Any) -> Any:
     return value
 
 
+def redis_calls_per_job(r: Row) -> dict[str, float]:
+    """Redis commands per job in a gdl row: ``all``, and by name."""
+    out = {k: v / r.units for k, v in r.redis_calls.items()}
+    out["all"] = sum(r.redis_calls.values()) / r.units
+    return out
+
+
 def jobs_record(r: Row) -> dict[str, Any]:
     """A jobs/s row (a gdl run or a reference) as JSON: its rate, CPU and, when known, peak RSS."""
     out: dict[str, Any] = {"tool": r.key, "name": r.name, "jobs": int(r.units), "seconds": r.seconds,
@@ -123,6 +136,8 @@ def jobs_record(r: Row) -> dict[str, Any]:
     if r.by_process:
         out["cpu_ms_per_job_by_process"] = {k: v * 1000 / r.units for k, v in r.by_process.items()}
         out["callback_connections"] = r.connections
+    if r.redis_calls:
+        out["redis_commands_per_job"] = redis_calls_per_job(r)
     if r.peak_rss:
         out["peak_rss_mb"] = rss_summary(r.peak_rss) if r.by_process else rss_mb(next(iter(r.peak_rss.values())))
     out["nginx_cpu_s"], out["bench_cpu_s"], out["other_cpu_s"] = r.server_cpu, r.bench_cpu, r.other_cpu

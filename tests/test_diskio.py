@@ -112,3 +112,30 @@ def _heartbeat(port: int) -> int:
         return requests.get(f"http://127.0.0.1:{port}/hb", timeout=2).status_code
     except requests.ConnectionError:
         return 0
+
+
+def test_shared_trips_give_each_caller_its_own_result_or_error(tmp_path: Path) -> None:
+    import gevent
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    sharer = diskio.TripSharer(gevent.get_hub())
+
+    def call(i: int) -> object:
+        if i % 5 == 0:
+            with pytest.raises(NotADirectoryError):
+                sharer.run(os.listdir, (str(blocker / "sub"),))
+            return "raised"
+        return sharer.run(divmod, (i, 3))
+
+    calls = [gevent.spawn(call, i) for i in range(40)]
+    gevent.joinall(calls, raise_error=True)
+
+    assert [g.value for g in calls] == ["raised" if i % 5 == 0 else divmod(i, 3) for i in range(40)]
+    assert sharer.calls == 40
+    assert sharer.batches < 40  # calls queued behind a trip went together
+    assert not sharer._pending and sharer._trips == 0
+
+
+def test_shared_trip_is_taken_by_a_lone_call() -> None:
+    assert diskio.off_hub_shared(divmod, 17, 5) == (3, 2)

@@ -27,7 +27,13 @@ from report import (
 from servers import CallbackReceiver
 from submit import Enqueuer, Job, check_files
 
-from gdl.store.layout import CALLBACK_QUEUE, FAILURES, job_key, lease_key, queue_key
+from gdl.store.layout import (
+    CALLBACK_QUEUE,
+    FAILURES,
+    job_key,
+    lease_key,
+    queue_key,
+)
 from workloads.small import Readings, small_gdl
 
 log = logging.getLogger("bench.throughput")

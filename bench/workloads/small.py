@@ -157,6 +157,7 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
     receiver.expect(keys)
     enqueuer = Enqueuer(gdl.api_port, receiver.url)
     prepared = enqueuer.prepare(jobs)
+    gdl.redis_calls(reset=True)
     start = Readings.take(gdl, nginx, receiver)
     started = now()
     enqueuer.burst(prepared, min(args.connections, len(jobs)))
@@ -165,6 +166,7 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
              len(jobs) - receiver.missing)
     end = await_callbacks(receiver, gdl, what, timeout=max(120.0, len(jobs) / 10),
                           at_count=lambda: Readings.take(gdl, nginx, receiver, end=True))
+    redis_calls = gdl.redis_calls()
     last = max(receiver.arrivals[k][0] for k in keys)
     first = min(enqueuer.starts.values())
     by_process = {k: v - start.by_process[k] for k, v in end.by_process.items()}
@@ -172,7 +174,8 @@ def measure_gdl(args: argparse.Namespace, gdl: Gdl, nginx: Nginx, receiver: Call
               redis_cpu=by_process["redis-server"], server_cpu=end.nginx - start.nginx,
               bench_cpu=end.bench - start.bench, note=f"enqueue {enqueued:.1f}s",
               machine_cpu=end.machine - start.machine, by_process=by_process, connections=end.peers - start.peers,
-              key=gdl_tool(gdl.layout, gdl.processors, gdl.engine), peak_rss=gdl.peak_rss_kib())
+              key=gdl_tool(gdl.layout, gdl.processors, gdl.engine), peak_rss=gdl.peak_rss_kib(),
+              redis_calls=redis_calls)
     payloads = check_callbacks(receiver, keys, what)
     check_files(gdl.rootdir, payloads, size, what)
     log.info("%s: %d callbacks, all success, all files %d bytes; %d gdl log lines", what, len(payloads), size,

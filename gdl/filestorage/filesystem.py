@@ -48,8 +48,9 @@ class FilesystemStorage(FileStorage):
     def store_bytes(self, data: bytes, job: Job, *, sha256: str = "") -> None:
         final = self.path_for(job.id)
         try:
-            # One trip to the threadpool: the temp file, its fsync, the directory, the rename.
-            diskio.off_hub(_write_and_place, data, self.temp_dir, job.id + ".", final, self.rootdir)
+            # One trip to the threadpool, shared with other small files: the temp
+            # file, its fsync, the directory, the rename.
+            diskio.off_hub_shared(_write_and_place, data, self.temp_dir, job.id + ".", final, self.rootdir)
         except OSError as exc:
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
         log.debug("job %s: stored at %s", job.id, final)
