@@ -2,10 +2,11 @@
 
 Every key carries the ``{gdl}`` hash tag, so all of gdl's keys share one
 slot and every script's keys are on one node. This module runs the
-end-to-end processor, notifier and process tests again on a cluster that it
-starts (redis-server in cluster mode, joined by ``redis-cli --cluster
-create``): the ``store`` and ``make_cfg`` fixtures below replace the
-standalone ones for the tests imported here.
+end-to-end processor, notifier, process and resilience tests (kill -9,
+SIGTERM, a second signal) again on a cluster that it starts (redis-server
+in cluster mode, joined by ``redis-cli --cluster create``): the ``store``
+and ``make_cfg`` fixtures below replace the standalone ones for the tests
+imported here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from tests.test_processes import (  # noqa: F401
     test_two_processors_together_never_pass_the_limit,
 )
 from tests.test_processor import *  # noqa: F403
+from tests.test_resilience import (  # noqa: F401
+    served,
+    test_a_second_signal_exits_at_once_and_the_sweep_recovers,
+    test_metrics_parse_and_match_the_jobs_run,
+    test_sentry_gets_internal_errors_with_tags_and_not_404s,
+    test_sigterm_during_50_slow_downloads_then_a_restart_completes_them,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import gevent
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,16 @@ from tests.httpserver import LoopbackServer
 from tests.servers import CallbackReceiver, HoldServer, _Server
 
 FAST = {"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1}
+
+
+@pytest.fixture
+def served(make_cfg):
+    """Configs (on this test's Redis: standalone here, a cluster in tests/test_cluster.py) whose
+    API listens on a known free port."""
+    def make(**sections):
+        sections.setdefault("processor", FAST)
+        return make_cfg(api={"port": free_port()}, **sections)
+    return make
 
 
 def serve_cfg(tmp: Path, redis_url: str, **sections):
@@ -82,11 +93,10 @@ def assert_one_successful_callback_each(receiver: CallbackReceiver, ids: list[st
 # ---------------------------------------------------------------------------- signals
 
 
-def test_sigterm_during_50_slow_downloads_then_a_restart_completes_them(tmp_path, redis_server, store, gdl_process,
-                                                                        receiver):
+def test_sigterm_during_50_slow_downloads_then_a_restart_completes_them(served, store, gdl_process, receiver):
     files = HoldServer(hold=60, body=os.urandom(100_000), midway=True)
     try:
-        cfg = serve_cfg(tmp_path, redis_server.url)
+        cfg = served()
         proc = gdl_process(cfg)
         wait_for_api(cfg)
         ids = enqueue_jobs(cfg, files, receiver, {f"s{i}": 10 for i in range(5)}, per_aggr=10)
@@ -106,10 +116,10 @@ def test_sigterm_during_50_slow_downloads_then_a_restart_completes_them(tmp_path
         files.stop()
 
 
-def test_a_second_signal_exits_at_once_and_the_sweep_recovers(tmp_path, redis_server, store, gdl_process, receiver):
+def test_a_second_signal_exits_at_once_and_the_sweep_recovers(served, store, gdl_process, receiver):
     files = HoldServer(hold=60, body=os.urandom(10_000), midway=True)
     try:
-        cfg = serve_cfg(tmp_path, redis_server.url)
+        cfg = served()
         proc = gdl_process(cfg)
         wait_for_api(cfg)
         ids = enqueue_jobs(cfg, files, receiver, {"x": 5}, per_aggr=5)
@@ -286,13 +296,13 @@ class FakeSentry(_Server):
         return [b"{}"]
 
 
-def test_sentry_gets_internal_errors_with_tags_and_not_404s(tmp_path, redis_server, store, gdl_process):
+def test_sentry_gets_internal_errors_with_tags_and_not_404s(served, store, gdl_process):
     sentry = FakeSentry()
     try:
         with LoopbackServer() as files:
             files.add("/gone", b"", status=404)
             files.add("/ok", b"fine")
-            cfg = serve_cfg(tmp_path, redis_server.url, sentry={"dsn": sentry.dsn()})
+            cfg = served(sentry={"dsn": sentry.dsn()})
             gdl_process(cfg, "--log-level", "debug")
             wait_for_api(cfg)
             session = requests.Session()
