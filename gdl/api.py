@@ -40,7 +40,7 @@ from gdl import __version__, dashboard, destinations, idempotency, metrics, sent
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
-from gdl.job import ID_LENGTH, Job, is_valid_id, new_id, parse_request
+from gdl.job import ID_LENGTH, Job, is_valid_id, new_id, new_ids, parse_request
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
@@ -220,9 +220,9 @@ class API:
         scope = self._scope(environ)
         results: list[dict] = [{} for _ in items]
         valid: list[tuple[int, Job, Idempotency | None]] = []
-        for index, item in enumerate(items):
+        for index, (item, job_id) in enumerate(zip(items, new_ids(len(items)))):
             try:
-                valid.append((index, *self._batch_item(item, scope, now)))
+                valid.append((index, *self._batch_item(item, job_id, scope, now)))
             except ValidationError as err:
                 results[index] = {"index": index, "status": 400, "error": str(err)}
         enqueued = self.store.enqueue_many([(job, check) for _, job, check in valid], now=now)
@@ -232,20 +232,20 @@ class API:
         log.info("api: batch of %d job(s): %d accepted, %d refused", len(items), accepted, len(items) - accepted)
         return _json(200, {"jobs": results})
 
-    def _batch_item(self, item: Any, scope: str, now: int) -> tuple[Job, Idempotency | None]:
+    def _batch_item(self, item: Any, job_id: str, scope: str, now: int) -> tuple[Job, Idempotency | None]:
         if not isinstance(item, dict):
             raise ValidationError("job", "must be a JSON object")
         raw_key = item.get("idempotency_key")
         if raw_key is not None and not isinstance(raw_key, str):
             raise ValidationError("idempotency_key", "must be a string")
         key = idempotency.parse_key(raw_key, "idempotency_key") if raw_key is not None else None
-        body = {k: v for k, v in item.items() if k != "idempotency_key"}
-        job = self._job(body, now)
+        body = {k: v for k, v in item.items() if k != "idempotency_key"} if raw_key is not None else item
+        job = self._job(body, now, job_id)
         return job, idempotency.idempotency(key, body, scope=scope, ttl=self.cfg.api.idempotency_ttl)
 
-    def _job(self, body: Any, now: int) -> Job:
+    def _job(self, body: Any, now: int, job_id: str | None = None) -> Job:
         """A validated job from a request body (a ValidationError names the field)."""
-        job = parse_request(body, job_id=new_id(), now_ms=now)
+        job = parse_request(body, job_id=job_id or new_id(), now_ms=now)
         destinations.check(job, body, self.guard)
         return job
 

@@ -19,6 +19,7 @@ one script in :mod:`gdl.store`::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
@@ -60,10 +61,31 @@ _S3_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _S3_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$|^[a-z0-9-]{2,32}$")
 
 
+_ID_SPACE = len(ID_ALPHABET) ** ID_LENGTH
+_ID_BITS = _ID_SPACE.bit_length()  # 84: a draw of this many bits is an id about four times in five
+
+
 def new_id() -> str:
     """14 random characters of ``[A-Za-z0-9]`` (about 83 bits), from one draw of
     the OS's randomness rather than one per character."""
-    number = secrets.randbelow(len(ID_ALPHABET) ** ID_LENGTH)
+    return _id_of(secrets.randbelow(_ID_SPACE))
+
+
+def new_ids(count: int) -> list[str]:
+    """``count`` ids, each as :func:`new_id` draws it, from one read of the OS's
+    randomness for them all (a batch's ids; a read costs more than the rest)."""
+    bits = secrets.randbits(_ID_BITS * count)
+    mask = (1 << _ID_BITS) - 1
+    ids = []
+    for _ in range(count):
+        number = bits & mask
+        bits >>= _ID_BITS
+        # Rejection keeps every id equally likely: a draw past the id space is drawn again.
+        ids.append(_id_of(number) if number < _ID_SPACE else new_id())
+    return ids
+
+
+def _id_of(number: int) -> str:
     chars = []
     for _ in range(ID_LENGTH):
         number, digit = divmod(number, len(ID_ALPHABET))
@@ -395,19 +417,29 @@ def _http_url(body: dict, name: str, *, required: bool = False) -> str:
 
 
 def check_http_url(name: str, value: str) -> None:
+    problem = _http_url_problem(value)
+    if problem is not None:
+        raise ValidationError(name, problem)
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_url_problem(value: str) -> str | None:
+    """What is wrong with ``value`` as an http(s) URL, or None. Cached: a client's
+    callback URL comes back with each of its jobs."""
     # The same test as "any character is whitespace or unprintable" (checked
     # over every code point): the only printable whitespace is the ASCII space.
     if not value.isprintable() or " " in value:
-        raise ValidationError(name, "must not contain whitespace or control characters")
+        return "must not contain whitespace or control characters"
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise ValidationError(name, f"is not a valid URL: {exc}") from exc
+        return f"is not a valid URL: {exc}"
     if parts.scheme not in ("http", "https"):
-        raise ValidationError(name, "must be an http:// or https:// URL")
+        return "must be an http:// or https:// URL"
     if not parts.hostname:
-        raise ValidationError(name, "must have a host")
+        return "must have a host"
+    return None
 
 
 def _callback(body: dict, *, has_bucket: bool) -> tuple[str, str]:

@@ -6,7 +6,17 @@ import re
 import pytest
 
 from gdl.errors import ValidationError
-from gdl.job import ID_LENGTH, Job, Status, check_mime_patterns, is_valid_id, new_id, parse_request, status_fields
+from gdl.job import (
+    ID_LENGTH,
+    Job,
+    Status,
+    check_mime_patterns,
+    is_valid_id,
+    new_id,
+    new_ids,
+    parse_request,
+    status_fields,
+)
 
 JOB_ID = "AbCdEfGhIjKlMn"
 NOW = 1_700_000_000_123
@@ -320,6 +330,15 @@ def test_new_id_unique_and_spread() -> None:
     assert len(set(ids)) == 10_000
     chars = set("".join(ids))
     assert len(chars) == 62  # every letter and digit shows up in 140k draws
+
+
+def test_new_ids_draws_a_batch_of_unique_spread_ids() -> None:
+    ids = new_ids(10_000)
+    assert len(ids) == len(set(ids)) == 10_000
+    assert all(is_valid_id(job_id) for job_id in ids)
+    assert len(set("".join(ids))) == 62
+    # Every position is spread too: the last character uses the top of each draw.
+    assert len({job_id[-1] for job_id in ids}) == 62 and len({job_id[0] for job_id in ids}) == 62
 
 
 @pytest.mark.parametrize("value", ["", "a" * 13, "a" * 15, "a" * 13 + "-", "a" * 13 + "/", "a" * 14 + "\n",
