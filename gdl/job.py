@@ -63,6 +63,10 @@ _S3_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$|^[a-z0-9-]{2,32}$")
 
 _ID_SPACE = len(ID_ALPHABET) ** ID_LENGTH
 _ID_BITS = _ID_SPACE.bit_length()  # 84: a draw of this many bits is an id about four times in five
+_ID_BYTES = -(-_ID_BITS // 8)
+# Two base-62 digits at once: pair p is digit p % 62 then digit p // 62, as two divmods by 62 give them.
+_ID_PAIRS = [ID_ALPHABET[p % len(ID_ALPHABET)] + ID_ALPHABET[p // len(ID_ALPHABET)]
+             for p in range(len(ID_ALPHABET) ** 2)]
 
 
 def new_id() -> str:
@@ -74,23 +78,23 @@ def new_id() -> str:
 def new_ids(count: int) -> list[str]:
     """``count`` ids, each as :func:`new_id` draws it, from one read of the OS's
     randomness for them all (a batch's ids; a read costs more than the rest)."""
-    bits = secrets.randbits(_ID_BITS * count)
+    raw = secrets.token_bytes(_ID_BYTES * count)
     mask = (1 << _ID_BITS) - 1
     ids = []
-    for _ in range(count):
-        number = bits & mask
-        bits >>= _ID_BITS
+    for start in range(0, len(raw), _ID_BYTES):
+        number = int.from_bytes(raw[start:start + _ID_BYTES], "big") & mask
         # Rejection keeps every id equally likely: a draw past the id space is drawn again.
         ids.append(_id_of(number) if number < _ID_SPACE else new_id())
     return ids
 
 
 def _id_of(number: int) -> str:
-    chars = []
-    for _ in range(ID_LENGTH):
-        number, digit = divmod(number, len(ID_ALPHABET))
-        chars.append(ID_ALPHABET[digit])
-    return "".join(chars)
+    """``number`` in base 62, least significant digit first, two digits at a time."""
+    pairs = []
+    for _ in range(ID_LENGTH // 2):
+        number, pair = divmod(number, len(_ID_PAIRS))
+        pairs.append(_ID_PAIRS[pair])
+    return "".join(pairs)
 
 
 def is_valid_id(value: str) -> bool:
@@ -190,10 +194,11 @@ class Job:
         fields set of 29, and every enqueue, take and read would otherwise
         carry the other 19 across the wire and through the parsers.
         """
-        out = {name: _to_field(value) for name in _SPEC_FIELDS
-               if (value := getattr(self, name)) != _SPEC_DEFAULTS[name]}
-        out.update({name: _to_field(value) for name in _STATUS_FIELDS
-                    if (value := getattr(self.status, name)) != _STATUS_DEFAULTS[name] or name == "state"})
+        spec, status = vars(self), vars(self.status)  # the dataclasses' own dicts: no getattr per field
+        out = {name: _to_field(value) for name, default in _SPEC_DEFAULTS.items() if (value := spec[name]) != default}
+        out.update({name: _to_field(value) for name, default in _STATUS_DEFAULTS.items()
+                    if (value := status[name]) != default})
+        out["state"] = str(self.status.state)
         return out
 
     @classmethod
