@@ -22,6 +22,7 @@ from redis.sentinel import Sentinel
 from gdl.errors import StoreUnavailable
 from gdl.job import CallbackState, Job, JobState, new_id, status_fields
 from gdl.store.batch import ScriptBatcher
+from gdl.store.calls import by_aggregation, enqueue_call, taken_from_reply
 from gdl.store.health import UNAVAILABLE as _UNAVAILABLE
 from gdl.store.health import Health
 from gdl.store.health import translated as _translated
@@ -41,7 +42,6 @@ from gdl.store.layout import (
     WAKE_AGGR,
     WAKE_CALLBACKS,
     aggr_key,
-    idempotency_key,
     job_key,
     lease_key,
     log_key,
@@ -148,8 +148,8 @@ class JobStore:
         results: list[Enqueued | None] = [None] * len(items)
         pending = list(range(len(items)))
         while pending:
-            groups = _by_aggregation(pending, items)
-            replies = self._enqueue_durably([_enqueue_call([items[i] for i in group], now) for group in groups])
+            groups = by_aggregation(pending, items)
+            replies = self._enqueue_durably([enqueue_call([items[i] for i in group], now) for group in groups])
             taken = []
             for group, group_replies in zip(groups, replies):
                 for i, reply in zip(group, group_replies):
@@ -194,31 +194,6 @@ class JobStore:
     @_translated
     def job_log(self, job_id: str) -> list[dict]:
         return [json.loads(line) for line in self.redis.lrange(log_key(job_id), 0, -1)]
-
-    @_translated
-    def pending_aggregations(self) -> list[tuple[str, int]]:
-        """Aggregations with queued jobs and their queue sizes, oldest due first."""
-        aggrs = self.redis.zrange(DUE_INDEX, 0, -1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for aggr in aggrs:
-                pipe.zcard(queue_key(aggr))
-            sizes = pipe.execute()
-        return [(a, n) for a, n in zip(aggrs, sizes) if n]
-
-    @_translated
-    def queue_depths(self) -> dict[str, int]:
-        """Jobs in each state's structure (and aggregations with queued jobs)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(INFLIGHT[DOWNLOADS])
-            pipe.zcard(CALLBACK_QUEUE)
-            pipe.zcard(INFLIGHT[CALLBACKS])
-            pipe.zcard(DELETIONS)
-            pipe.zcard(DUE_INDEX)
-            names = ("downloads_in_flight", "callbacks_queued", "callbacks_in_flight",
-                     "deletions_scheduled", "aggregations_pending")
-            depths = dict(zip(names, pipe.execute()))
-        depths["downloads_queued"] = sum(size for _, size in self.pending_aggregations())
-        return depths
 
     # ---------------------------------------------------------------- scanner: leases
 
@@ -380,7 +355,7 @@ class JobStore:
             self._heads[keys[0]] = head
         else:
             self._heads.pop(keys[0], None)
-        return _taken(reply)
+        return taken_from_reply(reply)
 
     @_translated
     def callback_delivered(self, job: Job, owner: str, *, outcome: CallbackOutcome, now: int, delete_at: int,
@@ -494,44 +469,6 @@ class JobStore:
         if msg is None or msg.get("type") != "message":
             return None
         return msg["channel"], msg["data"]
-
-
-# Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
-ENQUEUE_CHUNK = 200
-
-
-def _by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
-    """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
-    groups: dict[str, list[int]] = {}
-    for i in indexes:
-        groups.setdefault(items[i][0].aggr_id, []).append(i)
-    return [group[start:start + ENQUEUE_CHUNK] for group in groups.values()
-            for start in range(0, len(group), ENQUEUE_CHUNK)]
-
-
-def _enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
-    """enqueue.lua's keys and arguments for jobs of one aggregation."""
-    aggr_id = group[0][0].aggr_id
-    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX]
-    ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
-    args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
-    for job, check in group:
-        # A job without a key still declares a record key of its own, never written.
-        record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
-        keys += [job_key(job.id), record]
-        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
-        args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
-    return keys, args
-
-
-def _taken(reply: list) -> Taken:
-    next_due = int(float(reply[0])) if reply[0] != "" else None
-    limit = int(reply[1]) if reply[1] != "" else None
-    jobs = []
-    for i in range(3, len(reply), 2):
-        flat = reply[i + 1]
-        jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
-    return Taken(jobs, next_due, limit)
 
 
 _SCRIPTS = ("enqueue", "take", "settle", "sweep", "claim", "renew_leases", "release_lease", "retry_callback", "forget",

@@ -18,6 +18,9 @@ from gdl.job import Job
 from gdl.store.core import JobStore, _translated
 from gdl.store.layout import (
     ACTIVE,
+    CALLBACK_QUEUE,
+    CALLBACKS,
+    DELETIONS,
     DOWNLOADS,
     DUE_INDEX,
     FAILED_CALLBACKS,
@@ -152,6 +155,33 @@ class OperatorView(JobStore):
                          "proxy": bool(spec.get("proxy")), "lease_holder": holder or "",
                          "oldest_due": oldest.get(aggr)})
         return rows, total
+
+    # ---------------------------------------------------------------- queues at a glance
+
+    @_translated
+    def pending_aggregations(self) -> list[tuple[str, int]]:
+        """Aggregations with queued jobs and their queue sizes, oldest due first."""
+        aggrs = self.redis.zrange(DUE_INDEX, 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for aggr in aggrs:
+                pipe.zcard(queue_key(aggr))
+            sizes = pipe.execute()
+        return [(a, n) for a, n in zip(aggrs, sizes) if n]
+
+    @_translated
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs in each state's structure (and aggregations with queued jobs)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(INFLIGHT[DOWNLOADS])
+            pipe.zcard(CALLBACK_QUEUE)
+            pipe.zcard(INFLIGHT[CALLBACKS])
+            pipe.zcard(DELETIONS)
+            pipe.zcard(DUE_INDEX)
+            names = ("downloads_in_flight", "callbacks_queued", "callbacks_in_flight",
+                     "deletions_scheduled", "aggregations_pending")
+            depths = dict(zip(names, pipe.execute()))
+        depths["downloads_queued"] = sum(size for _, size in self.pending_aggregations())
+        return depths
 
     # ---------------------------------------------------------------- upgrade
 
