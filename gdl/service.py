@@ -102,10 +102,11 @@ class Service:
     def _storage(self) -> FileStorages:
         if "processor" in self.roles:
             check_writable("processor.storage_dir", self.cfg.processor.storage_dir)
-        if self.cfg.processor.filestorage.get("type") == "filesystem" and {"processor", "api"} & set(self.roles):
-            check_writable("processor.filestorage.rootdir", self.cfg.processor.filestorage["rootdir"])
         filestorages = FileStorages.from_config(self.cfg)
-        if "processor" in self.roles:
+        # The processor stores into the default filestorage; the api serves from it when it is a
+        # filesystem. Its own check() proves it (a filesystem's makes and probes rootdir).
+        serves_files = self.cfg.processor.filestorage.get("type") == "filesystem" and "api" in self.roles
+        if "processor" in self.roles or serves_files:
             filestorages.default.check()
         return filestorages
 
