@@ -153,9 +153,12 @@ def test_sigkill_of_the_notifier_with_50_callbacks_in_flight(make_cfg, gdl_proce
 def test_gdl_will_not_start_beside_processes_of_the_earlier_key_layout(make_cfg, gdl_process, store):
     store.redis.hset("gdl:heartbeats", "old:1", json.dumps({"process": "old:1", "at": keys.now_ms()}))
     store.redis.hset("gdl:job:abc", "url", "http://example.com/")
-    proc = gdl_process(make_cfg(), "processor")
-    assert proc.wait(timeout=20) == 2
-    assert proc.output().strip().splitlines() == [
-        "gdl: redis.url: gdl processes of an earlier version still run on this Redis (old:1): "
-        "stop them all, then start this version"]
-    assert store.redis.hget("gdl:job:abc", "url") == "http://example.com/"  # nothing renamed under them
+    try:
+        proc = gdl_process(make_cfg(), "processor")
+        assert proc.wait(timeout=20) == 2
+        assert proc.output().strip().splitlines() == [
+            "gdl: redis.url: gdl processes of an earlier version still run on this Redis (old:1): "
+            "stop them all, then start this version"]
+        assert store.redis.hget("gdl:job:abc", "url") == "http://example.com/"  # nothing renamed under them
+    finally:  # tests that use the session's Redis without emptying it must not find a live old process
+        store.redis.delete("gdl:heartbeats", "gdl:job:abc")
