@@ -343,7 +343,10 @@ def test_metrics_parse_and_match_the_jobs_run(run_service, receiver, store):
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-            settled = samples.get(("gdl_callbacks_total", (("outcome", "successful"),))) == 7
+            # Reports reach Redis every stats_interval: wait until one shows every job's end, its
+            # download's as well as its callback's, before reading the rest of them.
+            downloads = sum(samples.get(("gdl_downloads_total", (("outcome", o),)), 0) for o in ("succeeded", "failed"))
+            settled = samples.get(("gdl_callbacks_total", (("outcome", "successful"),))) == 7 and downloads == 7
             return samples if settled else {}
 
         samples = wait_until(scraped, timeout=10)
