@@ -57,6 +57,7 @@ class RedisConfig:
     cluster_nodes: list = _key([], "host:port of Redis Cluster nodes (cluster mode); replaces url")
     wait_replicas: int = _key(0, "replicas that must confirm a new job before POST /download answers 201",
                               min=0, max=10)
+    max_clock_skew_ms: int = _key(250, "offset from the Redis server's clock above which a process warns", min=1)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class ProcessorConfig:
     pool_idle_timeout: float = _key(10.0, "seconds an aggregation pool waits for work before it ends", min=0)
     stats_interval: float = _key(5.0, "seconds between stats reports to Redis", min=0.1)
     chunk_size: int = _key(64 * 1024, "bytes read from the network per chunk", min=1024)
+    max_retry_after: float = _key(3600.0, "longest pause an origin's Retry-After sets on an aggregation", min=0)
+    max_throttled_attempts: int = _key(10, "throttled responses after which a job fails (throttled: ...)", min=1)
+    aimd_window: float = _key(2.0, "seconds: an adaptive limit is cut at most once per window", min=0.01)
+    aggr_state_ttl: float = _key(86400.0, "seconds an aggregation's settings and shaping outlive its last job", min=1)
 
 
 @dataclass(frozen=True)

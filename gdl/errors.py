@@ -79,6 +79,14 @@ class HTTPStatusError(DownloadError):
                          retriable=status >= 500 or status == 429)
 
 
+class Throttled(DownloadError):
+    """The origin asked the aggregation to slow down (429, or 503 with Retry-After)
+    ``processor.max_throttled_attempts`` times for this job: given up, not retried."""
+
+    def __init__(self, last: DownloadError):
+        super().__init__(f"throttled: {last}", response_code=last.response_code, retriable=False)
+
+
 class ConnectionFailed(DownloadError):
     """The connection could not be made or broke before a response arrived."""
 

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from gdl import checksum
 from gdl.errors import ValidationError
 from gdl.ids import ID_LENGTH, is_valid_id, new_id, new_ids
+from gdl.shaping import parse_fields
 
 __all__ = ["ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
            "parse_request", "check_mime_patterns", "check_http_url", "status_fields"]
@@ -86,6 +87,7 @@ class Status:
 
     state: JobState = JobState.QUEUED
     attempts: int = 0
+    throttled_attempts: int = 0  # responses that paused the aggregation (not counted in attempts)
     error: str = ""
     response_code: int = 0
     bytes: int = 0
@@ -134,6 +136,9 @@ class Job:
     s3_bucket: str = ""
     s3_region: str = ""
     checksum: str = ""
+    aggr_rate: float | None = None  # the shaping fields (gdl/shaping.py): None when left out
+    aggr_burst: int | None = None
+    aggr_adaptive: bool | None = None
     created_at: int = 0
     status: Status = field(default_factory=Status)
 
@@ -253,8 +258,10 @@ def _to_field(value: Any) -> str:
 def _from_field(name: str, raw: str) -> Any:
     if name in ("aggr_limit", "created_at"):
         return int(raw)
-    if name in ("max_retries", "download_timeout"):
+    if name in ("max_retries", "download_timeout", "aggr_burst"):
         return int(raw) if raw != "" else None
+    if name in ("aggr_rate", "aggr_adaptive"):
+        return None if raw == "" else float(raw) if name == "aggr_rate" else raw == "1"
     if name == "extract_image_size":
         return raw == "1"
     if name == "request_headers":
@@ -286,6 +293,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
     if mime_type:
         check_mime_patterns(mime_type)
     extra = _string(body, "extra", max_length=MAX_EXTRA_LENGTH)
+    shaping = parse_fields(body)
     return Job(
         id=job_id,
         url=url,
@@ -303,6 +311,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
         s3_bucket=s3_bucket,
         s3_region=s3_region,
         checksum=_checksum(body),
+        aggr_rate=shaping.rate, aggr_burst=shaping.burst, aggr_adaptive=shaping.adaptive,
         created_at=now_ms,
     )
 

@@ -21,11 +21,11 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gdl import sentry
+from gdl import sentry, shaping
 from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Attempt, Downloader, Downloaders, Fetched
-from gdl.errors import DownloadError, StoreUnavailable, UnexpectedError
+from gdl.errors import DownloadError, StoreUnavailable, Throttled, UnexpectedError
 from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
@@ -72,7 +72,8 @@ class AggregationPool(TakingPool):
     def take(self, now: int, count: int) -> Taken:
         sent = self.keeper.monotonic()
         taken = self.store.take_downloads(self.aggr_id, self.keeper.owner, now=now, count=count,
-                                          deadline=self.keeper.deadline(now), lease_ttl_ms=self.keeper.ttl_ms)
+                                          deadline=self.keeper.deadline(now), lease_ttl_ms=self.keeper.ttl_ms,
+                                          busy=self.busy)
         if not taken.lease_lost:
             self.keeper.confirm(self.aggr_id, sent)
         return taken
@@ -141,12 +142,23 @@ class AggregationPool(TakingPool):
                            bytes=fetched.size)
         outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
                                   image_size=fetched.image_size, mime=fetched.mime, **results)
+        ok = self._signal(now, ok=True)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
-            forget_at=self._forget_at(now), log_entry=entry))
+            forget_at=self._forget_at(now), log_entry=entry, signal=ok))
+
+    def _signal(self, now: int, **what: Any) -> dict:
+        return shaping.signal(now, busy=self.busy, window_ms=int(self.cfg.aimd_window * 1000), **what)
 
     def _failed(self, job: Job, err: DownloadError, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
+        pause = shaping.throttle_pause_ms(err, max_retry_after=self.cfg.max_retry_after)
+        if pause is not None and job.status.throttled_attempts + 1 < self.cfg.max_throttled_attempts:
+            self._throttled(job, err, started, now, pause)
+            return
+        if pause is not None:
+            err = Throttled(err)
+        signal = self._signal(now, throttle=pause, congested=shaping.is_congestion(err))
         attempts = job.status.attempts + (0 if err.internal else 1)
         max_retries = job.max_retries if job.max_retries is not None else self.cfg.max_retries
         retry = err.retriable and (err.internal or attempts <= max_retries)
@@ -167,14 +179,30 @@ class AggregationPool(TakingPool):
             retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
                                       started_at=results.get("started_at", 0))
             self.settle("retry", job, lambda: self.store.retry_download(
-                job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried))
+                job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried, signal=signal))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code, **results)
             self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
-                forget_at=self._forget_at(now), log_entry=entry))
+                forget_at=self._forget_at(now), log_entry=entry, signal=signal))
+
+    def _throttled(self, job: Job, err: DownloadError, started: float, now: int, pause: int) -> None:
+        """The origin asked the aggregation to slow down: the job waits for the pause's
+        end (settle.lua), counting a throttled attempt and none of its ``max_retries``."""
+        throttled = job.status.throttled_attempts + 1
+        self.log.info("job %s: %s; aggregation paused (%s), throttled attempt %d of %d", job.id, err,
+                      "Retry-After" if pause >= 0 else "no Retry-After", throttled, self.cfg.max_throttled_attempts)
+        self.stats.download_finished("retry", err.response_code, 0, time.monotonic() - started)
+        self.stats.download_failed(job, err, "retry", now)
+        entry = _log_entry("throttled", now, job.status.attempts, started, response_code=err.response_code,
+                           error=str(err))
+        outcome = DownloadOutcome(job.status.attempts, error=str(err), response_code=err.response_code)
+        signal = self._signal(now, throttle=pause, congested=True, hold=True)
+        self.settle("throttled retry", job, lambda: self.store.retry_download(
+            job, self.keeper.owner, due=now, now=now, log_entry=entry, outcome=outcome, signal=signal,
+            throttled=throttled))
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""

@@ -215,7 +215,8 @@ class Scanner:
         if aggr_id in self.keeper.leases:
             self.keeper.release_lease(aggr_id)
             try:
-                self.store.release(aggr_id, self.keeper.owner)
+                self.store.release(aggr_id, self.keeper.owner,
+                                   state_ttl_ms=int(self.cfg.processor.aggr_state_ttl * 1000))
             except StoreUnavailable:
                 pass  # it expires by itself within lease_ttl
         log.info("aggr %s: pool ended", aggr_id)

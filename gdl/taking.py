@@ -75,6 +75,7 @@ class TakingPool:
         self.gate = gate
         self.log = logger
         self._wake = gevent.event.Event()
+        self._capped = False  # the last take stopped at the effective limit: wake on a finish
         self.stopping = False
 
     # The two operations a concrete pool supplies.
@@ -118,6 +119,7 @@ class TakingPool:
                 continue
             now = self.clock()
             self._wake.clear()  # before taking, so a wake during the take is not lost
+            busy = self.busy
             try:
                 taken = self.take(now, self.pool.free_count())
             except StoreUnavailable:  # logged once per outage by the store
@@ -141,6 +143,13 @@ class TakingPool:
                 continue
             if idle.over(mono):
                 break
+            if taken.gate == "capped":
+                # The adaptive limit is in use: the next finish (see _handle_held) wakes us,
+                # unless one came while we were taking.
+                self._capped = True
+                if self.busy >= busy:
+                    self._wake.wait(MAX_WAIT)
+                continue
             self._wake.wait(idle.sleep_for(mono, now, taken.next_due))
         self.pool.join()
 
@@ -159,6 +168,9 @@ class TakingPool:
             self.handle(job)
         finally:
             self.keeper.drop(self.kind, job.id)
+            if self._capped:
+                self._capped = False
+                self._wake.set()
 
     def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
         """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""

@@ -82,12 +82,15 @@ def test_a_body_cut_mid_stream_is_retried(run_service, files, tmp_path):
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_429_waits_for_retry_after(run_service, files):
+def test_429_waits_for_retry_after_and_counts_throttled_attempts_not_retries(run_service, files):
     files.add("/busy", b"", status=429, headers={"Retry-After": "1"})
-    running = run_service(ROLES)
-    record = finished(running, enqueue(running, files.url("/busy"), max_retries=1))
+    running = run_service(ROLES, processor={"max_throttled_attempts": 2})
+    record = finished(running, enqueue(running, files.url("/busy"), max_retries=0))
     assert (record["state"], record["response_code"], files.count("/busy")) == ("failed", 429, 2)
+    assert record["error"].startswith("throttled: Received status code 429")
+    assert record["throttled_attempts"] == 1  # the second throttled response failed it
     first, second = record["attempts_log"]
+    assert (first["outcome"], second["outcome"]) == ("throttled", "failed")
     # retry_backoff is 0.05 s, but the server asked for 1 s.
     assert second["at"] - second["duration_ms"] - first["at"] >= 1000
 

@@ -4,7 +4,8 @@
 -- same step, so that requests with one key, through any number of API
 -- processes, create exactly one job.
 -- KEYS[1] aggregation hash   KEYS[2] aggregation queue   KEYS[3] due index
--- then for job i: KEYS[2 + 2i] its hash, KEYS[3 + 2i] its idempotency record
+-- KEYS[4] the aggregation's rate state (GCRA TAT, us; see take.lua)
+-- then for job i: KEYS[3 + 2i] its hash, KEYS[4 + 2i] its idempotency record
 --   (a key of its own even for a job without one: every key is declared)
 -- ARGV[1] aggr id   ARGV[2] due (ms)   ARGV[3] wake channel   ARGV[4] records' ttl (ms)
 -- then for job i, five arguments from ARGV[5i]: id, fingerprint ('' for no
@@ -14,18 +15,58 @@
 -- Returns one reply per job: 1 created; 0 when the id is taken (nothing
 -- written; the caller draws again); {2, id} when its record names a job made
 -- by the same request (a replay); {3, id} when it names one made by another
--- request. The aggregation's limit and proxy are the last created job's.
+-- request. The aggregation's limit and proxy are the last created job's; its
+-- rate, burst and adaptive flag the last created job's that gave them (a job
+-- that leaves them out keeps them: a Go client never wipes them).
+-- The due index gets the jobs' due time, or later: not while an operator paused
+-- the aggregation (resume restores it), not before a throttle's end or the
+-- rate's next start, so that no scanner claims the aggregation early for nothing.
 -- The wake-up is published only when the queue had nothing due by then: if it
 -- had, its pool is running and takes these jobs when slots free, and a
 -- message per job would cost every listening process a wake for nothing.
+-- The job fields aggr_rate, aggr_burst and aggr_adaptive onto the aggregation (0 clears a rate).
+local function record_shaping(spec)
+  if spec.aggr_rate then
+    if tonumber(spec.aggr_rate) > 0 then
+      redis.call('HSET', KEYS[1], 'rate', spec.aggr_rate)
+    else
+      redis.call('HDEL', KEYS[1], 'rate')
+    end
+  end
+  if spec.aggr_burst then
+    redis.call('HSET', KEYS[1], 'burst', spec.aggr_burst)
+  end
+  if spec.aggr_adaptive == '1' then
+    redis.call('HSET', KEYS[1], 'adaptive', '1')
+  elseif spec.aggr_adaptive then
+    redis.call('HDEL', KEYS[1], 'adaptive', 'eff', 'aimd_at')
+  end
+end
+
+-- When the aggregation may start its next job due at ``due``: nil while paused.
+local function first_start(due)
+  local a = redis.call('HMGET', KEYS[1], 'paused', 'paused_until', 'rate', 'burst')
+  if a[1] == '1' then
+    return nil
+  end
+  due = math.max(due, tonumber(a[2]) or 0)
+  local rate = tonumber(a[3]) or 0
+  local tat = tonumber(redis.call('GET', KEYS[4]) or 0)
+  if rate > 0 and tat > 0 then
+    local period = math.ceil(1e6 / rate)
+    due = math.max(due, math.ceil((tat - ((tonumber(a[4]) or 1) - 1) * period) / 1000))
+  end
+  return due
+end
+
 local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local created = false
 local replies = {}
 for i = 1, (#ARGV - 4) / 5 do
   local a = 5 * i
   local id, fingerprint = ARGV[a], ARGV[a + 1]
-  local job = KEYS[2 + 2 * i]
-  local record = KEYS[3 + 2 * i]
+  local job = KEYS[3 + 2 * i]
+  local record = KEYS[4 + 2 * i]
   local reply = nil
   if fingerprint ~= '' then
     local seen = redis.call('HMGET', record, 'id', 'fingerprint')
@@ -38,12 +79,14 @@ for i = 1, (#ARGV - 4) / 5 do
   end
   if not reply then
     local flat = {}
-    for field, value in pairs(cjson.decode(ARGV[a + 4])) do
+    local spec = cjson.decode(ARGV[a + 4])
+    for field, value in pairs(spec) do
       flat[#flat + 1] = field
       flat[#flat + 1] = value
     end
     redis.call('HSET', job, unpack(flat))
     redis.call('HSET', KEYS[1], 'limit', ARGV[a + 2], 'proxy', ARGV[a + 3])
+    record_shaping(spec)
     redis.call('ZADD', KEYS[2], ARGV[2], id)
     if fingerprint ~= '' then
       redis.call('HSET', record, 'id', id, 'fingerprint', fingerprint)
@@ -55,9 +98,13 @@ for i = 1, (#ARGV - 4) / 5 do
   replies[i] = reply
 end
 if created then
-  redis.call('ZADD', KEYS[3], 'LT', ARGV[2], ARGV[1])
-  if not head[2] or tonumber(head[2]) > tonumber(ARGV[2]) then
-    redis.call('PUBLISH', ARGV[3], ARGV[1])
+  redis.call('PERSIST', KEYS[1])  -- kept while jobs wait (release_lease.lua gives it a ttl)
+  local due = first_start(tonumber(ARGV[2]))
+  if due then
+    redis.call('ZADD', KEYS[3], 'LT', due, ARGV[1])
+    if not head[2] or tonumber(head[2]) > due then
+      redis.call('PUBLISH', ARGV[3], ARGV[1])
+    end
   end
 end
 return replies

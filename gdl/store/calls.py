@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from gdl.job import Job
-from gdl.store.layout import DUE_INDEX, WAKE_AGGR, aggr_key, idempotency_key, job_key, queue_key
+from gdl.store.layout import DUE_INDEX, WAKE_AGGR, aggr_key, idempotency_key, job_key, queue_key, rate_key
 from gdl.store.results import Idempotency, Taken
 
 # Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
@@ -27,7 +27,7 @@ def by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None
 def enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
     """enqueue.lua's keys and arguments for jobs of one aggregation."""
     aggr_id = group[0][0].aggr_id
-    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX]
+    keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX, rate_key(aggr_id)]
     ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
     args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
     for job, check in group:
@@ -40,11 +40,14 @@ def enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple
 
 
 def taken_from_reply(reply: list) -> Taken:
-    """take.lua's reply: {next due, limit, head, id, hash, ...}."""
+    """take.lua's reply: {next due, {limit, effective limit, gate} or '', head, id, hash, ...}."""
     next_due = int(float(reply[0])) if reply[0] != "" else None
-    limit = int(reply[1]) if reply[1] != "" else None
+    limit = cap = None
+    gate = ""
+    if reply[1] != "":
+        limit, cap, gate = int(reply[1][0]), int(reply[1][1]), reply[1][2]
     jobs = []
     for i in range(3, len(reply), 2):
         flat = reply[i + 1]
         jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
-    return Taken(jobs, next_due, limit)
+    return Taken(jobs, next_due, limit, cap=cap, gate=gate)

@@ -46,6 +46,7 @@ from gdl.store.layout import (
     lease_key,
     log_key,
     queue_key,
+    rate_key,
 )
 from gdl.store.results import (
     _SETTLED,
@@ -249,12 +250,12 @@ class JobStore:
         return self.redis.get(lease_key(aggr_id))
 
     @_translated
-    def release(self, aggr_id: str, owner: str) -> bool:
-        """A pool ended: drop its active entry and its lease, if still this owner's, and
-        the aggregation's record if nothing is queued (ever-new aggregation ids
-        would otherwise pile up records)."""
+    def release(self, aggr_id: str, owner: str, *, state_ttl_ms: int = 86_400_000) -> bool:
+        """A pool ended: drop its active entry and its lease, if still this owner's; the
+        aggregation's record expires ``state_ttl_ms`` later if nothing is queued
+        and no operator paused it (ever-new aggregation ids would otherwise pile up records)."""
         keys = [lease_key(aggr_id), ACTIVE, queue_key(aggr_id), aggr_key(aggr_id)]
-        return self._run_batched("release_lease", keys, [owner, aggr_id]) == 1
+        return self._run_batched("release_lease", keys, [owner, aggr_id, state_ttl_ms]) == 1
 
     def renew(self, owner: str, ttl_ms: int, *, now: int, leases: Iterable[str],
               inflight: dict[str, Iterable[str]]) -> Renewal:
@@ -285,16 +286,20 @@ class JobStore:
 
     @_translated
     def take_downloads(self, aggr_id: str, owner: str, *, now: int, count: int, deadline: int,
-                       lease_ttl_ms: int) -> Taken:
+                       lease_ttl_ms: int, busy: int = 0) -> Taken:
         """Take due jobs of ``aggr_id`` if, and only if, ``owner`` holds its lease
         (fenced: ``Taken.lease_lost`` otherwise); a take extends the lease by
-        ``lease_ttl_ms``, so that what it starts is covered for that long."""
-        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id)]
-        return self._take(keys, [now, count, deadline, owner, "state", JobState.IN_FLIGHT, aggr_id, lease_ttl_ms])
+        ``lease_ttl_ms``, so that what it starts is covered for that long. The
+        aggregation's pause, throttle, effective limit (``busy``: the pool's
+        downloads in flight) and rate may admit fewer (``Taken.gate``)."""
+        keys = [queue_key(aggr_id), INFLIGHT[DOWNLOADS], DUE_INDEX, aggr_key(aggr_id), lease_key(aggr_id),
+                rate_key(aggr_id)]
+        return self._take(keys, [now, count, deadline, owner, "state", JobState.IN_FLIGHT, aggr_id, lease_ttl_ms,
+                                 busy])
 
     @_translated
     def finish_download(self, job: Job, owner: str, *, state: JobState, outcome: DownloadOutcome, now: int,
-                        forget_at: int, log_entry: dict) -> Settled:
+                        forget_at: int, log_entry: dict, signal: dict | None = None) -> Settled:
         """Record a final download outcome (``state`` succeeded or failed, as of
         ``now``) and queue the callback; a job with no callback (its own S3 bucket)
         goes straight to the deletion queue, due at ``forget_at``, so that its
@@ -303,30 +308,36 @@ class JobStore:
         if job.wants_callback:
             status["callback_state"] = CallbackState.QUEUED
             return self._settle(job, owner, DOWNLOADS, log_entry, status,
-                                enter=CALLBACK_QUEUE, score=now, wake=(WAKE_CALLBACKS, job.id))
+                                enter=CALLBACK_QUEUE, score=now, wake=(WAKE_CALLBACKS, job.id), signal=signal)
         status["callback_state"] = CallbackState.NONE
-        return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=DELETIONS, score=forget_at)
+        return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=DELETIONS, score=forget_at,
+                            signal=signal)
 
     @_translated
     def retry_download(self, job: Job, owner: str, *, due: int, now: int, log_entry: dict | None,
-                       outcome: DownloadOutcome | None = None) -> Settled:
+                       outcome: DownloadOutcome | None = None, signal: dict | None = None,
+                       throttled: int = 0) -> Settled:
         """Send an in-flight download back to its queue, due at ``due``, with the
-        attempt's ``outcome`` (none: interrupted, nothing to record).
+        attempt's ``outcome`` (none: interrupted, nothing to record). A
+        ``throttled`` job (its count of throttled attempts) waits for the end of
+        its aggregation's throttle instead (``signal`` ``hold``).
 
         Only work due now wakes the scanners; later work is found by the
         scanner's timed wait on the due index.
         """
         status: dict[str, Any] = {**(outcome.fields() if outcome else {}), "state": JobState.QUEUED}
-        wake = (WAKE_AGGR, job.aggr_id) if due <= now else None
+        if throttled:
+            status["throttled_attempts"] = throttled
+        wake = (WAKE_AGGR, job.aggr_id) if due <= now and not throttled else None
         return self._settle(job, owner, DOWNLOADS, log_entry, status, enter=queue_key(job.aggr_id),
-                            score=due, due_index=True, wake=wake)
+                            score=due, due_index=True, wake=wake, signal=signal)
 
     # ---------------------------------------------------------------- notifier: callbacks
 
     @_translated
     def take_callbacks(self, owner: str, *, now: int, count: int, deadline: int) -> Taken:
         keys = [CALLBACK_QUEUE, INFLIGHT[CALLBACKS]]
-        return self._take(keys, [now, count, deadline, owner, "callback_state", CallbackState.IN_FLIGHT, "", 0])
+        return self._take(keys, [now, count, deadline, owner, "callback_state", CallbackState.IN_FLIGHT, "", 0, 0])
 
     def _take(self, keys: list[str], args: list[Any]) -> Taken:
         """Run take.lua on the queue ``keys[0]``, naming as candidates its head as
@@ -341,13 +352,16 @@ class JobStore:
         if room > 0 and taken.next_due is not None and taken.next_due <= now:
             unnamed = [i for i in self._heads.get(queue, [])[:room] if i not in candidates]
             if unnamed:
-                more = self._take_named(keys, [now, room, *args[2:]], unnamed)
-                taken = Taken(taken.jobs + more.jobs, more.next_due, more.limit, more.lease_lost)
+                busy = args[8] + len(taken.jobs)
+                more = self._take_named(keys, [now, room, *args[2:8], busy], unnamed)
+                more.jobs[:0] = taken.jobs
+                taken = more
         return taken
 
     def _take_named(self, keys: list[str], args: list[Any], candidates: list[str]) -> Taken:
         seen = max(args[1], HEAD_SEEN)
-        reply = self._run_batched("take", [*keys, *map(job_key, candidates)], [*args, seen, *candidates])
+        reply = self._run_batched("take", [*keys, *map(job_key, candidates)],
+                                  [*args[:8], seen, args[8], *candidates])
         if not isinstance(reply, list):  # -1: the fence refused the take
             return Taken([], None, lease_lost=True)
         head = reply[2]
@@ -392,20 +406,24 @@ class JobStore:
 
     def _settle(self, job: Job, owner: str, kind: str, log_entry: dict | None, status: dict, *,
                 enter: str | None = None, score: int = 0, due_index: bool = False,
-                wake: tuple[str, str] | None = None) -> Settled:
-        """Run settle.lua; a download's outcome is fenced by its aggregation's lease."""
+                wake: tuple[str, str] | None = None, signal: dict | None = None) -> Settled:
+        """Run settle.lua; a download's outcome is fenced by its aggregation's lease, and
+        its ``signal`` (:func:`gdl.shaping.signal`) shapes the aggregation in the same step."""
         keys = [job_key(job.id), INFLIGHT[kind], log_key(job.id)]
         if enter:
             keys.append(enter)
             if due_index:
                 keys.append(DUE_INDEX)
+        if signal:
+            keys.append(aggr_key(job.aggr_id))
         fenced = kind == DOWNLOADS
         if fenced:
             keys.append(lease_key(job.aggr_id))
         channel, message = wake or ("", "")
         entry = json.dumps(log_entry, separators=(",", ":")) if log_entry else ""
         pairs = [x for kv in status_fields(**status).items() for x in kv]
-        args = [job.id, owner, score, entry, job.aggr_id, channel, message, int(fenced), *pairs]
+        shaping = json.dumps(signal, separators=(",", ":")) if signal else ""
+        args = [job.id, owner, score, entry, job.aggr_id, channel, message, int(fenced), shaping, *pairs]
         return _SETTLED[int(self._run_batched("settle", keys, args))]
 
     @_translated

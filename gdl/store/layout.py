@@ -42,6 +42,11 @@ def lease_key(aggr_id: str) -> str:
     return f"{PREFIX}lease:{aggr_id}"
 
 
+def rate_key(aggr_id: str) -> str:
+    """The aggregation's GCRA theoretical arrival time (µs), PX until it is reached (take.lua)."""
+    return f"{PREFIX}rate:{aggr_id}"
+
+
 def idempotency_key(scope: str, key: str) -> str:
     """The record of an ``Idempotency-Key`` used under ``scope`` (an API token's digest, or ``anon``)."""
     return f"{PREFIX}idem:{scope}:{key}"
@@ -54,6 +59,8 @@ PROCESSOR_SLOTS = PREFIX + "processor_slots"
 
 
 DUE_INDEX = PREFIX + "due"
+# Aggregations an operator paused: out of the due index while paused, listed here for the views.
+PAUSED = PREFIX + "paused"
 INFLIGHT = {DOWNLOADS: PREFIX + "inflight", CALLBACKS: PREFIX + "callbacks:inflight"}
 CALLBACK_QUEUE = PREFIX + "callbacks"
 DELETIONS = PREFIX + "deletions"
@@ -83,6 +90,7 @@ __all__ = [
     "CALLBACKS",
     "LOG_SUFFIX",
     "DUE_INDEX",
+    "PAUSED",
     "INFLIGHT",
     "CALLBACK_QUEUE",
     "DELETIONS",
@@ -100,6 +108,7 @@ __all__ = [
     "aggr_key",
     "queue_key",
     "lease_key",
+    "rate_key",
     "idempotency_key",
     "PROCESSORS",
     "PROCESSOR_SLOTS",

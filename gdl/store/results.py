@@ -123,13 +123,16 @@ def claim_from_reply(reply: list | int) -> Claim:
 
 @dataclass
 class Taken:
-    """Jobs moved into an in-flight set, when the queue's next job is due, and
-    the aggregation's current limit (None for the callback queue)."""
+    """Jobs moved into an in-flight set, when the queue's next job is due (or
+    may start, under a rate or a throttle), and the aggregation's current limit
+    (None for the callback queue)."""
 
     jobs: list[Job]
     next_due: int | None
     limit: int | None = None
     lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
+    cap: int | None = None  # the effective limit (adaptive aggregations; else the limit)
+    gate: str = ""  # what held the take back: "", paused, throttled, capped, rate (take.lua)
 
 
 class Settled(StrEnum):
