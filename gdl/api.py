@@ -10,6 +10,9 @@ Routes (the Go service's, plus gdl's own)::
     GET  /dashboard/aggregations    pending aggregations          200 [{"name": "jobs:<aggr>", "size": N}]
     GET  /stats/<component>         summed live counters          200 {...} | 404
     GET  /jobs/<id>                 a job's state and attempts    200 {...} | 404
+    GET  /aggregations/<id>         its state, limits, rate       200 {...} | 404
+    POST /aggregations/<id>/pause   stop starting its downloads   200 {...}
+    POST /aggregations/<id>/resume  start again                   200 {...} | 404
     GET  /metrics                   Prometheus exposition         200
     GET  /files/<id[0:3]>/<id>      a stored file                 200 bytes | 404
     GET  /api/overview              processes, queues, aggregations  200 {...}   (gdl/dashboard.py)
@@ -40,7 +43,7 @@ from gdl import __version__, dashboard, destinations, idempotency, metrics, sent
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
-from gdl.job import ID_LENGTH, Job, is_valid_id, new_id, new_ids, parse_request
+from gdl.job import ID_LENGTH, MAX_AGGR_ID_LENGTH, Job, is_valid_id, new_id, new_ids, parse_request
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
@@ -132,6 +135,9 @@ class API:
             ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
             ("GET", re.compile(r"^/stats/([^/]+)$"), self.get_stats),
             ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
+            ("GET", re.compile(r"^/aggregations/([^/]+)$"), self.get_aggregation),
+            ("POST", re.compile(r"^/aggregations/([^/]+)/pause$"), self.post_pause),
+            ("POST", re.compile(r"^/aggregations/([^/]+)/resume$"), self.post_resume),
             ("GET", re.compile(r"^/metrics$"), self.get_metrics),
             ("GET", re.compile(r"^/files/([^/]+)/([^/]+)$"), self.get_file),
             ("GET", re.compile(r"^/api/overview$"), self.get_overview),
@@ -269,6 +275,20 @@ class API:
         log.info("job %s: failed callback queued again by request", job_id)
         return _empty(204)
 
+    def post_pause(self, environ: dict, aggr_id: str) -> Response:
+        aggr_id = _aggr_id(aggr_id)
+        self.store.pause_aggregation(aggr_id)
+        log.info("aggr %s: paused by request", aggr_id)
+        return self.get_aggregation(environ, aggr_id)
+
+    def post_resume(self, environ: dict, aggr_id: str) -> Response:
+        aggr_id = _aggr_id(aggr_id)
+        ttl_ms = int(self.cfg.processor.aggr_state_ttl * 1000)
+        if not self.store.resume_aggregation(aggr_id, now=self.clock(), state_ttl_ms=ttl_ms):
+            raise HTTPError(404, f"aggregation {aggr_id} is unknown")
+        log.info("aggr %s: resumed by request", aggr_id)
+        return self.get_aggregation(environ, aggr_id)
+
     def _read_json(self, environ: dict) -> Any:
         limit = self.cfg.api.max_body_bytes
         length = environ.get("CONTENT_LENGTH") or ""
@@ -316,10 +336,18 @@ class API:
         body["attempts_log"] = self.store.job_log(job_id)
         return _json(200, body)
 
+    def get_aggregation(self, environ: dict, aggr_id: str) -> Response:
+        aggr_id = _aggr_id(aggr_id)
+        in_flight = self.store.inflight_by_aggregation().get(aggr_id, 0)
+        view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=in_flight)
+        if view is None:
+            raise HTTPError(404, f"aggregation {aggr_id} is unknown (never seen, or forgotten)")
+        return _json(200, view.public())
+
     def get_metrics(self, environ: dict) -> Response:
         now = self.clock()
         reports = {c: self.store.reports(c, newer_than=now - self.stale_ms) for c in COMPONENTS}
-        text = metrics.exposition(reports, self.store.queue_depths())
+        text = metrics.exposition(reports, self.store.queue_depths(), self.store.shaping_records(now=now))
         return _STATUS[200], [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(text)))], [text]
 
     def get_file(self, environ: dict, prefix: str, job_id: str) -> Response:
@@ -363,6 +391,13 @@ class API:
     def _check_id(self, job_id: str, status: int) -> None:
         if not is_valid_id(job_id):
             raise HTTPError(status, f"{job_id!r} is not a job id ({ID_LENGTH} letters and digits)")
+
+
+def _aggr_id(raw: str) -> str:
+    """An aggregation id from a path (percent-decoded as the WSGI server gives it)."""
+    if len(raw) > MAX_AGGR_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in raw):
+        raise HTTPError(400, f"aggr_id: must be 1 to {MAX_AGGR_ID_LENGTH} printable characters, no whitespace")
+    return raw
 
 
 def _conflict(job_id: str) -> str:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gdl.stats import DURATION_BUCKETS, summed
+from gdl.store.aggregations import AggregationView, AggrState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -20,9 +21,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Snapshot:
     """A collector over one moment's reports."""
 
-    def __init__(self, reports: dict[str, list[dict]], depths: dict[str, int]):
+    def __init__(self, reports: dict[str, list[dict]], depths: dict[str, int], shaped: list[AggregationView]):
         self.reports = reports
         self.depths = depths
+        self.shaped = shaped
 
     def collect(self) -> Iterable[Metric]:
         queues = GaugeMetricFamily("gdl_queue_depth", "Jobs or aggregations in each Redis structure", labels=["queue"])
@@ -60,6 +62,17 @@ class _Snapshot:
         errors.add_metric(["processor"], processor.get("redis_errors", 0))
         errors.add_metric(["notifier"], notifier.get("redis_errors", 0))
         yield errors
+        yield from self._shaping()
+
+    def _shaping(self) -> Iterable[Metric]:
+        """Aggregations an operator paused or an origin throttled, and adaptive limits."""
+        counts = {state: sum(1 for v in self.shaped if v.state is state)
+                  for state in (AggrState.PAUSED, AggrState.THROTTLED)}
+        yield _gauge("gdl_aggregations_paused", "Aggregations paused by an operator", {(): counts[AggrState.PAUSED]})
+        yield _gauge("gdl_aggregations_throttled", "Aggregations paused by their origin's 429 or 503",
+                     {(): counts[AggrState.THROTTLED]})
+        yield _gauge("gdl_aggr_effective_limit", "Effective concurrency limit of adaptive aggregations",
+                     {(v.aggr_id,): v.effective_limit for v in self.shaped if v.adaptive}, ["aggr"])
 
 
 def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -69,7 +82,8 @@ def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | 
     return family
 
 
-def exposition(reports: dict[str, list[dict]], depths: dict[str, int]) -> bytes:
+def exposition(reports: dict[str, list[dict]], depths: dict[str, int],
+               shaped: list[AggregationView] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(reports, depths))
+    registry.register(_Snapshot(reports, depths, shaped or []))
     return generate_latest(registry)

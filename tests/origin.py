@@ -15,6 +15,12 @@ once (``peak``), how many arrived (``total``) and were served to the end
 value of the ``X-Gdl-Process`` request header of each request then served
 (``overlaps``: how a test tells which processes a peak came from), and
 each request's path and time span (``served``).
+
+It also logs when each request of a group arrived (``starts``, on
+time.monotonic: what a rate limit bounds), and an ``answer`` hook may refuse
+a request instead of serving it: given the group and the requests of the
+group in progress (this one included), it returns a status and headers (a
+429 with ``Retry-After``, say), or None to serve the body.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import socket
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -40,7 +47,8 @@ def body_for(path: str, size: int) -> bytes:
 
 class CountingOrigin:
     def __init__(self, *, duration: float = 0.5, size: int = 32 * 1024, ticks: int = 20,
-                 notice_disconnect: bool = True) -> None:
+                 notice_disconnect: bool = True,
+                 answer: Callable[[str, int], tuple[int, dict[str, str]] | None] | None = None) -> None:
         self.duration = duration
         self.size = size
         self.ticks = ticks
@@ -52,6 +60,9 @@ class CountingOrigin:
         self.serving: dict[str, list[str]] = defaultdict(list)  # group -> process header of each request
         self.overlaps: list[tuple[str, list[str]]] = []
         self.served: list[tuple[str, float, float]] = []  # (path, start, end) on time.monotonic
+        self.starts: dict[str, list[float]] = defaultdict(list)  # group -> arrival of each request
+        self.refused: Counter[str] = Counter()  # group -> requests the answer hook refused
+        self.answer = answer
         self.server = StreamServer(("127.0.0.1", 0), self._connection)
         self.server.start()
 
@@ -87,7 +98,12 @@ class CountingOrigin:
         body = body_for(path, self.size)
         self._arrived(group, process)
         start = time.monotonic()
+        self.starts[group].append(start)
+        refusal = self.answer(group, self.current[group]) if self.answer else None
         try:
+            if refusal is not None:
+                self._refuse(sock, group, *refusal)
+                return
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body))
             step = -(-len(body) // self.ticks)
@@ -108,6 +124,21 @@ class CountingOrigin:
         self.serving[group].append(process)
         self.peak[group] = max(self.peak[group], self.current[group])
         self.overlaps.append((group, list(self.serving[group])))
+
+    def _refuse(self, sock: socket.socket, group: str, status: int, headers: dict[str, str]) -> None:
+        self.refused[group] += 1
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        sock.sendall(f"HTTP/1.1 {status} No\r\nContent-Length: 0\r\n{lines}\r\n".encode())
+
+    def most_in_window(self, group: str, window: float) -> int:
+        """The most requests of ``group`` that arrived within any ``window`` seconds."""
+        starts = sorted(self.starts[group])
+        most, first = 0, 0
+        for last, at in enumerate(starts):
+            while at - starts[first] >= window:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
 
     def _pause(self, sock: socket.socket) -> None:
         """One tick; raises when the client is seen gone (with ``notice_disconnect``)."""

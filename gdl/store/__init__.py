@@ -11,9 +11,19 @@ Layout (``gdl:`` prefix)::
     job:<id>                   hash    job spec + Status fields       api, pool, notifier  everyone
                                        + owner (holder while in flight)
     job:<id>:log               list    JSON line per attempt           pool, notifier       api, cli
-    aggr:<aggr>                hash    limit, proxy (latest enqueue);  api (enqueue),       scanner
-                                       gone once a pool ends on an     scanner (release)
-                                       empty queue
+    aggr:<aggr>                hash    limit, proxy (latest enqueue);  api (enqueue,        scanner,
+                                       rate, burst, adaptive (latest   pause, resume),      pool (take:
+                                       that gave them); paused         scanner (release),   the gate),
+                                       (operator); paused_until,       pool (settle: the    api (GET
+                                       streak (throttle); eff, aimd_at shaping block)       /aggregations)
+                                       (adaptive limit); expires
+                                       aggr_state_ttl after a pool
+                                       ends on an empty queue, unless
+                                       paused
+    rate:<aggr>                string  GCRA theoretical arrival time   pool (take)          pool (take),
+                                       (us), PX until it is reached                         api (enqueue)
+    paused                     set     aggregation ids an operator     api (pause, resume)  api (metrics,
+                                       paused (out of the due index)                         views)
     queue:<aggr>               zset    job id -> due ms                api, pool, sweep     pool
     due                        zset    aggr id -> earliest due ms of   same scripts as      scanner
                                        its queue (the aggregation        queue:<aggr>
@@ -61,6 +71,7 @@ from gdl.store.core import JobStore
 from gdl.store.health import Health, now_ms
 from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
+from gdl.store.aggregations import AggregationControls, AggregationView, AggrState
 from gdl.store.operator import OperatorView
 from gdl.store.results import (
     CallbackOutcome,
@@ -76,9 +87,9 @@ from gdl.store.results import (
 )
 
 
-class Store(OperatorView):
+class Store(AggregationControls, OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued", "EnqueueOutcome",
+__all__ = ["AggregationView", "AggrState", "CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued", "EnqueueOutcome",
            "Idempotency", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms", *_layout_names]

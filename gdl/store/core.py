@@ -490,7 +490,8 @@ class JobStore:
 
 
 _SCRIPTS = ("enqueue", "take", "settle", "sweep", "claim", "renew_leases", "release_lease", "retry_callback", "forget",
-            "active", "drop_dangling", "reconcile_failed")  # the last three: the operator view's
+            "active", "drop_dangling", "reconcile_failed",  # these three: the operator view's
+            "pause_aggr", "resume_aggr")  # the aggregation controls' (gdl/store/aggregations.py)
 
 
 def _lua(name: str) -> str:

@@ -31,6 +31,7 @@ from gdl.store.layout import (
     INFLIGHT_READ_MAX,
     LEGACY_PREFIX,
     LOG_SUFFIX,
+    PAUSED,
     PREFIX,
     TPUT_BUCKET_MS,
     TPUT_TTL_S,
@@ -160,8 +161,9 @@ class OperatorView(JobStore):
 
     @_translated
     def pending_aggregations(self) -> list[tuple[str, int]]:
-        """Aggregations with queued jobs and their queue sizes, oldest due first."""
+        """Aggregations with queued jobs and their queue sizes, oldest due first (paused ones last)."""
         aggrs = self.redis.zrange(DUE_INDEX, 0, -1)
+        aggrs += sorted(set(self.redis.smembers(PAUSED)) - set(aggrs))
         with self.redis.pipeline(transaction=False) as pipe:
             for aggr in aggrs:
                 pipe.zcard(queue_key(aggr))
