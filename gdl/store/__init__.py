@@ -67,11 +67,11 @@ move between them is one script, so a crash at any instant loses nothing:
 anything left in an in-flight set past its deadline is put back by the sweep.
 """
 
+from gdl.store.aggregations import AggregationControls, AggregationView, AggrState
 from gdl.store.core import JobStore
 from gdl.store.health import Health, now_ms
 from gdl.store.layout import *  # noqa: F403
 from gdl.store.layout import __all__ as _layout_names
-from gdl.store.aggregations import AggregationControls, AggregationView, AggrState
 from gdl.store.operator import OperatorView
 from gdl.store.results import (
     CallbackOutcome,
@@ -91,5 +91,6 @@ class Store(AggregationControls, OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
-__all__ = ["AggregationView", "AggrState", "CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued", "EnqueueOutcome",
-           "Idempotency", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms", *_layout_names]
+__all__ = ["AggregationView", "AggrState", "CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued",
+           "EnqueueOutcome", "Idempotency", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms",
+           *_layout_names]
