@@ -30,6 +30,7 @@ from gevent.pywsgi import WSGIServer
 from gdl import __version__, sentry
 from gdl.api import API, make_server
 from gdl.backends import from_config as backends_from_config
+from gdl.clock import RedisClock
 from gdl.config import Config
 from gdl.diskio import check_writable
 from gdl.errors import StartupError, StoreUnavailable
@@ -58,7 +59,9 @@ class Service:
     def __init__(self, cfg: Config, roles: tuple[str, ...] = ROLES, *, clock: Callable[[], int] = now_ms):
         self.cfg = cfg
         self.roles = roles
-        self.clock = clock
+        # A driven clock (tests) is taken as it is; the real one is corrected to Redis's (gdl/clock.py).
+        self.redis_clock = RedisClock(cfg.redis.max_clock_skew_ms) if clock is now_ms else None
+        self.clock: Callable[[], int] = self.redis_clock or clock
         self.token = process_token()
         self.client_name = "gdl:" + self.token.replace(" ", "_")
         self.embedded: EmbeddedRedis | None = None
@@ -78,6 +81,10 @@ class Service:
         sentry.setup(cfg.sentry, component="+".join(self.roles))
         storage = self._storage()
         self.store = self._connect()
+        clock, store = self.redis_clock, self.store
+        if clock is not None:
+            clock.measure(store)
+            self._spawn("clock", lambda: clock.run(store))
         keeper = Keeper(self.store, self.token, cfg.processor.lease_ttl, clock=self.clock)
         wakeup = Wakeup(self.store)
         stats: list[Stats] = []

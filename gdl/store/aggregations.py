@@ -10,6 +10,7 @@ limit), ``rate`` and ``burst``; the GCRA's arrival time is ``rate:<aggr>``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -94,6 +95,14 @@ class AggregationControls(JobStore):
         """Start again: the due index back from the queue's head, and a wake. False when unknown."""
         keys = [aggr_key(aggr_id), DUE_INDEX, PAUSED, queue_key(aggr_id), lease_key(aggr_id)]
         return int(self._run("resume_aggr", keys, [aggr_id, now, WAKE_AGGR, state_ttl_ms])) == 1
+
+    @_translated
+    def clock_offset_ms(self, local: Callable[[], int]) -> int:
+        """The Redis server's clock minus ``local``'s (ms), half the round trip taken off."""
+        sent = local()
+        seconds, micros = self.redis.time()
+        received = local()
+        return int(seconds) * 1000 + int(micros) // 1000 - (sent + received) // 2
 
     @_translated
     def shaping_records(self, *, now: int) -> list[AggregationView]:
