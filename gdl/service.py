@@ -244,8 +244,8 @@ class Service:
             self.server.stop(timeout=min(2.0, left()))
         for helper in self.helpers:
             helper.stop()
-        # The listener holds nothing to save; killing it spares waiting out its poll.
-        gevent.killall([g for g in self.greenlets if g.name == "wakeup"], block=False)
+        # The listener and the clock hold nothing to save; killing them spares waiting out their sleep.
+        gevent.killall([g for g in self.greenlets if g.name in ("wakeup", "clock")], block=False)
         gevent.joinall(self.greenlets, timeout=left())
         gevent.killall([g for g in self.greenlets if not g.dead], timeout=1)
         if self.store is not None:

@@ -1,0 +1,221 @@
+"""Aggregation traffic shaping and an operator's pause, end to end: the API,
+the processor (in this process, or as real processes killed for real) and a
+loopback origin that logs when each request of each aggregation arrived
+(tests/origin.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pytest
+
+from gdl import store as keys
+from gdl.clock import RedisClock
+from gdl.store import now_ms
+from tests.conftest import wait_until
+from tests.origin import CountingOrigin
+
+CALLBACK = "http://127.0.0.1:9/cb"  # never called: no notifier in these tests
+FAST = {"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1}
+# Requests reach the origin a little after their take: a window this much
+# narrower than w is what the origin's log can show of a window of w.
+JITTER = 0.03
+
+
+@pytest.fixture
+def origin():
+    server = CountingOrigin(duration=0.05, size=2048, ticks=1)
+    yield server
+    server.stop()
+
+
+def enqueue(api, origin, aggr: str, n: int, limit: int, **fields) -> list[str]:
+    return [api.enqueue(url=origin.url(f"/{aggr}/{i}"), aggr_id=aggr, aggr_limit=limit, callback_url=CALLBACK,
+                        **fields) for i in range(n)]
+
+
+def states(store, ids: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job_id in ids:
+        value = store.redis.hget(keys.job_key(job_id), "state") or "gone"
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def assert_rate_holds(origin, aggr: str, rate: float, burst: int) -> None:
+    for width in (0.5, 1.0, 3.0):
+        assert origin.most_in_window(aggr, width - JITTER) <= burst + math.floor(rate * width), width
+
+
+# ------------------------------------------------------------------ rate
+
+def test_a_rate_holds_in_every_window_across_two_processors_and_a_kill_9(make_cfg, gdl_process, run_service,
+                                                                           store, origin):
+    cfg = make_cfg(processor=FAST)
+    api = run_service(("api",), cfg=cfg)
+    processors = [gdl_process(cfg, "processor", name=f"p{i}.yaml") for i in range(2)]
+    ids = enqueue(api, origin, "r", 40, limit=8, aggr_rate=4, aggr_burst=2)
+    wait_until(lambda: origin.total["r"] >= 12, timeout=20)
+    holder = store.lease_holder("r")
+    [victim] = [p for p in processors if f":{p.process.pid}:" in holder]
+    victim.kill()
+    wait_until(lambda: states(store, ids) == {"succeeded": 40}, timeout=60)
+    assert origin.total["r"] >= 40
+    assert_rate_holds(origin, "r", rate=4, burst=2)
+
+
+def test_a_rate_wastes_no_time_n_jobs_take_about_n_minus_burst_over_rate(run_service, store, origin):
+    api = run_service(("api", "processor"), processor=FAST)
+    ids = enqueue(api, origin, "w", 21, limit=4, aggr_rate=10, aggr_burst=1)
+    wait_until(lambda: states(store, ids) == {"succeeded": 21}, timeout=20)
+    starts = sorted(origin.starts["w"])
+    # (21 - 1) / 10 = 2 s: never less (the rate), and not much more (no polling, no
+    # rescheduling); the upper bound is generous for a loaded machine.
+    assert 2.0 - JITTER <= starts[-1] - starts[0] <= 3.5
+    assert_rate_holds(origin, "w", rate=10, burst=1)
+
+
+# ------------------------------------------------------------------ the origin says slow down
+
+def test_a_429_with_retry_after_pauses_its_aggregation_while_another_on_the_origin_goes_on(run_service, store):
+    refused: list[float] = []
+
+    def answer(group: str, _current: int):
+        if group == "a" and not refused:
+            refused.append(time.monotonic())
+            return 429, {"Retry-After": "2"}
+        return None
+
+    origin = CountingOrigin(duration=0.2, size=2048, ticks=4, answer=answer)
+    try:
+        api = run_service(("api", "processor"), processor=FAST)
+        a = enqueue(api, origin, "a", 10, limit=4, max_retries=0)
+        b = enqueue(api, origin, "b", 30, limit=2, max_retries=0)
+        wait_until(lambda: states(store, a + b) == {"succeeded": 40}, timeout=30)
+        [at] = refused
+        # The first take started 4 requests at once; after the 429 nothing of "a" for 2 s.
+        later = [s for s in origin.starts["a"] if s > at + 0.1]
+        assert later and min(later) >= at + 2.0 - 0.01
+        assert sum(1 for s in origin.starts["b"] if at < s < at + 2.0) >= 4  # b went on meanwhile
+        assert origin.refused["a"] == 1 and origin.total["a"] == 11
+        throttled = [store.get_job(i).status for i in a if store.get_job(i).status.throttled_attempts]
+        assert [(s.throttled_attempts, s.attempts) for s in throttled] == [(1, 1)]
+    finally:
+        origin.stop()
+
+
+def test_adaptive_concurrency_settles_below_double_what_the_origin_takes(run_service, store):
+    refusals: list[bool] = []  # per arrival: refused or not
+
+    def answer(_group: str, current: int):
+        refusals.append(current > 3)
+        return (429, {}) if current > 3 else None
+
+    origin = CountingOrigin(duration=0.3, size=2048, ticks=3, answer=answer)
+    try:
+        api = run_service(("api", "processor"), processor={**FAST, "aimd_window": 0.5})
+        ids = enqueue(api, origin, "ad", 60, limit=16, aggr_adaptive=True, max_retries=0)
+        wait_until(lambda: states(store, ids) == {"succeeded": 60}, timeout=60)
+        view = api.get("/aggregations/ad").json()
+        assert view["limit"] == 16 and 1 <= view["effective_limit"] <= 6
+        assert origin.peak["ad"] <= 16
+        late = refusals[len(refusals) // 2:]
+        assert sum(late) <= len(late) // 4, refusals  # 429s have become rare
+    finally:
+        origin.stop()
+
+
+# ------------------------------------------------------------------ operator pause
+
+def test_a_pause_stops_new_starts_survives_restarts_and_resume_restarts_work(run_service, make_cfg, store):
+    origin = CountingOrigin(duration=0.3, size=2048, ticks=3)
+    try:
+        cfg = make_cfg(processor=FAST)
+        api = run_service(("api",), cfg=cfg)
+        workers = [run_service(("processor",), cfg=cfg) for _ in range(2)]
+        ids = enqueue(api, origin, "p", 30, limit=2)
+        wait_until(lambda: origin.total["p"] >= 2)
+        paused = api.post("/aggregations/p/pause")
+        seen = origin.total["p"]
+        assert paused.status_code == 200 and paused.json()["state"] == "paused"
+        assert api.post("/download", {"url": origin.url("/p/late"), "aggr_id": "p", "aggr_limit": 2,
+                                      "callback_url": CALLBACK}).status_code == 201
+        time.sleep(1.0)
+        assert origin.total["p"] == seen  # nothing new started after the 200
+        for worker in workers:
+            worker.service.shutdown(deadline=5)
+        workers = [run_service(("processor",), cfg=cfg) for _ in range(2)]
+        time.sleep(1.5)  # a scan interval and a pool's idle time
+        assert origin.total["p"] == seen
+        view = api.get("/aggregations/p").json()
+        assert view["state"] == "paused" and view["queued"] == 31 - seen
+        resumed_at = time.monotonic()
+        resumed = api.post("/aggregations/p/resume")
+        assert resumed.status_code == 200 and resumed.json()["state"] == "running"
+        wait_until(lambda: origin.total["p"] > seen, timeout=5)
+        # The contract promises work again promptly (the wake is published by the resume);
+        # 1 s is a generous bound for a loaded machine.
+        assert min(s for s in origin.starts["p"] if s > resumed_at) - resumed_at < 1.0
+        wait_until(lambda: states(store, ids) == {"succeeded": 30}, timeout=30)
+        del workers
+    finally:
+        origin.stop()
+
+
+# ------------------------------------------------------------------ routes
+
+def test_the_aggregation_routes_answer_as_the_contract_says(run_service, store):
+    api = run_service(("api",))
+    assert api.get("/aggregations/nowhere").status_code == 404
+    assert api.post("/aggregations/nowhere/resume").status_code == 404
+    paused = api.post("/aggregations/early/pause")  # not seen yet: allowed, its jobs wait
+    assert paused.status_code == 200
+    assert paused.json() == {"aggr_id": "early", "state": "paused", "limit": 0, "effective_limit": 0, "rate": 0.0,
+                             "burst": 1, "paused_until": None, "queued": 0, "in_flight": 0}
+    api.enqueue(url="http://example.com/x", aggr_id="early", aggr_limit=3, callback_url=CALLBACK, aggr_rate=0.2,
+                aggr_burst=4, aggr_adaptive=True)
+    view = api.get("/aggregations/early").json()
+    assert (view["limit"], view["rate"], view["burst"], view["queued"], view["state"]) == (3, 0.2, 4, 1, "paused")
+    assert api.post("/aggregations/early/resume").json()["state"] == "running"
+    store.redis.hset(keys.aggr_key("early"), "paused_until", now_ms() + 60_000)
+    view = api.get("/aggregations/early").json()
+    assert view["state"] == "throttled" and view["paused_until"].endswith("Z")
+    metrics = api.get("/metrics").text
+    assert "gdl_aggregations_throttled 1.0" in metrics
+    assert 'gdl_aggr_effective_limit{aggr="early"} 3.0' in metrics
+
+
+@pytest.mark.parametrize("field,value", [("aggr_rate", -0.5), ("aggr_rate", "fast"), ("aggr_burst", 0),
+                                         ("aggr_burst", 2000), ("aggr_adaptive", "true")])
+def test_a_bad_shaping_field_is_a_400_naming_it_and_nothing_is_enqueued(run_service, store, field, value):
+    api = run_service(("api",))
+    response = api.post("/download", {"url": "http://example.com/x", "aggr_id": "bad", "aggr_limit": 1,
+                                      "callback_url": CALLBACK, field: value})
+    assert response.status_code == 400 and response.json()["error"].startswith(f"{field}:")
+    assert store.redis.exists(keys.queue_key("bad"), keys.aggr_key("bad")) == 0
+
+
+def test_pause_and_resume_need_a_token_when_api_tokens_are_set(run_service):
+    api = run_service(("api",), security={"api_tokens": ["s3cret"]})
+    for path in ("/aggregations/t/pause", "/aggregations/t/resume"):
+        assert api.post(path).status_code == 401
+    assert api.post("/aggregations/t/pause", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert api.post("/aggregations/t/resume", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+# ------------------------------------------------------------------ the clock
+
+def test_a_process_measures_its_offset_from_redis_and_warns_once_when_skewed(store, caplog):
+    clock = RedisClock(250)
+    clock.measure(store)
+    assert abs(clock.offset_ms) < 100  # same host: the same clock, give or take a round trip
+    behind = RedisClock(250, local=lambda: now_ms() - 10_000)  # a host 10 s behind
+    with caplog.at_level(logging.WARNING, logger="gdl.clock"):
+        behind.measure(store)
+        behind.measure(store)
+    assert 9_900 < behind.offset_ms < 10_100
+    assert abs(behind() - now_ms()) < 100  # what it passes to the scripts is the server's time
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "-10" in caplog.records[0].getMessage() and len(caplog.records) == 1
