@@ -47,6 +47,7 @@ from gdl.job import ID_LENGTH, MAX_AGGR_ID_LENGTH, Job, is_valid_id, new_id, new
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
+from gdl.store.aggregations import view_from_record
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,9 @@ class API:
         if not self.store.resume_aggregation(aggr_id, now=self.clock(), state_ttl_ms=ttl_ms):
             raise HTTPError(404, f"aggregation {aggr_id} is unknown")
         log.info("aggr %s: resumed by request", aggr_id)
-        return self.get_aggregation(environ, aggr_id)
+        # A pause of an aggregation that never had a job leaves no record once resumed.
+        view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=0)
+        return _json(200, (view or view_from_record(aggr_id, {}, now=0, queued=0, in_flight=0)).public())
 
     def _read_json(self, environ: dict) -> Any:
         limit = self.cfg.api.max_body_bytes

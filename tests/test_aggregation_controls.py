@@ -202,7 +202,8 @@ def test_pause_and_resume_need_a_token_when_api_tokens_are_set(run_service):
     for path in ("/aggregations/t/pause", "/aggregations/t/resume"):
         assert api.post(path).status_code == 401
     assert api.post("/aggregations/t/pause", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert api.post("/aggregations/t/resume", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    resumed = api.post("/aggregations/t/resume", headers={"Authorization": "Bearer s3cret"})
+    assert resumed.status_code == 200 and resumed.json()["state"] == "idle"
 
 
 # ------------------------------------------------------------------ the clock
