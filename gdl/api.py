@@ -47,7 +47,7 @@ from gdl.job import ID_LENGTH, MAX_AGGR_ID_LENGTH, Job, is_valid_id, new_id, new
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
-from gdl.store.aggregations import view_from_record
+from gdl.store.aggregations import idle_view
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class API:
         log.info("aggr %s: resumed by request", aggr_id)
         # A pause of an aggregation that never had a job leaves no record once resumed.
         view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=0)
-        return _json(200, (view or view_from_record(aggr_id, {}, now=0, queued=0, in_flight=0)).public())
+        return _json(200, (view or idle_view(aggr_id)).public())
 
     def _read_json(self, environ: dict) -> Any:
         limit = self.cfg.api.max_body_bytes

@@ -5,16 +5,20 @@ loopback origin that logs when each request of each aggregation arrived
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 
 from gdl import store as keys
 from gdl.clock import RedisClock
+from gdl.job import Job, new_id
 from gdl.store import now_ms
-from tests.conftest import wait_until
+from tests.conftest import config_file, make_config, wait_until
 from tests.origin import CountingOrigin
 
 CALLBACK = "http://127.0.0.1:9/cb"  # never called: no notifier in these tests
@@ -220,3 +224,27 @@ def test_a_process_measures_its_offset_from_redis_and_warns_once_when_skewed(sto
     assert abs(behind() - now_ms()) < 100  # what it passes to the scripts is the server's time
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "-10" in caplog.records[0].getMessage() and len(caplog.records) == 1
+
+
+# ------------------------------------------------------------------ gdl aggr
+
+def test_gdl_aggr_pauses_shows_and_resumes_an_aggregation(tmp_path, redis_server, store):
+    cfg_path = config_file(tmp_path, make_config(tmp_path, redis_server.url), name="cli.yaml")
+    store.enqueue(Job(id=new_id(), url="http://example.com/a", aggr_id="cli", aggr_limit=3, callback_type="http",
+                      callback_dst=CALLBACK), now=now_ms())
+
+    def gdl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gdl.cli", "--config", str(cfg_path), "aggr", *args],
+                              capture_output=True, text=True, timeout=60, check=False, cwd=str(tmp_path))
+
+    paused = gdl("pause", "cli", "--json")
+    assert paused.returncode == 0 and json.loads(paused.stdout)["state"] == "paused"
+    assert store.redis.zscore(keys.DUE_INDEX, "cli") is None
+    shown = gdl("show", "cli")
+    assert shown.returncode == 0
+    assert [line.split() for line in shown.stdout.splitlines()][:4] == [
+        ["aggr_id", "cli"], ["state", "paused"], ["limit", "3"], ["effective_limit", "3"]]
+    resumed = gdl("resume", "cli", "--json")
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "running"
+    unknown = gdl("resume", "nowhere")
+    assert unknown.returncode == 1 and "aggregation nowhere is unknown" in unknown.stderr

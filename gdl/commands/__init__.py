@@ -1,4 +1,4 @@
-"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys``.
+"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys | aggr``.
 
 Each reads the same ``--config`` as the service and talks to Redis only
 through :class:`gdl.store.Store` (``enqueue`` submits through the HTTP API).
@@ -37,7 +37,10 @@ COMMANDS = {
     "retry-failed": ("repair", "queue every failed callback again (--aggr to pick one aggregation)"),
     "fsck": ("repair", "check Redis and the stored files against each other (--fix repairs)"),
     "keys": ("keys", "keys new: print a fresh secret for notifier.signing_secrets"),
+    "aggr": ("aggr", "show, pause or resume one aggregation"),
 }
+# gdl aggr's actions, each a function of gdl/commands/aggr.py's ACTIONS.
+AGGR_ACTIONS = ("show", "pause", "resume")
 
 
 # Defaults named once (the modules import them from here).
@@ -87,6 +90,11 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     p = parsers["keys"]
     p.add_argument("action", choices=["new"], help="new: print a fresh whsec_ secret")
+
+    p = parsers["aggr"]
+    p.add_argument("action", choices=AGGR_ACTIONS, help="show its state; pause or resume starting its downloads")
+    p.add_argument("aggr_id", metavar="ID", help="the aggregation (a job's aggr_id)")
+    p.add_argument("--json", action="store_true", help="the JSON of GET /aggregations/<id> instead of text")
 
     p = parsers["fsck"]
     p.add_argument("--fix", action="store_true", help="repair what is found")

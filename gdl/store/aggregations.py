@@ -73,6 +73,11 @@ def view_from_record(aggr_id: str, record: dict[str, str], *, now: int, queued: 
                            adaptive=record.get("adaptive") == "1")
 
 
+def idle_view(aggr_id: str) -> AggregationView:
+    """The view of an aggregation with no record left: one paused before it had a job, then resumed."""
+    return view_from_record(aggr_id, {}, now=0, queued=0, in_flight=0)
+
+
 class AggregationControls(JobStore):
     @_translated
     def aggregation(self, aggr_id: str, *, now: int, in_flight: int) -> AggregationView | None:
