@@ -349,4 +349,16 @@ def test_dashboard_in_chromium(slow_server: HoldServer, receiver: CallbackReceiv
     page.wait_for_selector(failed_row, state="detached", timeout=10_000)
     assert page.inner_text("#callbacks tbody") == "no failed callbacks"
     assert store.redis.zcard(keys.FAILED_CALLBACKS) == 0
+
+    # Pause and resume an aggregation (the token is still in localStorage).
+    gamma = '#aggregations tr[data-aggr="gamma"]'
+    page.click(f"{gamma} button.pause")
+    wait_until(lambda: store.redis.hget(keys.aggr_key("gamma"), "paused") == "1")
+    page.wait_for_selector(f'{gamma}[data-paused="1"] button.resume', timeout=10_000)
+    assert cell(page, gamma, "oldest") == "paused"
+    assert store.redis.zscore(keys.DUE_INDEX, "gamma") is None
+    page.click(f"{gamma} button.resume")
+    wait_until(lambda: store.redis.hget(keys.aggr_key("gamma"), "paused") is None)
+    page.wait_for_selector(f'{gamma}[data-paused="0"] button.pause', timeout=10_000)
+    assert store.redis.zscore(keys.DUE_INDEX, "gamma") is not None
     page.close()

@@ -135,7 +135,8 @@ class OperatorView(JobStore):
         total = int(self.redis.zcard(DUE_INDEX))
         active = self.redis.hgetall(ACTIVE)
         oldest = {aggr: int(score) for aggr, score in due}
-        names = list(oldest) + sorted(set(active) - set(oldest))
+        paused = set(self.redis.smembers(PAUSED))  # out of the due index while paused
+        names = list(oldest) + sorted((set(active) | paused) - set(oldest))
         with self.redis.pipeline(transaction=False) as pipe:
             for aggr in names:
                 pipe.zcard(queue_key(aggr))
@@ -154,7 +155,7 @@ class OperatorView(JobStore):
             rows.append({"aggr_id": aggr, "pending": int(pending), "due_now": int(due_now),
                          "in_flight": in_flight.get(aggr, 0), "limit": int(spec.get("limit", 0) or 0),
                          "proxy": bool(spec.get("proxy")), "lease_holder": holder or "",
-                         "oldest_due": oldest.get(aggr)})
+                         "oldest_due": oldest.get(aggr), "paused": spec.get("paused") == "1"})
         return rows, total
 
     # ---------------------------------------------------------------- queues at a glance
