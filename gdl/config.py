@@ -48,10 +48,17 @@ def _key(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, repr=shown, metadata={"help": help, **meta})
 
 
+# Redis's appendfsync policies gdl offers for its embedded server ("no" leaves it to the kernel: too loose).
+EMBEDDED_FSYNC = ("always", "everysec")
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     url: str = _key("embedded", "redis://[user:pass@]host:port/db, rediss:// for TLS, or `embedded`")
     embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
+    embedded_fsync: str = _key("always", "when the embedded redis-server fsyncs its append-only file: always "
+                               "(an accepted job is on disk before its 201) or everysec (up to 1 s lost to a crash "
+                               "of the machine or of redis-server)")
     sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
     master_name: str = _key("", "sentinel master name")
     cluster_nodes: list = _key([], "host:port of Redis Cluster nodes (cluster mode); replaces url")
@@ -419,6 +426,8 @@ def _check_redis(redis: RedisConfig) -> None:
     url = redis.url
     if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
+    if redis.embedded_fsync not in EMBEDDED_FSYNC:
+        raise ConfigError(f"redis.embedded_fsync: must be {' or '.join(EMBEDDED_FSYNC)} (got {redis.embedded_fsync!r})")
     if redis.sentinel and not redis.master_name:
         raise ConfigError("redis.master_name: required when redis.sentinel is set")
     for key in ("sentinel", "cluster_nodes"):
