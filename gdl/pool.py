@@ -6,7 +6,10 @@ taking loop of :mod:`gdl.taking`.
 it downloads through the process's shared :class:`~gdl.download.Downloader`
 for the aggregation's proxy (kept-alive connections outlive a pool), and it
 ends after ``processor.pool_idle_timeout`` without work.
-Each greenlet downloads one job, stores the file and settles the outcome.
+Each greenlet of the pool runs one job's exchange with the origin; storing
+the file and settling the outcome follow in the taking loop's ``finishing``
+pool, so that the slot, the aggregation's limit, counts requests the origin
+is serving and a freed slot is refilled at once.
 """
 
 from __future__ import annotations
@@ -87,28 +90,57 @@ class AggregationPool(TakingPool):
             gevent.killall(downloading, block=False)
 
     def handle(self, job: Job) -> None:
+        """The job's exchange with the origin, in one of the pool's slots; the
+        rest (storing the file, writing the outcome) is finished off outside it."""
         started = time.monotonic()
         begun = self.clock()  # this attempt's start, for the job's started_at and timings
         self.stats.worker_started()
         fetched: Fetched | None = None
+        error: Exception | None = None
         try:
             fetched = self._fetch(job)
-            self._store(fetched, job)
-        except DownloadError as err:
-            self._failed(job, err, started, _results(job, err.attempt or getattr(fetched, "attempt", None),
-                                                     begun, self.clock(), failed=True))
         except gevent.GreenletExit:
             self._put_back(job)
             raise
-        except Exception as exc:  # a bug or an unexpected library error: reported, retried as an attempt
-            self.log.exception("job %s: unexpected error", job.id)
-            sentry.report(exc, component="processor", aggr_id=self.aggr_id, job_id=job.id)
-            self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started,
-                         _results(job, getattr(fetched, "attempt", None), begun, self.clock(), failed=True))
-        else:
-            self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
+        except Exception as exc:
+            error = exc
         finally:
             self.stats.worker_finished()
+        self.finish_off(job, lambda: self._finish(job, fetched, error, started, begun))
+
+    def _finish(self, job: Job, fetched: Fetched | None, error: Exception | None, started: float,
+                begun: int) -> None:
+        """Store what the exchange brought and settle the job (or put it back if interrupted)."""
+        try:
+            if fetched is not None:
+                self._store(fetched, job)
+        except gevent.GreenletExit:
+            self._put_back(job)
+            raise
+        except Exception as exc:
+            error = exc
+        try:
+            if error is None:
+                assert fetched is not None
+                self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
+            else:
+                self._settle_error(job, error, fetched, started, begun)
+        except gevent.GreenletExit:
+            self._put_back(job)
+            raise
+
+    def _settle_error(self, job: Job, error: Exception, fetched: Fetched | None, started: float,
+                      begun: int) -> None:
+        attempt = getattr(fetched, "attempt", None)
+        if isinstance(error, DownloadError):
+            results = _results(job, error.attempt or attempt, begun, self.clock(), failed=True)
+            self._failed(job, error, started, results)
+            return
+        # A bug or an unexpected library error: reported, retried as an attempt.
+        self.log.error("job %s: unexpected error", job.id, exc_info=error)
+        sentry.report(error, component="processor", aggr_id=self.aggr_id, job_id=job.id)
+        self._failed(job, UnexpectedError(f"unexpected error: {type(error).__name__}: {error}"), started,
+                     _results(job, attempt, begun, self.clock(), failed=True))
 
     def _fetch(self, job: Job) -> Fetched:
         """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
