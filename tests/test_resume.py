@@ -288,8 +288,15 @@ def test_a_4_mib_body_dropped_at_60_percent_is_resumed_by_the_retry(run_service,
     assert (record["resumed_bytes"], record["partial_path"], record["partial_bytes"]) == (n, "", 0)
     assert list((tmp_path / "tmp").iterdir()) == []  # the partial file became the stored one
 
-    line = f'gdl_bytes_saved_total{{reason="resumed"}} {float(n)}'
-    assert wait_until(lambda: line in running.get("/metrics").text, timeout=10)
+    assert wait_until(lambda: metric(running, 'gdl_bytes_saved_total{reason="resumed"}') == n, timeout=10)
+
+
+def metric(running, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in ``/metrics``."""
+    for line in running.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_a_job_that_fails_for_good_leaves_no_partial_file(run_service, server, receiver, tmp_path) -> None:
