@@ -137,12 +137,12 @@ class AggregationPool(TakingPool):
         sha256 = fetched.attempt.sha256
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job, sha256=sha256)
-            return
-        try:
-            storage.store(fetched.path, job, sha256=sha256)
-        except BaseException:
-            _remove_quietly(fetched.path)
-            raise
+        else:
+            try:
+                storage.store(fetched.path, job, sha256=sha256)
+            except BaseException:
+                _remove_quietly(fetched.path)
+                raise
         self.reuse.remember(job, fetched, now=self.clock())
 
     def _succeeded(self, job: Job, fetched: Fetched, started: float, results: dict[str, Any]) -> None:
