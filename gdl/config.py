@@ -97,6 +97,8 @@ class ProcessorConfig:
                               "starting again")
     resume_min_bytes: int = _key(1024 * 1024, "bytes a failed attempt must have received for its partial file "
                                               "to be kept for the retry", min=1)
+    partial_ttl: float = _key(3600.0, "seconds a kept partial file may sit unused in storage_dir before it is "
+                                      "removed (its job retried or settled on another host)", min=1)
     reuse_max_ttl: int = _key(7 * 24 * 3600, "seconds: the largest reuse_ttl a job may ask for", min=0)
 
 

@@ -24,9 +24,13 @@ import logging
 import os
 import re
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+import gevent.event
 
 from gdl import checksum, diskio, mime
 from gdl.errors import ConnectionFailed, DownloadTimeout, StorageError, TruncatedBody
@@ -178,3 +182,45 @@ def _digest_file(path: str, size: int, digests: checksum.Digests) -> bytes:
             digests.update(block)
             left -= len(block)
     return head
+
+
+def remove_stale(directory: str, *, older_than: float, now: float) -> int:
+    """Remove scratch files untouched for ``older_than`` seconds before ``now``
+    (epoch seconds): partial files whose job was retried on another host, or
+    settled there, or forgotten. A download being written touches its file
+    with every chunk. Returns how many went."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        log.warning("cannot list %s for stale partial files: %s", directory, exc.strerror)
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < now - older_than:
+                os.unlink(entry.path)
+                removed += 1
+                log.info("removed stale partial file %s", entry.path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
+class StalePartials:
+    """Removes stale scratch files every ``processor.partial_ttl / 4`` seconds (see :func:`remove_stale`)."""
+
+    def __init__(self, directory: str, *, ttl: float, clock: Callable[[], float] = time.time):
+        self.directory = directory
+        self.ttl = ttl
+        self.clock = clock
+        self._stopping = gevent.event.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.ttl / 4):
+            diskio.off_hub(self.remove_once)
+
+    def remove_once(self) -> int:
+        return remove_stale(self.directory, older_than=self.ttl, now=self.clock())

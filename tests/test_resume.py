@@ -309,3 +309,15 @@ def test_a_job_that_fails_for_good_leaves_no_partial_file(run_service, server, r
     assert (record["state"], record["attempts"], record["partial_path"]) == ("failed", 2, "")
     assert "Range" in server.requests_for("/big")[1].headers
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_partial_files_left_unused_for_partial_ttl_are_removed(tmp_path) -> None:
+    now = 1_800_000_000.0
+    old, recent = tmp_path / "a.old", tmp_path / "b.recent"
+    for path, age in ((old, 3601), (recent, 3599)):
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+    (tmp_path / "sub").mkdir()
+    sweeper = resume.StalePartials(str(tmp_path), ttl=3600, clock=lambda: now)
+    assert sweeper.remove_once() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.recent", "sub"]
