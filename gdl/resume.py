@@ -34,6 +34,7 @@ import gevent.event
 
 from gdl import checksum, diskio, mime
 from gdl.errors import ConnectionFailed, DownloadTimeout, StorageError, TruncatedBody
+from gdl.filestorage.base import _remove_quietly
 from gdl.http import Headers, Response
 from gdl.job import Job
 
@@ -69,12 +70,7 @@ class Partial:
         return [("Range", f"bytes={self.size}-"), ("If-Range", self.validator)]
 
     def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove partial file %s: %s", self.path, exc.strerror)
+        _remove_quietly(self.path)
 
 
 def recorded(job: Job) -> Partial | None:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from gdl import diskio
 from gdl.errors import StorageError
+from gdl.filestorage.base import _remove_quietly
 
 log = logging.getLogger("gdl.download")
 
@@ -109,16 +110,5 @@ class TempFile:
                 self.file.close()
             except OSError:
                 pass  # the data is being thrown away; a failed flush does not matter
-        if not self.path:
-            return
-        remove_quietly(self.path)
-
-
-def remove_quietly(path: str) -> None:
-    """Remove a scratch file; one already gone is fine, another failure is logged."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove temp file %s: %s", path, exc.strerror)
+        if self.path:
+            _remove_quietly(self.path)

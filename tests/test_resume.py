@@ -1,7 +1,7 @@
 """Resume after a broken transfer (issue 20): ``Range`` + ``If-Range`` on the retry.
 
 The download-level tests run on both HTTP engines (the ``engine`` fixture)
-against a loopback origin that cuts a body, honours or ignores ``Range``,
+against a loopback origin (the ``files`` fixture) that cuts a body, honours or ignores ``Range``,
 answers a wrong range or a 416, and changes its ETag (tests/httpserver.py);
 then the service end to end: a 4 MiB body dropped at 60 %.
 """
@@ -20,7 +20,7 @@ from gdl.download import Downloader
 from gdl.errors import HTTPStatusError, MimeMismatch, TooLarge, TruncatedBody
 from gdl.job import Job, new_id
 from tests.conftest import wait_until
-from tests.httpserver import LoopbackServer, Route
+from tests.httpserver import Route
 from tests.samples import image_bytes
 
 MIB = 1024 * 1024
@@ -32,16 +32,9 @@ DATE = "Sat, 05 Dec 2026 10:00:00 GMT"
 
 
 @pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 def scratch(tmp_path) -> str:
-    path = tmp_path / "partial"
-    path.mkdir()
-    return str(path)
+    (tmp_path / "partial").mkdir()
+    return str(tmp_path / "partial")
 
 
 @pytest.fixture
@@ -121,95 +114,95 @@ def test_a_partial_file_on_another_host_or_of_another_size_is_not_used(tmp_path)
 # --------------------------------------------------------------------------- on both engines
 
 
-def test_the_retry_asks_for_the_rest_and_the_file_is_whole(server, downloader, scratch) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="honour")))
-    job = make_job(server.url("/big"))
+def test_the_retry_asks_for_the_rest_and_the_file_is_whole(files, downloader, scratch) -> None:
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="honour")))
+    job = make_job(files.url("/big"))
     kept = broken_attempt(downloader, job)
     assert kept is not None and MIB <= kept.size <= CUT
     assert os.path.getsize(kept.path) == kept.size
 
     fetched = retry(downloader, job)
-    second = server.requests_for("/big")[1].headers
+    second = files.requests_for("/big")[1].headers
     assert (second["Range"], second["If-Range"]) == (f"bytes={kept.size}-", ETAG)
     assert (fetched.response_code, fetched.attempt.resumed_bytes, fetched.size) == (206, kept.size, SIZE)
     assert stored(fetched) == BODY
     assert fetched.attempt.sha256 == hashlib.sha256(BODY).hexdigest()  # over the kept prefix too
-    assert server.body_bytes["/big"] < 1.7 * SIZE  # CUT + the rest, not CUT + the whole
+    assert files.body_bytes["/big"] < 1.7 * SIZE  # CUT + the rest, not CUT + the whole
 
 
-def test_a_last_modified_date_without_content_coding_is_a_validator(server, downloader) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"Last-Modified": DATE}, ranges="honour"),
+def test_a_last_modified_date_without_content_coding_is_a_validator(files, downloader) -> None:
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"Last-Modified": DATE}, ranges="honour"),
                                          headers={"Last-Modified": DATE}))
-    job = make_job(server.url("/big"))
+    job = make_job(files.url("/big"))
     kept = broken_attempt(downloader, job)
     fetched = retry(downloader, job)
-    assert server.requests_for("/big")[1].headers["If-Range"] == DATE
+    assert files.requests_for("/big")[1].headers["If-Range"] == DATE
     assert (fetched.attempt.resumed_bytes, stored(fetched)) == (kept.size, BODY)
 
 
-def test_an_origin_that_ignores_range_replaces_the_partial_file(server, downloader, scratch) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="ignore")))
-    job = make_job(server.url("/big"))
+def test_an_origin_that_ignores_range_replaces_the_partial_file(files, downloader, scratch) -> None:
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="ignore")))
+    job = make_job(files.url("/big"))
     kept = broken_attempt(downloader, job)
     fetched = retry(downloader, job)
-    assert "Range" in server.requests_for("/big")[1].headers
+    assert "Range" in files.requests_for("/big")[1].headers
     assert (fetched.response_code, fetched.attempt.resumed_bytes, stored(fetched)) == (200, 0, BODY)
     assert os.listdir(scratch) == [os.path.basename(fetched.path)] and not os.path.exists(kept.path)
 
 
-def test_a_changed_etag_gives_the_new_content_whole(server, downloader) -> None:
+def test_a_changed_etag_gives_the_new_content_whole(files, downloader) -> None:
     new = hashlib.sha256(b"v2").digest() * (SIZE // 32)
-    server.add_sequence("/big", cut_then(Route(body=new, headers={"ETag": '"v2"'}, ranges="honour")))
-    job = make_job(server.url("/big"))
+    files.add_sequence("/big", cut_then(Route(body=new, headers={"ETag": '"v2"'}, ranges="honour")))
+    job = make_job(files.url("/big"))
     broken_attempt(downloader, job)
     fetched = retry(downloader, job)
-    assert server.requests_for("/big")[1].headers["If-Range"] == ETAG
+    assert files.requests_for("/big")[1].headers["If-Range"] == ETAG
     assert (fetched.response_code, fetched.attempt.resumed_bytes, fetched.attempt.etag) == (200, 0, '"v2"')
     assert stored(fetched) == new
     assert fetched.attempt.sha256 == hashlib.sha256(new).hexdigest()
 
 
 @pytest.mark.parametrize("answer", ["wrong-start", "416"])
-def test_a_wrong_range_or_a_416_restarts_without_range_in_the_same_attempt(server, downloader, answer) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges=answer)))
-    job = make_job(server.url("/big"))
+def test_a_wrong_range_or_a_416_restarts_without_range_in_the_same_attempt(files, downloader, answer) -> None:
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges=answer)))
+    job = make_job(files.url("/big"))
     broken_attempt(downloader, job)
     fetched = retry(downloader, job)
-    asked = server.requests_for("/big")
+    asked = files.requests_for("/big")
     assert len(asked) == 3 and "Range" in asked[1].headers and "Range" not in asked[2].headers
     assert (fetched.response_code, fetched.attempt.resumed_bytes, stored(fetched)) == (200, 0, BODY)
 
 
 @pytest.mark.parametrize("headers", [{}, {"ETag": 'W/"v1"'}, {"Last-Modified": DATE, "Content-Encoding": "gzip"}],
                          ids=["no-validator", "weak-etag", "gzip-with-last-modified"])
-def test_without_a_strong_validator_nothing_is_kept_and_no_range_is_sent(server, downloader, scratch,
+def test_without_a_strong_validator_nothing_is_kept_and_no_range_is_sent(files, downloader, scratch,
                                                                           headers) -> None:
     body = gzip.compress(os.urandom(SIZE)) if headers.get("Content-Encoding") else BODY
-    server.add_sequence("/big", [Route(body=body, headers=headers, cut_after=int(len(body) * 0.6)),
+    files.add_sequence("/big", [Route(body=body, headers=headers, cut_after=int(len(body) * 0.6)),
                                  Route(body=body, headers=headers, ranges="honour")])
-    job = make_job(server.url("/big"))
+    job = make_job(files.url("/big"))
     assert broken_attempt(downloader, job) is None
     assert os.listdir(scratch) == []
     fetched = retry(downloader, job)
-    assert "Range" not in server.requests_for("/big")[1].headers and "If-Range" not in \
-        server.requests_for("/big")[1].headers
+    assert "Range" not in files.requests_for("/big")[1].headers and "If-Range" not in \
+        files.requests_for("/big")[1].headers
     assert (fetched.attempt.resumed_bytes, stored(fetched)) == (0, body)
 
 
-def test_a_job_with_its_own_range_header_keeps_nothing(server, downloader, scratch) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG})))
-    job = make_job(server.url("/big"), request_headers={"Range": "bytes=0-"})
+def test_a_job_with_its_own_range_header_keeps_nothing(files, downloader, scratch) -> None:
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG})))
+    job = make_job(files.url("/big"), request_headers={"Range": "bytes=0-"})
     assert broken_attempt(downloader, job) is None and os.listdir(scratch) == []
 
 
-def test_too_few_bytes_are_not_kept(server, downloader, scratch) -> None:
-    server.add_sequence("/big", [Route(body=BODY, headers={"ETag": ETAG}, cut_after=MIB - 1)])
-    assert broken_attempt(downloader, make_job(server.url("/big"))) is None and os.listdir(scratch) == []
+def test_too_few_bytes_are_not_kept(files, downloader, scratch) -> None:
+    files.add_sequence("/big", [Route(body=BODY, headers={"ETag": ETAG}, cut_after=MIB - 1)])
+    assert broken_attempt(downloader, make_job(files.url("/big"))) is None and os.listdir(scratch) == []
 
 
-def test_a_failure_status_on_the_retry_keeps_the_partial_file_for_the_next(server, downloader) -> None:
-    server.add_sequence("/big", cut_then(Route(status=503, body=b"busy")))
-    job = make_job(server.url("/big"))
+def test_a_failure_status_on_the_retry_keeps_the_partial_file_for_the_next(files, downloader) -> None:
+    files.add_sequence("/big", cut_then(Route(status=503, body=b"busy")))
+    job = make_job(files.url("/big"))
     kept = broken_attempt(downloader, job)
     with pytest.raises(HTTPStatusError) as info:
         retry(downloader, job)
@@ -224,10 +217,10 @@ def kept_prefix(scratch: str, job: Job, data: bytes) -> None:
     job.status = dataclasses.replace(job.status, **resume.Partial(path, len(data), ETAG).fields())
 
 
-def test_max_download_bytes_counts_the_kept_prefix(server, make_engine_downloader, scratch) -> None:
+def test_max_download_bytes_counts_the_kept_prefix(files, make_engine_downloader, scratch) -> None:
     downloader = make_engine_downloader(max_bytes=SIZE - 1)
-    server.add("/big", BODY, headers={"ETag": ETAG}, ranges="honour")
-    job = make_job(server.url("/big"))
+    files.add("/big", BODY, headers={"ETag": ETAG}, ranges="honour")
+    job = make_job(files.url("/big"))
     kept_prefix(scratch, job, BODY[:CUT])
     with pytest.raises(TooLarge) as info:
         retry(downloader, job)
@@ -235,20 +228,20 @@ def test_max_download_bytes_counts_the_kept_prefix(server, make_engine_downloade
                                f"{SIZE - 1} bytes")
 
 
-def test_the_mime_check_reads_the_kept_prefix(server, downloader, scratch) -> None:
+def test_the_mime_check_reads_the_kept_prefix(files, downloader, scratch) -> None:
     png = image_bytes("PNG", 40, 30)
     body = png + b"\0" * (SIZE - len(png))
-    server.add("/img", body, headers={"ETag": ETAG}, ranges="honour")
-    job = make_job(server.url("/img"), mime_type="image/png")
+    files.add("/img", body, headers={"ETag": ETAG}, ranges="honour")
+    job = make_job(files.url("/img"), mime_type="image/png")
     kept_prefix(scratch, job, body[:CUT])
     fetched = retry(downloader, job)
     assert (fetched.mime, fetched.attempt.resumed_bytes, stored(fetched)) == ("image/png", CUT, body)
 
-    other = make_job(server.url("/img"), mime_type="text/*")
+    other = make_job(files.url("/img"), mime_type="text/*")
     kept_prefix(scratch, other, body[:CUT])
     with pytest.raises(MimeMismatch):
         retry(downloader, other)
-    assert server.count("/img") == 2
+    assert files.count("/img") == 2
 
 
 @pytest.fixture
@@ -268,23 +261,23 @@ def make_engine_downloader(scratch, engine):
 # --------------------------------------------------------------------------- the service, end to end
 
 
-def test_a_4_mib_body_dropped_at_60_percent_is_resumed_by_the_retry(run_service, server, receiver,
+def test_a_4_mib_body_dropped_at_60_percent_is_resumed_by_the_retry(run_service, files, receiver,
                                                                     tmp_path) -> None:
-    server.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="honour")))
+    files.add_sequence("/big", cut_then(Route(body=BODY, headers={"ETag": ETAG}, ranges="honour")))
     running = run_service()
-    job_id = running.enqueue(url=server.url("/big"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
+    job_id = running.enqueue(url=files.url("/big"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
                              max_retries=2)
     record = wait_until(lambda: (r := running.get(f"/jobs/{job_id}").json())["callback_state"] == "delivered"
                         and r, timeout=30)
     [body] = receiver.bodies()
-    asked = server.requests_for("/big")
+    asked = files.requests_for("/big")
     n = body["resumed_bytes"]
     assert MIB <= n <= CUT
     assert (asked[1].headers["Range"], asked[1].headers["If-Range"]) == (f"bytes={n}-", ETAG)
     assert (body["success"], body["attempts"], body["size"], body["reused"]) == (True, 2, SIZE, False)
     assert body["sha256"] == hashlib.sha256(BODY).hexdigest()
     assert (tmp_path / "files" / job_id[:3] / job_id).read_bytes() == BODY
-    assert server.body_bytes["/big"] < 1.7 * SIZE
+    assert files.body_bytes["/big"] < 1.7 * SIZE
     assert (record["resumed_bytes"], record["partial_path"], record["partial_bytes"]) == (n, "", 0)
     assert list((tmp_path / "tmp").iterdir()) == []  # the partial file became the stored one
 
@@ -299,15 +292,15 @@ def metric(running, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_a_job_that_fails_for_good_leaves_no_partial_file(run_service, server, receiver, tmp_path) -> None:
-    server.add_sequence("/big", cut_then(Route(status=404, body=b"gone")))
+def test_a_job_that_fails_for_good_leaves_no_partial_file(run_service, files, receiver, tmp_path) -> None:
+    files.add_sequence("/big", cut_then(Route(status=404, body=b"gone")))
     running = run_service()
-    job_id = running.enqueue(url=server.url("/big"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
+    job_id = running.enqueue(url=files.url("/big"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
                              max_retries=2)
     record = wait_until(lambda: (r := running.get(f"/jobs/{job_id}").json())["callback_state"] == "delivered"
                         and r, timeout=30)
     assert (record["state"], record["attempts"], record["partial_path"]) == ("failed", 2, "")
-    assert "Range" in server.requests_for("/big")[1].headers
+    assert "Range" in files.requests_for("/big")[1].headers
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
