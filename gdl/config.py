@@ -100,6 +100,13 @@ class ProcessorConfig:
     pool_idle_timeout: float = _key(10.0, "seconds an aggregation pool waits for work before it ends", min=0)
     stats_interval: float = _key(5.0, "seconds between stats reports to Redis", min=0.1)
     chunk_size: int = _key(64 * 1024, "bytes read from the network per chunk", min=1024)
+    resume: bool = _key(True, "a retry asks for the rest of a broken download (Range + If-Range) instead of "
+                              "starting again")
+    resume_min_bytes: int = _key(1024 * 1024, "bytes a failed attempt must have received for its partial file "
+                                              "to be kept for the retry", min=1)
+    partial_ttl: float = _key(3600.0, "seconds a kept partial file may sit unused in storage_dir before it is "
+                                      "removed (its job retried or settled on another host)", min=1)
+    reuse_max_ttl: int = _key(7 * 24 * 3600, "seconds: the largest reuse_ttl a job may ask for", min=0)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gdl import sentry
+from gdl import resume, sentry
 from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Attempt, Downloader, Downloaders, Fetched
@@ -33,6 +33,7 @@ from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
+from gdl.reuse import Reuse, eligible
 from gdl.stats import ProcessorStats
 from gdl.store import DOWNLOADS, DownloadOutcome, Store, Taken
 from gdl.taking import TakingPool
@@ -64,6 +65,8 @@ class AggregationPool(TakingPool):
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
+        self.reuse = Reuse(store, filestorages.default, default_headers=self.cfg.request_headers,
+                           max_ttl=self.cfg.reuse_max_ttl)
         self._downloading: set[gevent.Greenlet] = set()
 
     def run(self) -> None:
@@ -146,33 +149,47 @@ class AggregationPool(TakingPool):
         """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
         current = gevent.getcurrent()
         self._downloading.add(current)
+        timeout = job.download_timeout or self.cfg.download_timeout
+        partial = resume.usable(job) if self.cfg.resume else None
+
+        def download(conditional: list[tuple[str, str]]) -> Fetched:
+            return self.downloader.fetch(job, timeout=timeout, partial=partial, conditional=conditional)
+
         try:
-            return self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+            if eligible(job):
+                return self.reuse.fetch(job, download, now=self.clock())
+            return download([])
         finally:
             self._downloading.discard(current)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
+        if fetched.stored:
+            return
         storage = self.filestorages.for_job(job)
         sha256 = fetched.attempt.sha256
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job, sha256=sha256)
-            return
-        try:
-            storage.store(fetched.path, job, sha256=sha256)
-        except BaseException:
-            _remove_quietly(fetched.path)
-            raise
+        else:
+            try:
+                storage.store(fetched.path, job, sha256=sha256)
+            except BaseException:
+                _remove_quietly(fetched.path)
+                raise
+        self.reuse.remember(job, fetched, now=self.clock())
 
     def _succeeded(self, job: Job, fetched: Fetched, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
-        attempts = job.status.attempts + 1
+        attempts = job.status.attempts + (1 if fetched.contacted else 0)
         self.log.info("job %s: stored %d bytes%s in %.0f ms", job.id, fetched.size,
                       f" ({fetched.mime})" if fetched.mime else "", (time.monotonic() - started) * 1000)
         self.stats.download_finished("succeeded", fetched.response_code, fetched.size, time.monotonic() - started)
+        self.stats.bytes_saved(resumed=fetched.attempt.resumed_bytes, reused=fetched.size if fetched.stored else 0)
+        resume.discard(job)
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
         outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
-                                  image_size=fetched.image_size, mime=fetched.mime, **results)
+                                  image_size=fetched.image_size, mime=fetched.mime, partial=_no_partial(job),
+                                  **results)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
             forget_at=self._forget_at(now), log_entry=entry))
@@ -196,14 +213,20 @@ class AggregationPool(TakingPool):
             which = "not counted (ours)" if err.internal else f"{attempts} of {max_retries}"
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
             # Only the final attempt describes itself; a retry records when the first one began.
+            kept = err.attempt.kept if err.attempt is not None else None
             retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
-                                      started_at=results.get("started_at", 0))
+                                      started_at=results.get("started_at", 0),
+                                      partial=kept.fields() if kept is not None else _no_partial(job))
             self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
-            failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code, **results)
+            if err.attempt is not None and err.attempt.kept is not None:
+                err.attempt.kept.remove()
+            resume.discard(job)
+            failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
+                                     partial=_no_partial(job), **results)
             self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
                 forget_at=self._forget_at(now), log_entry=entry))
@@ -243,7 +266,8 @@ def shared_downloaders(cfg: Config) -> Downloaders:
                           scratch_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
                           guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
-                          engine=cfg.http.engine)
+                          engine=cfg.http.engine,
+                          resume_min_bytes=cfg.processor.resume_min_bytes if cfg.processor.resume else 0)
 
     return Downloaders(make)
 
@@ -269,7 +293,8 @@ def _results(job: Job, attempt: Attempt | None, begun: int, now: int, *, failed:
                    # Most downloads end where they began: the job's url then says it, once.
                    final_url=attempt.final_url if attempt.final_url != job.url else "",
                    redirects=attempt.redirects, etag=attempt.etag,
-                   last_modified=attempt.last_modified, ttfb_ms=attempt.ttfb_ms, download_ms=download_ms)
+                   last_modified=attempt.last_modified, ttfb_ms=attempt.ttfb_ms, download_ms=download_ms,
+                   resumed_bytes=attempt.resumed_bytes, reused=attempt.reused)
         if failed:  # a success's size is written as its bytes already
             out["bytes"] = attempt.size
     timed = wait_ms + out.get("ttfb_ms", 0) + out.get("download_ms", 0)
@@ -277,6 +302,11 @@ def _results(job: Job, attempt: Attempt | None, begun: int, now: int, *, failed:
     if job.status.started_at:
         del out["started_at"]  # written by the first attempt
     return {name: value for name, value in out.items() if value}
+
+
+def _no_partial(job: Job) -> dict[str, Any]:
+    """The status fields clearing the job's record of a partial file, if it has one."""
+    return dict(resume.NO_PARTIAL) if job.status.partial_path else {}
 
 
 def _remove_quietly(path: str) -> None:
