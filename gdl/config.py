@@ -48,10 +48,17 @@ def _key(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, repr=shown, metadata={"help": help, **meta})
 
 
+# Redis's appendfsync policies gdl offers for its embedded server ("no" leaves it to the kernel: too loose).
+EMBEDDED_FSYNC = ("always", "everysec")
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     url: str = _key("embedded", "redis://[user:pass@]host:port/db, rediss:// for TLS, or `embedded`")
     embedded_dir: str = _key("var/redis", "data directory of the embedded redis-server")
+    embedded_fsync: str = _key("always", "when the embedded redis-server fsyncs its append-only file: always "
+                               "(an accepted job is on disk before its 201) or everysec (up to 1 s lost to a crash "
+                               "of the machine or of redis-server)")
     sentinel: list = _key([], "sentinel addresses host:port; with master_name replaces url")
     master_name: str = _key("", "sentinel master name")
     cluster_nodes: list = _key([], "host:port of Redis Cluster nodes (cluster mode); replaces url")
@@ -98,6 +105,13 @@ class ProcessorConfig:
     max_throttled_attempts: int = _key(10, "throttled responses after which a job fails (throttled: ...)", min=1)
     aimd_window: float = _key(2.0, "seconds: an adaptive limit is cut at most once per window", min=0.01)
     aggr_state_ttl: float = _key(86400.0, "seconds an aggregation's settings and shaping outlive its last job", min=1)
+    resume: bool = _key(True, "a retry asks for the rest of a broken download (Range + If-Range) instead of "
+                              "starting again")
+    resume_min_bytes: int = _key(1024 * 1024, "bytes a failed attempt must have received for its partial file "
+                                              "to be kept for the retry", min=1)
+    partial_ttl: float = _key(3600.0, "seconds a kept partial file may sit unused in storage_dir before it is "
+                                      "removed (its job retried or settled on another host)", min=1)
+    reuse_max_ttl: int = _key(7 * 24 * 3600, "seconds: the largest reuse_ttl a job may ask for", min=0)
 
 
 @dataclass(frozen=True)
@@ -403,10 +417,12 @@ _COERCERS = {bool: _as_bool, int: _as_number, float: _as_number, str: _as_str, l
 
 def _check_relations(cfg: Config) -> None:
     """Checks that involve more than one key or a value's inner shape."""
+    from gdl.config_storage import check_filestorage
+
     _check_redis(cfg.redis)
     if cfg.processor.disk.low > cfg.processor.disk.high:
         raise ConfigError("processor.disk.low: must not be above processor.disk.high")
-    _check_filestorage(cfg.processor.filestorage)
+    check_filestorage(cfg.processor.filestorage)
     if urlsplit(cfg.processor.download_url).scheme not in ("http", "https"):
         raise ConfigError(f"processor.download_url: must be an http(s) URL (got {cfg.processor.download_url!r})")
     for name, value in cfg.processor.request_headers.items():
@@ -424,6 +440,8 @@ def _check_redis(redis: RedisConfig) -> None:
     url = redis.url
     if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url: must be `embedded` or a redis://, rediss:// or unix:// URL (got {url!r})")
+    if redis.embedded_fsync not in EMBEDDED_FSYNC:
+        raise ConfigError(f"redis.embedded_fsync: must be {' or '.join(EMBEDDED_FSYNC)} (got {redis.embedded_fsync!r})")
     if redis.sentinel and not redis.master_name:
         raise ConfigError("redis.master_name: required when redis.sentinel is set")
     for key in ("sentinel", "cluster_nodes"):
@@ -437,32 +455,6 @@ def _check_redis(redis: RedisConfig) -> None:
         raise ConfigError("redis.wait_replicas: not supported with redis.cluster_nodes (WAIT names no key)")
 
 
-def _check_filestorage(fs: dict) -> None:
-    kind = fs.get("type")
-    if kind == "filesystem":
-        _known_keys("processor.filestorage", fs, ("type", "rootdir"), "filesystem")
-        if not isinstance(fs.get("rootdir"), str) or not fs["rootdir"]:
-            raise ConfigError("processor.filestorage.rootdir: required for filesystem storage")
-    elif kind == "s3":
-        # rootdir is tolerated: the default mapping carries it, and GDL_PROCESSOR_FILESTORAGE_TYPE=s3
-        # amends that default rather than replacing it.
-        _known_keys("processor.filestorage", fs, ("type", "bucket", "region", "endpoint_url", "rootdir"), "s3")
-        for name in ("bucket", "region"):
-            if not isinstance(fs.get(name), str) or not fs[name]:
-                raise ConfigError(f"processor.filestorage.{name}: required for s3 storage")
-        _check_endpoint(fs.get("endpoint_url"))
-    else:
-        raise ConfigError(f"processor.filestorage.type: must be filesystem or s3 (got {kind!r})")
-
-
-def _check_endpoint(endpoint: Any) -> None:
-    if endpoint is None or endpoint == "":
-        return
-    if not isinstance(endpoint, str) or urlsplit(endpoint).scheme not in ("http", "https") \
-            or not urlsplit(endpoint).hostname:
-        raise ConfigError(f"processor.filestorage.endpoint_url: must be an http(s) URL (got {endpoint!r})")
-
-
 def _check_security(security: SecurityConfig) -> None:
     for cidr in security.allowed_networks:
         try:
@@ -472,13 +464,6 @@ def _check_security(security: SecurityConfig) -> None:
     for token in security.api_tokens:
         if not isinstance(token, str) or not token:
             raise ConfigError("security.api_tokens: tokens must be non-empty strings")
-
-
-def _known_keys(key: str, mapping: dict, names: tuple[str, ...], kind: str) -> None:
-    for name in mapping:
-        if name not in names:
-            raise ConfigError(f"{key}.{name}: unknown key for {kind} storage"
-                              f"{_did_you_mean(str(name), list(names), key + '.')}")
 
 
 def _check_engine(name: str) -> None:

@@ -22,26 +22,27 @@ Each fetch keeps an :class:`Attempt`: the final hop's URL and headers, the
 redirects, the time to the response head, the bytes received and their
 sha-256 (:mod:`gdl.checksum`, fed chunk by chunk as they stream), checked
 against the job's ``checksum`` before anything is stored. A success carries
-it in :class:`Fetched`, a failure in its error's ``attempt``.
+it in :class:`Fetched`, a failure in its error's ``attempt``. A failure
+on the wire may leave a kept partial file (``Attempt.kept``) that the retry
+resumes with ``Range`` (the rules are :mod:`gdl.resume`'s); a conditional GET
+of a stored copy (:mod:`gdl.reuse`) answered 304 is a ``Fetched`` with no body.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
-from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import gevent
 from requests.utils import requote_uri
 
-from gdl import checksum, diskio, mime
+from gdl import checksum, mime, resume
 from gdl.errors import (
     BlockedAddress,
     DownloadError,
@@ -49,7 +50,6 @@ from gdl.errors import (
     HTTPStatusError,
     InvalidURL,
     MimeMismatch,
-    StorageError,
     TooLarge,
     TooManyRedirects,
     TruncatedBody,
@@ -58,6 +58,8 @@ from gdl.http import DEFAULT_ENGINE, Exchange, Headers, Response, make_engine
 from gdl.http.base import wire_url
 from gdl.job import Job
 from gdl.netguard import AddressGuard
+from gdl.resume import Partial
+from gdl.scratch import TempFile
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class Attempt:
     """What one fetch has got so far: for cleanup, for errors raised by the deadline, for the callback."""
 
     response_code: int = 0
-    temp: _TempFile | None = None
+    temp: TempFile | None = None
     started: float = field(default_factory=time.monotonic)
     head_at: float = 0.0  # monotonic time the final response's head arrived; 0 before
     final_url: str = ""
@@ -79,6 +81,11 @@ class Attempt:
     etag: str = ""
     last_modified: str = ""
     sha256: str = ""  # set once the whole body arrived and matched the job's checksum
+    validator: str = ""  # what an If-Range may name for the bytes in ``temp`` ("" if nothing may)
+    no_store: bool = False  # the response said Cache-Control: no-store
+    resumed_bytes: int = 0  # bytes of a kept partial file this attempt appended to
+    reused: bool = False  # answered from a stored copy (gdl.reuse)
+    kept: Partial | None = None  # the partial file this failed attempt left for the retry
 
     @property
     def size(self) -> int:
@@ -95,6 +102,7 @@ class Attempt:
         self.content_type = headers.get("Content-Type") or ""
         self.etag = headers.get("ETag") or ""
         self.last_modified = headers.get("Last-Modified") or ""
+        self.no_store = "no-store" in (headers.get("Cache-Control") or "").lower()
 
 
 @dataclass
@@ -109,6 +117,10 @@ class Fetched:
     image_size: str
     body: bytes | None = None
     attempt: Attempt = field(default_factory=Attempt)
+    not_modified: bool = False  # a conditional GET was answered 304: no body, nothing in ``path``
+    stored: bool = False  # already at the job's place in the storage (a reused copy)
+    contacted: bool = True  # the origin was asked (False: a fresh reused copy, no attempt counted)
+    reuse_key: str = ""  # the request key it is remembered under when it succeeds ("" not at all)
 
 
 class Downloader:
@@ -122,11 +134,12 @@ class Downloader:
     def __init__(self, *, proxy: str, default_headers: dict[str, str], scratch_dir: str, chunk_size: int,
                  max_bytes: int = 0, max_redirects: int = 10, guard: AddressGuard | None = None,
                  pool_size: int = 10, hosts: int = 10, engine: str = DEFAULT_ENGINE,
-                 ca_bundle: str | None = None):
+                 ca_bundle: str | None = None, resume_min_bytes: int = 0):
         self.scratch_dir = scratch_dir  # partial downloads: processor.storage_dir
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
+        self.resume_min_bytes = resume_min_bytes  # 0: a failed attempt's bytes are never kept
         self.proxy = proxy
         self.guard = guard
         self.default_headers = dict(default_headers)
@@ -135,19 +148,24 @@ class Downloader:
     def close(self) -> None:
         self.http.close()
 
-    def fetch(self, job: Job, *, timeout: float) -> Fetched:
-        """Download ``job.url`` into a temp file within ``timeout`` seconds, all phases included."""
+    def fetch(self, job: Job, *, timeout: float, partial: Partial | None = None,
+              conditional: list[tuple[str, str]] | None = None) -> Fetched:
+        """Download ``job.url`` into a temp file within ``timeout`` seconds, all phases included.
+
+        With a ``partial`` file (see :mod:`gdl.resume`), ask for the rest of it;
+        with ``conditional`` headers (``If-None-Match`` ...), a 304 is answered
+        as a :class:`Fetched` with ``not_modified``.
+        """
         attempt = Attempt()
         # One deadline over connect, every read and every write: a server that
         # drips a byte a second never trips a per-read timeout.
         deadline = gevent.Timeout(timeout)
         deadline.start()
         try:
-            return self._fetch(job, timeout, attempt)
+            return self._fetch(job, timeout, attempt, partial, conditional or [])
         except BaseException as exc:
             deadline.cancel()
-            if attempt.temp is not None:
-                attempt.temp.discard()
+            self._keep_or_discard(job, attempt, exc)
             if exc is deadline:
                 timed_out = DownloadTimeout(f"download did not finish within {timeout:g}s",
                                             response_code=attempt.response_code)
@@ -161,18 +179,41 @@ class Downloader:
         finally:
             deadline.cancel()
 
-    def _fetch(self, job: Job, timeout: float, attempt: Attempt) -> Fetched:
-        response = self._request(job, timeout, attempt)
+    def _keep_or_discard(self, job: Job, attempt: Attempt, error: BaseException) -> None:
+        """After a failure: keep the temp file for the retry to resume from, if it is worth it."""
+        temp = attempt.temp
+        if temp is None:
+            return
+        keep = resume.worth_keeping(job, error, temp.size, attempt.validator, self.resume_min_bytes)
+        if keep and temp.keep():
+            attempt.kept = Partial(temp.path, temp.size, attempt.validator)
+            log.info("job %s: kept %d bytes in %s to resume from", job.id, temp.size, temp.path)
+        else:
+            temp.discard()
+
+    def _fetch(self, job: Job, timeout: float, attempt: Attempt, partial: Partial | None,
+               conditional: list[tuple[str, str]]) -> Fetched:
+        response, partial = self._open(job, timeout, attempt, partial, conditional)
         with response:
-            attempt.got_head(response)
+            if conditional and response.status == 304:
+                return Fetched(path="", size=0, response_code=304, mime="", image_size="", attempt=attempt,
+                               not_modified=True)
             check_status(response)
-            declared = self._check_declared_length(response)
-            # A body declared to fit one chunk stays in memory: the storage then
-            # writes it in one trip to the threadpool, not two.
-            small = declared is not None and declared <= self.chunk_size
-            attempt.temp = _TempFile(self.scratch_dir, prefix=job.id + ".", in_memory=self.chunk_size if small else 0)
+            start = partial.size if partial is not None else 0
+            declared = self._check_declared_length(response, start)
             digests = checksum.Digests(job.checksum)
-            found_mime = self._stream_body(job, response, declared, attempt.temp, digests)
+            head = b""
+            if partial is not None:
+                attempt.temp = TempFile.reopen(partial.path, partial.size)
+                attempt.resumed_bytes = partial.size
+                head = resume.read_prefix(partial, digests)
+            else:
+                # A body declared to fit one chunk stays in memory: the storage then
+                # writes it in one trip to the threadpool, not two.
+                small = declared is not None and declared <= self.chunk_size
+                attempt.temp = TempFile(self.scratch_dir, prefix=job.id + ".",
+                                        in_memory=self.chunk_size if small else 0)
+            found_mime = self._stream_body(job, response, declared, attempt.temp, digests, head)
             attempt.sha256 = digests.check(response.status)  # before the file is kept
             body = attempt.temp.finish()
         size = attempt.temp.size
@@ -184,10 +225,42 @@ class Downloader:
         return Fetched(path=attempt.temp.path, size=size, response_code=response.status,
                        mime=found_mime, image_size=image_size or "", body=body, attempt=attempt)
 
-    def _request(self, job: Job, timeout: float, attempt: Attempt) -> Response:
-        """Send the GET and follow redirects; returns with the final response's head read."""
+    def _open(self, job: Job, timeout: float, attempt: Attempt, partial: Partial | None,
+              conditional: list[tuple[str, str]]) -> tuple[Response, Partial | None]:
+        """The response whose body this attempt streams, and the partial file it
+        appends to (None: from zero). A range request answered by anything but
+        the rest of the partial file is asked again without Range, once."""
+        extra = partial.range_headers() if partial is not None else conditional
+        response = self._request(job, timeout, attempt, extra)
+        attempt.got_head(response)
+        attempt.validator = resume.strong_validator(response.headers)
+        if partial is None:
+            return response, None
+        answer = resume.judge(response, partial.size)
+        log.info("job %s: asked for bytes %d- (If-Range %s): %d, %s", job.id, partial.size, partial.validator,
+                 response.status, answer)
+        if answer is resume.Answer.APPEND:
+            attempt.validator = partial.validator
+            return response, partial
+        if answer is resume.Answer.OTHER:  # a failure status: the kept bytes stay good for a later retry
+            attempt.kept = partial
+            return response, None
+        partial.remove()
+        if answer is resume.Answer.REPLACE:
+            return response, None
+        response.discard()
+        response = self._request(job, timeout, attempt, [])
+        attempt.got_head(response)
+        attempt.validator = resume.strong_validator(response.headers)
+        return response, None
+
+    def _request(self, job: Job, timeout: float, attempt: Attempt,
+                 extra: list[tuple[str, str]] | None = None) -> Response:
+        """Send the GET (with the ``extra`` headers) and follow redirects; returns with the final
+        response's head read."""
         url = job.url
-        headers = _overlay(self.default_headers, job.request_headers)
+        headers = overlay_headers(self.default_headers, job.request_headers)
+        headers.update((name.lower(), (name, value)) for name, value in extra or [])
         cookies = CookieJar()  # cookies set by one hop go to the next ones, as browsers do
         for hop in range(self.max_redirects + 1):
             attempt.final_url, attempt.redirects = url, hop
@@ -239,29 +312,36 @@ class Downloader:
             self.guard.check_proxy(self.proxy)
             self.guard.check_proxied_target(host)
 
-    def _check_declared_length(self, response: Response) -> int | None:
-        """The response's Content-Length (None without one), refused when over ``max_bytes``."""
+    def _check_declared_length(self, response: Response, start: int = 0) -> int | None:
+        """The response's Content-Length (None without one), refused when the file it
+        makes (``start`` bytes kept before it) would be over ``max_bytes``."""
         declared = content_length(response.headers)
-        if self.max_bytes and declared is not None and declared > self.max_bytes:
-            raise TooLarge(f"Content-Length {declared} exceeds the limit of {self.max_bytes} bytes",
+        if self.max_bytes and declared is not None and start + declared > self.max_bytes:
+            whole = f" (after {start} bytes kept)" if start else ""
+            raise TooLarge(f"Content-Length {declared}{whole} exceeds the limit of {self.max_bytes} bytes",
                            response_code=response.status)
         return declared
 
-    def _stream_body(self, job: Job, response: Response, declared: int | None, temp: _TempFile,
-                     digests: checksum.Digests) -> str:
+    def _stream_body(self, job: Job, response: Response, declared: int | None, temp: TempFile,
+                     digests: checksum.Digests, kept_head: bytes = b"") -> str:
         """Copy the body chunk by chunk into ``temp``; returns the sniffed mime type
         ("" when the job has neither ``mime_type`` nor ``extract_image_size``).
 
         The job's mime patterns are checked as soon as :data:`mime.SNIFF_BYTES`
-        have arrived (or the body ended), before the rest is read.
+        have arrived (or the body ended), before the rest is read; a resumed
+        body's first bytes are ``kept_head``, read from the kept prefix.
         """
         patterns = mime.MimePatterns.parse(job.mime_type) if job.mime_type else None
         # libmagic costs up to a few hundred microseconds a body (text and random
         # bytes most): only a job that checks the type or wants an image size pays it.
         sniffing = patterns is not None or job.extract_image_size
         code = response.status
-        head = bytearray()
+        start = temp.size
+        head = bytearray(kept_head)
         found_mime = ""
+        if sniffing and len(head) >= mime.SNIFF_BYTES:
+            found_mime = check_mime(head, job.mime_type, patterns, code)
+            sniffing, head = False, bytearray()
         for chunk in response.chunks(self.chunk_size):  # the engine raises TruncatedBody or DownloadTimeout
             if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
                 raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
@@ -274,8 +354,8 @@ class Downloader:
                     sniffing, head = False, bytearray()
         if sniffing:
             found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
-        if declared is not None and temp.size != declared:
-            raise TruncatedBody(f"received {temp.size} of {declared} bytes", response_code=code)
+        if declared is not None and temp.size - start != declared:
+            raise TruncatedBody(f"received {temp.size - start} of {declared} bytes", response_code=code)
         return found_mime
 
 
@@ -328,7 +408,7 @@ def _location(response: Response) -> str | None:
         return location
 
 
-def _overlay(defaults: dict[str, str], overrides: dict[str, str]) -> dict[str, tuple[str, str]]:
+def overlay_headers(defaults: dict[str, str], overrides: dict[str, str]) -> dict[str, tuple[str, str]]:
     """Headers by lower-case name: the job's override the configured ones, whatever their case."""
     merged = {name.lower(): (name, value) for name, value in defaults.items()}
     merged.update((name.lower(), (name, value)) for name, value in overrides.items())
@@ -404,75 +484,3 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
-
-
-class _TempFile:
-    """A temp file being written; OSErrors become :class:`StorageError`.
-
-    Up to ``in_memory`` bytes stay in memory, and a body that fits never
-    becomes a file here (:meth:`finish` returns it). ``path`` is set once the
-    file exists.
-    """
-
-    def __init__(self, directory: str, *, prefix: str, in_memory: int):
-        self.directory = directory
-        self.prefix = prefix
-        self.in_memory = in_memory
-        self.buffer = bytearray()
-        self.path = ""
-        self.file: BinaryIO | None = None
-        self.size = 0
-        self.written_back = 0  # bytes whose writeback to disk was requested
-
-    def write(self, chunk: bytes) -> None:
-        if self.file is None and len(self.buffer) + len(chunk) <= self.in_memory:
-            self.buffer += chunk
-            self.size += len(chunk)
-            return
-        if self.file is None:
-            self.file = self._create()
-        try:
-            if self.buffer:
-                self.file.write(self.buffer)
-                self.buffer = bytearray()
-            self.file.write(chunk)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
-        self.size += len(chunk)
-        if self.size - self.written_back >= diskio.Writeback.STEP:  # big files only: see diskio.Writeback
-            diskio.writeback.written(self.file.fileno(), self.written_back, self.size - self.written_back)
-            self.written_back = self.size
-
-    def _create(self) -> BinaryIO:
-        try:
-            fd, self.path = diskio.mkstemp(self.directory, self.prefix)
-        except OSError as exc:
-            raise StorageError(f"cannot create a temp file in {self.directory}: {exc.strerror}") from exc
-        return os.fdopen(fd, "wb")
-
-    def finish(self) -> bytes | None:
-        """The body if it stayed in memory; else flush the file to disk and close
-        it (it survives a crash from here on) and return None."""
-        if self.file is None:
-            return bytes(self.buffer)
-        try:
-            diskio.flush_sync_close(self.file)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
-        return None
-
-    def discard(self) -> None:
-        self.buffer = bytearray()
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError:
-                pass  # the data is being thrown away; a failed flush does not matter
-        if not self.path:
-            return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove temp file %s: %s", self.path, exc.strerror)

@@ -46,6 +46,7 @@ MAX_RETRIES_BOUND = 100
 MAX_DOWNLOAD_TIMEOUT = 7 * 24 * 3600
 MAX_EXTRA_LENGTH = 64 * 1024
 MAX_HEADERS = 64
+MAX_REUSE_TTL = 365 * 24 * 3600  # the field's own bound; processor.reuse_max_ttl is checked by the API
 
 CALLBACK_TYPES = ("http", "kafka")
 # RFC 7230 token characters: a header name must be one.
@@ -114,6 +115,11 @@ class Status:
     ttfb_ms: int = 0
     download_ms: int = 0
     total_ms: int = 0
+    # A partial file kept for the retry to resume from (gdl.resume); "" / 0: none.
+    partial_path: str = ""
+    partial_bytes: int = 0
+    partial_validator: str = ""
+    partial_host: str = ""
 
 
 @dataclass
@@ -139,6 +145,7 @@ class Job:
     aggr_rate: float | None = None  # the shaping fields (gdl/shaping.py): None when left out
     aggr_burst: int | None = None
     aggr_adaptive: bool | None = None
+    reuse_ttl: int = 0  # seconds a stored result of the same request may answer this job (gdl.reuse)
     created_at: int = 0
     status: Status = field(default_factory=Status)
 
@@ -256,7 +263,7 @@ def _to_field(value: Any) -> str:
 
 
 def _from_field(name: str, raw: str) -> Any:
-    if name in ("aggr_limit", "created_at"):
+    if name in ("aggr_limit", "created_at", "reuse_ttl"):
         return int(raw)
     if name in ("max_retries", "download_timeout", "aggr_burst"):
         return int(raw) if raw != "" else None
@@ -312,6 +319,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
         s3_region=s3_region,
         checksum=_checksum(body),
         aggr_rate=shaping.rate, aggr_burst=shaping.burst, aggr_adaptive=shaping.adaptive,
+        reuse_ttl=_integer(body, "reuse_ttl", minimum=0, maximum=MAX_REUSE_TTL) or 0,
         created_at=now_ms,
     )
 

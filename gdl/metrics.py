@@ -44,6 +44,15 @@ class _Snapshot:
             codes.add_metric([cls], processor.get(f"status_{cls}", 0))
         yield codes
         yield CounterMetricFamily("gdl_download_bytes", "Bytes stored", value=processor.get("bytes", 0))
+        saved = CounterMetricFamily("gdl_bytes_saved", "Bytes not downloaded again: kept prefixes resumed after, "
+                                                       "stored copies reused", labels=["reason"])
+        saved_downloads = CounterMetricFamily("gdl_downloads_saved", "Downloads resumed or answered from a "
+                                                                     "stored copy", labels=["reason"])
+        for reason in ("resumed", "reused"):
+            saved.add_metric([reason], processor.get(f"{reason}_bytes", 0))
+            saved_downloads.add_metric([reason], processor.get(f"downloads_{reason}", 0))
+        yield saved
+        yield saved_downloads
         buckets = [(str(b), processor.get(f"duration_le_{b}", 0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", processor.get("duration_count", 0)))
         yield HistogramMetricFamily("gdl_download_duration_seconds", "Download attempt duration", buckets=buckets,

@@ -6,7 +6,10 @@ taking loop of :mod:`gdl.taking`.
 it downloads through the process's shared :class:`~gdl.download.Downloader`
 for the aggregation's proxy (kept-alive connections outlive a pool), and it
 ends after ``processor.pool_idle_timeout`` without work.
-Each greenlet downloads one job, stores the file and settles the outcome.
+Each greenlet of the pool runs one job's exchange with the origin; storing
+the file and settling the outcome follow in the taking loop's ``finishing``
+pool, so that the slot, the aggregation's limit, counts requests the origin
+is serving and a freed slot is refilled at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gdl import sentry, shaping
+from gdl import resume, sentry, shaping
 from gdl.backoff import retry_delay
 from gdl.config import Config
 from gdl.download import Attempt, Downloader, Downloaders, Fetched
@@ -30,6 +33,7 @@ from gdl.filestorage import FileStorages
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
+from gdl.reuse import Reuse, eligible
 from gdl.stats import ProcessorStats
 from gdl.store import DOWNLOADS, DownloadOutcome, Store, Taken
 from gdl.taking import TakingPool
@@ -61,6 +65,8 @@ class AggregationPool(TakingPool):
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
+        self.reuse = Reuse(store, filestorages.default, default_headers=self.cfg.request_headers,
+                           max_ttl=self.cfg.reuse_max_ttl)
         self._downloading: set[gevent.Greenlet] = set()
 
     def run(self) -> None:
@@ -88,60 +94,103 @@ class AggregationPool(TakingPool):
             gevent.killall(downloading, block=False)
 
     def handle(self, job: Job) -> None:
+        """The job's exchange with the origin, in one of the pool's slots; the
+        rest (storing the file, writing the outcome) is finished off outside it."""
         started = time.monotonic()
         begun = self.clock()  # this attempt's start, for the job's started_at and timings
         self.stats.worker_started()
         fetched: Fetched | None = None
+        error: Exception | None = None
         try:
             fetched = self._fetch(job)
-            self._store(fetched, job)
-        except DownloadError as err:
-            self._failed(job, err, started, _results(job, err.attempt or getattr(fetched, "attempt", None),
-                                                     begun, self.clock(), failed=True))
         except gevent.GreenletExit:
             self._put_back(job)
             raise
-        except Exception as exc:  # a bug or an unexpected library error: reported, retried as an attempt
-            self.log.exception("job %s: unexpected error", job.id)
-            sentry.report(exc, component="processor", aggr_id=self.aggr_id, job_id=job.id)
-            self._failed(job, UnexpectedError(f"unexpected error: {type(exc).__name__}: {exc}"), started,
-                         _results(job, getattr(fetched, "attempt", None), begun, self.clock(), failed=True))
-        else:
-            self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
+        except Exception as exc:
+            error = exc
         finally:
             self.stats.worker_finished()
+        self.finish_off(job, lambda: self._finish(job, fetched, error, started, begun))
+
+    def _finish(self, job: Job, fetched: Fetched | None, error: Exception | None, started: float,
+                begun: int) -> None:
+        """Store what the exchange brought and settle the job (or put it back if interrupted)."""
+        try:
+            if fetched is not None:
+                self._store(fetched, job)
+        except gevent.GreenletExit:
+            self._put_back(job)
+            raise
+        except Exception as exc:
+            error = exc
+        try:
+            if error is None:
+                assert fetched is not None
+                self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
+            else:
+                self._settle_error(job, error, fetched, started, begun)
+        except gevent.GreenletExit:
+            self._put_back(job)
+            raise
+
+    def _settle_error(self, job: Job, error: Exception, fetched: Fetched | None, started: float,
+                      begun: int) -> None:
+        attempt = getattr(fetched, "attempt", None)
+        if isinstance(error, DownloadError):
+            results = _results(job, error.attempt or attempt, begun, self.clock(), failed=True)
+            self._failed(job, error, started, results)
+            return
+        # A bug or an unexpected library error: reported, retried as an attempt.
+        self.log.error("job %s: unexpected error", job.id, exc_info=error)
+        sentry.report(error, component="processor", aggr_id=self.aggr_id, job_id=job.id)
+        self._failed(job, UnexpectedError(f"unexpected error: {type(error).__name__}: {error}"), started,
+                     _results(job, attempt, begun, self.clock(), failed=True))
 
     def _fetch(self, job: Job) -> Fetched:
         """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
         current = gevent.getcurrent()
         self._downloading.add(current)
+        timeout = job.download_timeout or self.cfg.download_timeout
+        partial = resume.usable(job) if self.cfg.resume else None
+
+        def download(conditional: list[tuple[str, str]]) -> Fetched:
+            return self.downloader.fetch(job, timeout=timeout, partial=partial, conditional=conditional)
+
         try:
-            return self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+            if eligible(job):
+                return self.reuse.fetch(job, download, now=self.clock())
+            return download([])
         finally:
             self._downloading.discard(current)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
+        if fetched.stored:
+            return
         storage = self.filestorages.for_job(job)
         sha256 = fetched.attempt.sha256
         if fetched.body is not None:
             storage.store_bytes(fetched.body, job, sha256=sha256)
-            return
-        try:
-            storage.store(fetched.path, job, sha256=sha256)
-        except BaseException:
-            _remove_quietly(fetched.path)
-            raise
+        else:
+            try:
+                storage.store(fetched.path, job, sha256=sha256)
+            except BaseException:
+                _remove_quietly(fetched.path)
+                raise
+        self.reuse.remember(job, fetched, now=self.clock())
 
     def _succeeded(self, job: Job, fetched: Fetched, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
-        attempts = job.status.attempts + 1
+        attempts = job.status.attempts + (1 if fetched.contacted else 0)
         self.log.info("job %s: stored %d bytes%s in %.0f ms", job.id, fetched.size,
                       f" ({fetched.mime})" if fetched.mime else "", (time.monotonic() - started) * 1000)
         self.stats.download_finished("succeeded", fetched.response_code, fetched.size, time.monotonic() - started)
+        self.stats.bytes_saved(resumed=fetched.attempt.resumed_bytes, reused=fetched.size if fetched.stored else 0)
+        resume.discard(job)
         entry = _log_entry("succeeded", now, attempts, started, response_code=fetched.response_code,
                            bytes=fetched.size)
         outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
-                                  image_size=fetched.image_size, mime=fetched.mime, **results)
+                                  image_size=fetched.image_size, mime=fetched.mime, partial=_no_partial(job),
+                                  **results)
         ok = self._signal(now, ok=True)
         self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
@@ -177,13 +226,17 @@ class AggregationPool(TakingPool):
             self.log.info("job %s: %s; retry %s in %.0fs", job.id, err, which, delay)
             # Only the final attempt describes itself; a retry records when the first one began.
             retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
-                                      started_at=results.get("started_at", 0))
+                                      started_at=results.get("started_at", 0), partial=_retry_partial(job, err))
             self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried, signal=signal))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
-            failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code, **results)
+            if err.attempt is not None and err.attempt.kept is not None:
+                err.attempt.kept.remove()
+            resume.discard(job)
+            failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
+                                     partial=_no_partial(job), **results)
             self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
                 forget_at=self._forget_at(now), log_entry=entry, signal=signal))
@@ -198,7 +251,8 @@ class AggregationPool(TakingPool):
         self.stats.download_failed(job, err, "retry", now)
         entry = _log_entry("throttled", now, job.status.attempts, started, response_code=err.response_code,
                            error=str(err))
-        outcome = DownloadOutcome(job.status.attempts, error=str(err), response_code=err.response_code)
+        outcome = DownloadOutcome(job.status.attempts, error=str(err), response_code=err.response_code,
+                                  partial=_retry_partial(job, err))
         signal = self._signal(now, throttle=pause, congested=True, hold=True)
         self.settle("throttled retry", job, lambda: self.store.retry_download(
             job, self.keeper.owner, due=now, now=now, log_entry=entry, outcome=outcome, signal=signal,
@@ -239,7 +293,8 @@ def shared_downloaders(cfg: Config) -> Downloaders:
                           scratch_dir=cfg.processor.storage_dir, chunk_size=cfg.processor.chunk_size,
                           max_bytes=cfg.security.max_download_bytes, max_redirects=cfg.security.max_redirects,
                           guard=guard, pool_size=SHARED_CONNECTIONS_PER_HOST, hosts=SHARED_HOSTS,
-                          engine=cfg.http.engine)
+                          engine=cfg.http.engine,
+                          resume_min_bytes=cfg.processor.resume_min_bytes if cfg.processor.resume else 0)
 
     return Downloaders(make)
 
@@ -265,7 +320,8 @@ def _results(job: Job, attempt: Attempt | None, begun: int, now: int, *, failed:
                    # Most downloads end where they began: the job's url then says it, once.
                    final_url=attempt.final_url if attempt.final_url != job.url else "",
                    redirects=attempt.redirects, etag=attempt.etag,
-                   last_modified=attempt.last_modified, ttfb_ms=attempt.ttfb_ms, download_ms=download_ms)
+                   last_modified=attempt.last_modified, ttfb_ms=attempt.ttfb_ms, download_ms=download_ms,
+                   resumed_bytes=attempt.resumed_bytes, reused=attempt.reused)
         if failed:  # a success's size is written as its bytes already
             out["bytes"] = attempt.size
     timed = wait_ms + out.get("ttfb_ms", 0) + out.get("download_ms", 0)
@@ -273,6 +329,17 @@ def _results(job: Job, attempt: Attempt | None, begun: int, now: int, *, failed:
     if job.status.started_at:
         del out["started_at"]  # written by the first attempt
     return {name: value for name, value in out.items() if value}
+
+
+def _retry_partial(job: Job, err: DownloadError) -> dict[str, Any]:
+    """The status fields of the partial file a retry resumes from: the one this attempt kept, or none."""
+    kept = err.attempt.kept if err.attempt is not None else None
+    return kept.fields() if kept is not None else _no_partial(job)
+
+
+def _no_partial(job: Job) -> dict[str, Any]:
+    """The status fields clearing the job's record of a partial file, if it has one."""
+    return dict(resume.NO_PARTIAL) if job.status.partial_path else {}
 
 
 def _remove_quietly(path: str) -> None:

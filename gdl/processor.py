@@ -15,6 +15,7 @@ from gdl.diskcheck import DiskChecker
 from gdl.filestorage import FileStorages
 from gdl.lease import Keeper
 from gdl.reaper import Reaper
+from gdl.resume import StalePartials
 from gdl.scanner import Scanner
 from gdl.stats import ProcessorStats
 from gdl.store import WAKE_AGGR, Store
@@ -35,17 +36,19 @@ class Processor:
         self.scanner = Scanner(store, cfg, keeper, filestorages=filestorages, stats=self.stats,
                                healthy=self.disk.healthy, clock=clock)
         self.reaper = Reaper(store, filestorages, self.stats, interval=REAPER_INTERVAL, clock=clock)
+        self.partials = StalePartials(cfg.processor.storage_dir, ttl=cfg.processor.partial_ttl)
 
     @property
     def helpers(self) -> list:
         """What the service stops after the pools (anything with a ``stop()``)."""
-        return [self.disk, self.reaper]
+        return [self.disk, self.reaper, self.partials]
 
     def start(self, wakeup: Wakeup, spawn: Spawn) -> None:
         wakeup.on(WAKE_AGGR, self.scanner.on_wake)
         self.disk.check_once()  # a full disk pauses the pools before their first take
         spawn("disk", self.disk.run)
         spawn("reaper", self.reaper.run)
+        spawn("partials", self.partials.run)
         spawn("scanner", self.scanner.run)
 
     def stop(self) -> None:

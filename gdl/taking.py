@@ -13,6 +13,7 @@ loop's sleep-and-idle decision, a function of the times it is given.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import gevent
@@ -68,6 +69,13 @@ class TakingPool:
                  idle_timeout: float | None = None, gate: gevent.event.Event | None = None,
                  logger: logging.Logger | logging.LoggerAdapter = log):
         self.pool = gevent.pool.Pool(size)
+        # What a job needs once its exchange is over (storing the file, writing
+        # the outcome) may run here instead, off the pool's slot: the next job's
+        # exchange then starts without waiting for a disk or a Redis round trip.
+        # As big as the pool, so that a slow disk holds the slots back rather
+        # than piling up finished downloads.
+        self.finishing = gevent.pool.Pool(size)
+        self._handed_over: set[str] = set()
         self.size = size
         self.keeper = keeper
         self.clock = clock
@@ -95,15 +103,31 @@ class TakingPool:
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the greenlets in flight to finish; True when none is left."""
-        return self.pool.join(timeout=timeout)
+        until = time.monotonic() + timeout
+        exchanges_done = self.pool.join(timeout=timeout)
+        return self.finishing.join(timeout=max(0.0, until - time.monotonic())) and exchanges_done
 
     def interrupt(self, timeout: float) -> None:
-        """Kill greenlets in flight: each puts its job back as it dies."""
+        """Kill the exchanges in flight: each puts its job back as it dies. What
+        is being finished off (a disk write, a Redis call) is given the rest of
+        ``timeout`` to end by itself: a greenlet killed before it ran would leave
+        its job to the sweep and its file behind."""
+        until = time.monotonic() + timeout
         self.pool.kill(block=True, timeout=timeout)
+        if not self.finishing.join(timeout=max(0.0, until - time.monotonic())):
+            self.finishing.kill(block=True, timeout=max(0.0, until - time.monotonic()))
 
     @property
     def busy(self) -> int:
-        return len(self.pool)
+        """Jobs this pool holds: in their exchange, or being finished off."""
+        return len(self.pool) + len(self.finishing)
+
+    def finish_off(self, job: Job, rest: Callable[[], None]) -> None:
+        """Called by :meth:`handle` when the job's exchange is over: ``rest`` runs
+        in another greenlet and :meth:`handle` returns, freeing its slot."""
+        self.finishing.wait_available()
+        self._handed_over.add(job.id)
+        self.finishing.spawn(self._finish_held, job, rest)
 
     def run(self) -> None:
         idle = Idleness(self.idle_timeout)
@@ -152,6 +176,7 @@ class TakingPool:
                 continue
             self._wake.wait(idle.sleep_for(mono, now, taken.next_due))
         self.pool.join()
+        self.finishing.join()
 
     def _gate_open(self) -> bool:
         return self.gate is None or self.gate.is_set()
@@ -167,6 +192,14 @@ class TakingPool:
         try:
             self.handle(job)
         finally:
+            if job.id not in self._handed_over:
+                self.keeper.drop(self.kind, job.id)
+
+    def _finish_held(self, job: Job, rest: Callable[[], None]) -> None:
+        try:
+            rest()
+        finally:
+            self._handed_over.discard(job.id)
             self.keeper.drop(self.kind, job.id)
             if self._capped:
                 self._capped = False

@@ -10,6 +10,7 @@ headers, client port) and counts requests per path.
         server.add_truncated("/cut", body=b"x" * 100, declared_length=1000)
         server.add_drip("/slow", body=b"x" * 50, interval=0.2)
         server.add_redirect("/old", "/a.png")
+        server.add_sequence("/big", [Route(body=data, cut_after=600), Route(body=data, ranges="honour")])
         requests.get(server.url("/a.png"))
         assert server.count("/a.png") == 1
         assert server.requests_for("/a.png")[0].headers["User-Agent"] == "..."
@@ -22,6 +23,7 @@ server can stand in for a proxy.
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 import time
 from collections import Counter
@@ -42,7 +44,15 @@ class Route:
     closing the connection, or, with ``chunked``, uses chunked encoding.
     ``drip_interval`` > 0 sends the body one byte at a time with that pause.
     ``close`` closes the connection after the body (a cut body when the
-    declared length is larger).
+    declared length is larger). ``cut_after`` sends only that many bytes of
+    the body (its whole length declared), then closes the connection.
+
+    ``ranges`` says how a ``Range: bytes=N-`` request is answered: "ignore"
+    (a 200 with the whole body), "honour" (a 206 from N when ``If-Range``, if
+    sent, matches the route's ETag or Last-Modified, else a 200), "wrong-start"
+    (a 206 from N - 100), "416" (a 416). ``not_modified``: a request whose
+    ``If-None-Match`` matches the route's ETag, or with an ``If-Modified-Since``
+    when the route has no ETag, gets a 304.
     """
 
     status: int = 200
@@ -52,6 +62,9 @@ class Route:
     chunked: bool = False
     drip_interval: float = 0.0
     close: bool = False
+    cut_after: int | None = None
+    ranges: str = "ignore"
+    not_modified: bool = False
 
 
 @dataclass
@@ -70,6 +83,8 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        self.sequences: dict[str, list[Route]] = {}  # path -> answers of its next requests, the last repeated
+        self.body_bytes: Counter[str] = Counter()  # path -> body bytes sent
         self.requests: list[Recorded] = []
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -115,6 +130,18 @@ class LoopbackServer:
         """Answer ``path`` with fixed bytes; ``options`` are further :class:`Route` fields."""
         self.routes[path] = Route(status=status, body=body, headers=dict(headers or {}), **options)  # type: ignore[arg-type]
 
+    def add_sequence(self, path: str, routes: list[Route]) -> None:
+        """Answer ``path``'s first request with ``routes[0]``, the next with ``routes[1]``, ...,
+        and every one after the last with the last."""
+        self.sequences[path] = list(routes)
+
+    def route_for(self, path: str) -> Route:
+        with self._lock:
+            sequence = self.sequences.get(path)
+            if sequence:
+                return sequence.pop(0) if len(sequence) > 1 else sequence[0]
+        return self.routes.get(path) or Route(status=404, body=b"no route\n")
+
     def add_truncated(self, path: str, body: bytes, declared_length: int) -> None:
         """Declare ``declared_length`` bytes, send ``body`` (fewer), then close the connection."""
         self.add(path, body, content_length=declared_length, close=True)
@@ -152,9 +179,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # http.server's naming
         path = urlsplit(self.path).path or "/"
         self.loopback._record(Recorded(self.command, self.path, path, self.headers, self.client_address[1]))
-        route = self.loopback.routes.get(path) or Route(status=404, body=b"no route\n")
+        route = _conditional(self.loopback.route_for(path), self.headers)
         try:
             self._answer(route)
+            with self.loopback._lock:
+                self.loopback.body_bytes[path] += len(route.body) if route.cut_after is None else route.cut_after
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away, e.g. after its deadline
 
@@ -179,6 +208,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_body(route)
 
     def _send_body(self, route: Route) -> None:
+        if route.cut_after is not None:
+            self.wfile.write(route.body[:route.cut_after])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if route.chunked and route.content_length is None:
             half = len(route.body) // 2
             for part in (route.body[:half], route.body[half:]):
@@ -201,6 +235,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean
+
+
+def _conditional(route: Route, headers: Message) -> Route:
+    """The answer ``route`` gives to a request with ``headers`` (Range, If-Range, If-None-Match)."""
+    etag, modified = route.headers.get("ETag"), route.headers.get("Last-Modified")
+    if route.not_modified and ((etag and headers.get("If-None-Match") == etag)
+                               or (not etag and headers.get("If-Modified-Since"))):
+        return Route(status=304, headers=dict(route.headers), body=b"")
+    wanted = re.fullmatch(r"bytes=(\d+)-", headers.get("Range") or "")
+    if wanted is None or route.ranges == "ignore":
+        return route
+    start, length = int(wanted.group(1)), len(route.body)
+    if route.ranges == "416":
+        return Route(status=416, headers={"Content-Range": f"bytes */{length}"})
+    if_range = headers.get("If-Range")
+    if route.ranges == "honour" and if_range is not None and if_range not in (etag, modified):
+        return route
+    if route.ranges == "wrong-start":
+        start = max(0, start - 100)
+    return Route(status=206, body=route.body[start:], cut_after=None,
+                 headers={**route.headers, "Content-Range": f"bytes {start}-{length - 1}/{length}"})
 
 
 def _handler_for(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHandler]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 import yaml
 
@@ -263,6 +264,14 @@ def socket_answers(path: Path) -> bool:
             return False
 
 
+def appendfsync(path: Path) -> str:
+    client = redis.Redis(unix_socket_path=str(path), decode_responses=True)
+    try:
+        return client.config_get("appendfsync")["appendfsync"]
+    finally:
+        client.close()
+
+
 def process_gone(pid: int) -> bool:
     """No such process, or a zombie nobody reaped yet (its parent gdl exited first)."""
     try:
@@ -287,6 +296,7 @@ def test_embedded_redis_shared_and_stopped_by_the_last_process(tmp_path: Path, g
 
     first, first_url = start("first.yaml")
     assert socket_answers(sock)
+    assert appendfsync(sock) == "always"  # a 201 means the job is on disk (redis.embedded_fsync)
     pid = int((data_dir / "redis.pid").read_text())
     assert not process_gone(pid)
 

@@ -199,6 +199,7 @@ BAD_FILES = [
     ({"redis": {"url": "http://localhost:6379"}}, "redis.url:"),
     ({"redis": {"url": "localhost:6379"}}, "redis.url:"),
     ({"redis": {"sentinel": ["s1:26379"]}}, "redis.master_name:"),
+    ({"redis": {"embedded_fsync": "no"}}, "redis.embedded_fsync:"),
     ({"redis": {"sentinel": ["s1"], "master_name": "m"}}, "redis.sentinel:"),
     ({"processor": {"filestorage": {"type": "ftp", "rootdir": "x"}}}, "processor.filestorage.type:"),
     ({"processor": {"filestorage": {"rootdir": "x"}}}, "processor.filestorage.type:"),

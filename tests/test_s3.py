@@ -340,3 +340,23 @@ def test_uploads_send_checksum_sha256_and_s3_checks_it(s3, tmp_path):
     head = s3.client().head_object(Bucket=BUCKET, Key=key("fromAFileAbcde"), ChecksumMode="ENABLED")
     assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
     # (moto keeps the checksum sent but does not check it against the bytes, as S3 does: not shown here.)
+
+
+def test_a_reused_result_is_a_server_side_copy_in_our_bucket(run_service, s3, files, receiver):
+    """Reuse (issue 20) on S3: the second job's object is a CopyObject of the first's, its
+    mime type checked on a ranged read of it; each object is deleted on its own."""
+    client = s3.create_bucket(BUCKET)
+    body = bytes(range(256)) * 400
+    files.add("/a.bin", body, headers={"ETag": '"v1"'})
+    running = run_service(processor={"filestorage": our_bucket(s3)})
+
+    def enqueue() -> str:
+        return running.enqueue(url=files.url("/a.bin"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
+                               reuse_ttl=3600, mime_type="image/*")  # these bytes sniff as image/x-tga
+
+    first = finished(running, enqueue())
+    second = finished(running, enqueue())
+    assert (files.count("/a.bin"), second["state"], second["reused"], second["attempts"], second["error"]) == \
+        (1, "succeeded", True, 0, "")
+    client.delete_object(Bucket=BUCKET, Key=key(first["id"]))
+    assert client.get_object(Bucket=BUCKET, Key=key(second["id"]))["Body"].read() == body

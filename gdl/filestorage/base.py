@@ -61,6 +61,22 @@ class FileStorage(ABC):
     def open(self, job_id: str) -> BinaryIO | None:
         """The job's file opened for reading (the caller closes it), or None if absent."""
 
+    def share(self, source_id: str, job: Job) -> bool:
+        """Give ``job`` a file of its own with the bytes of ``source_id``'s, without
+        copying them where the storage can (a hard link; a server-side copy), so
+        that deleting either leaves the other. False when ``source_id``'s file is
+        gone (or this storage cannot share); :class:`~gdl.errors.StorageError` on
+        a failure."""
+        return False
+
+    def head(self, job_id: str, limit: int) -> bytes | None:
+        """The first ``limit`` bytes of the job's file, or None if absent."""
+        handle = self.open(job_id)
+        if handle is None:
+            return None
+        with handle:
+            return handle.read(limit)
+
     def url(self, job_id: str) -> str | None:
         """The file's own URL, or None when it is served under ``processor.download_url``."""
         return None

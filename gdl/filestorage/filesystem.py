@@ -55,6 +55,20 @@ class FilesystemStorage(FileStorage):
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
         log.debug("job %s: stored at %s", job.id, final)
 
+    def share(self, source_id: str, job: Job) -> bool:
+        """A hard link to ``source_id``'s file at the job's place."""
+        if not SAFE_ID_RE.fullmatch(source_id):
+            return False
+        source, final = self.path_for(source_id), self.path_for(job.id)
+        try:
+            diskio.off_hub(_link_into_place, source, final, self.rootdir)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot link {final} to {source}: {exc.strerror or exc}") from exc
+        log.debug("job %s: linked at %s to %s", job.id, final, source)
+        return True
+
     def delete(self, job_id: str) -> bool:
         if not SAFE_ID_RE.fullmatch(job_id):
             return False
@@ -98,6 +112,22 @@ def _write_and_place(data: bytes, temp_dir: str, prefix: str, target: str, rootd
     except BaseException:
         _remove_quietly(temp)
         raise
+
+
+def _link_into_place(source: str, target: str, rootdir: str) -> None:
+    """Link ``source`` at ``target`` durably (blocking: run off the hub). The link is
+    made beside the target and renamed over it, so that a retry replaces a file
+    left by an earlier one."""
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    temp = f"{target}.link-{os.getpid()}-{id(target):x}"
+    os.link(source, temp)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    diskio.sync_directory(directory)
 
 
 def _place(source: str, target: str, rootdir: str) -> None:

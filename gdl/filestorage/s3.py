@@ -182,6 +182,28 @@ class S3Storage(FileStorage):
             raise self._error(f"cannot look up s3://{self.bucket}/{key}", exc) from exc
         return True
 
+    def share(self, source_id: str, job: Job) -> bool:
+        """A server-side copy (CopyObject) of ``source_id``'s object as the job's."""
+        source, key = path_for_id(source_id), path_for_id(job.id)
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source})
+        except Exception as exc:
+            if _client_error(exc) is not None and _s3_status(exc) == 404:
+                return False
+            raise self._error(f"cannot copy s3://{self.bucket}/{source} to {key}", exc) from exc
+        log.debug("job %s: copied s3://%s/%s to %s", job.id, self.bucket, source, key)
+        return True
+
+    def head(self, job_id: str, limit: int) -> bytes | None:
+        key = path_for_id(job_id)
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{max(0, limit - 1)}")
+            return answer["Body"].read()
+        except Exception as exc:
+            if _client_error(exc) is not None and _s3_status(exc) in (404, 416):
+                return None if _s3_status(exc) == 404 else b""
+            raise self._error(f"cannot read s3://{self.bucket}/{key}", exc) from exc
+
     def open(self, job_id: str) -> BinaryIO | None:
         """S3 objects are fetched from S3 (see :meth:`url`), not through gdl's API."""
         return None

@@ -52,6 +52,11 @@ Layout (``gdl:`` prefix)::
     idem:<scope>:<key>         hash    id, fingerprint of the request  api (enqueue.lua)    api (enqueue.lua)
                                        that first used an Idempotency-
                                        Key (PEXPIRE api.idempotency_ttl)
+    reuse:<request key>        hash    holder (job id whose file has    pool (remember.lua)  pool (reuse)
+                                       the bytes), sha256, size,
+                                       validators, stored_at ... of a
+                                       result kept for reuse (PEXPIRE
+                                       processor.reuse_max_ttl)
     tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
                                        callbacks, callback_failures    reporter (HINCRBY
                                        (EXPIRE 16 min)                 of its deltas)
@@ -85,9 +90,10 @@ from gdl.store.results import (
     Settled,
     Taken,
 )
+from gdl.store.reuse import ReuseRecords
 
 
-class Store(AggregationControls, OperatorView):
+class Store(AggregationControls, ReuseRecords, OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 

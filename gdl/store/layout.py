@@ -47,6 +47,11 @@ def rate_key(aggr_id: str) -> str:
     return f"{PREFIX}rate:{aggr_id}"
 
 
+def reuse_key(request_key: str) -> str:
+    """The record of the last stored result of one request (:mod:`gdl.reuse`'s key of URL, headers, proxy)."""
+    return f"{PREFIX}reuse:{request_key}"
+
+
 def idempotency_key(scope: str, key: str) -> str:
     """The record of an ``Idempotency-Key`` used under ``scope`` (an API token's digest, or ``anon``)."""
     return f"{PREFIX}idem:{scope}:{key}"
@@ -110,6 +115,7 @@ __all__ = [
     "lease_key",
     "rate_key",
     "idempotency_key",
+    "reuse_key",
     "PROCESSORS",
     "PROCESSOR_SLOTS",
     "tput_key",

@@ -3,7 +3,7 @@ magic strings and negative integers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -33,12 +33,16 @@ class DownloadOutcome:
     ttfb_ms: int = 0
     download_ms: int = 0
     total_ms: int = 0
+    resumed_bytes: int = 0
+    reused: bool = False
+    partial: dict[str, Any] = field(default_factory=dict)  # a kept partial file's fields, or their clearing
 
     def fields(self) -> dict[str, Any]:
         """The status fields to write: the Go service's always (each attempt's own), the
         others only when set, so that a job's hash carries no field at its default."""
         out: dict[str, Any] = {"attempts": self.attempts, "error": self.error, "response_code": self.response_code,
-                               "bytes": self.bytes, "image_size": self.image_size, "mime": self.mime}
+                               "bytes": self.bytes, "image_size": self.image_size, "mime": self.mime,
+                               **self.partial}
         for name in _DESCRIBING:
             value = getattr(self, name)
             if value:
@@ -47,7 +51,7 @@ class DownloadOutcome:
 
 
 _DESCRIBING = ("started_at", "sha256", "content_type", "final_url", "redirects", "etag", "last_modified",
-               "wait_ms", "ttfb_ms", "download_ms", "total_ms")
+               "wait_ms", "ttfb_ms", "download_ms", "total_ms", "resumed_bytes", "reused")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""The temp file a download streams into, in the scratch directory
+(``processor.storage_dir``).
+
+:class:`TempFile` holds small bodies in memory, writes larger ones to
+``<storage_dir>/<job id>.<random>`` (the name the scanner's sweep of a dead
+process's jobs looks for), and can be kept after a failed attempt
+(:meth:`TempFile.keep`) and opened again for appending by the retry
+(:meth:`TempFile.reopen`): the partial file of a resumed download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import BinaryIO
+
+from gdl import diskio
+from gdl.errors import StorageError
+from gdl.filestorage.base import _remove_quietly
+
+log = logging.getLogger("gdl.download")
+
+
+class TempFile:
+    """A temp file being written; OSErrors become :class:`StorageError`.
+
+    Up to ``in_memory`` bytes stay in memory, and a body that fits never
+    becomes a file here (:meth:`finish` returns it). ``path`` is set once the
+    file exists.
+    """
+
+    def __init__(self, directory: str, *, prefix: str, in_memory: int):
+        self.directory = directory
+        self.prefix = prefix
+        self.in_memory = in_memory
+        self.buffer = bytearray()
+        self.path = ""
+        self.file: BinaryIO | None = None
+        self.size = 0
+        self.written_back = 0  # bytes whose writeback to disk was requested
+
+    @classmethod
+    def reopen(cls, path: str, size: int) -> TempFile:
+        """The kept partial file at ``path``, its first ``size`` bytes kept, opened to append."""
+        temp = cls(os.path.dirname(path), prefix="", in_memory=0)
+        try:
+            temp.file = open(path, "r+b")  # noqa: SIM115 - closed by finish or discard
+            temp.file.truncate(size)
+            temp.file.seek(size)
+        except OSError as exc:
+            raise StorageError(f"cannot reopen {path}: {exc.strerror}") from exc
+        temp.path, temp.size, temp.written_back = path, size, size
+        return temp
+
+    def write(self, chunk: bytes) -> None:
+        if self.file is None and len(self.buffer) + len(chunk) <= self.in_memory:
+            self.buffer += chunk
+            self.size += len(chunk)
+            return
+        if self.file is None:
+            self.file = self._create()
+        try:
+            if self.buffer:
+                self.file.write(self.buffer)
+                self.buffer = bytearray()
+            self.file.write(chunk)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        self.size += len(chunk)
+        if self.size - self.written_back >= diskio.Writeback.STEP:  # big files only: see diskio.Writeback
+            diskio.writeback.written(self.file.fileno(), self.written_back, self.size - self.written_back)
+            self.written_back = self.size
+
+    def _create(self) -> BinaryIO:
+        try:
+            fd, self.path = diskio.mkstemp(self.directory, self.prefix)
+        except OSError as exc:
+            raise StorageError(f"cannot create a temp file in {self.directory}: {exc.strerror}") from exc
+        return os.fdopen(fd, "wb")
+
+    def finish(self) -> bytes | None:
+        """The body if it stayed in memory; else flush the file to disk and close
+        it (it survives a crash from here on) and return None."""
+        if self.file is None:
+            return bytes(self.buffer)
+        try:
+            diskio.flush_sync_close(self.file)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        return None
+
+    def keep(self) -> bool:
+        """Close the file and leave it on disk for a later attempt to append to;
+        False (and nothing kept) when it never reached the disk or cannot be flushed."""
+        if self.file is None or not self.path:
+            self.discard()
+            return False
+        try:
+            diskio.flush_sync_close(self.file)
+        except OSError as exc:
+            log.warning("cannot keep partial file %s: %s", self.path, exc.strerror)
+            self.discard()
+            return False
+        return True
+
+    def discard(self) -> None:
+        self.buffer = bytearray()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the data is being thrown away; a failed flush does not matter
+        if self.path:
+            _remove_quietly(self.path)
