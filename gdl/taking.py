@@ -194,6 +194,7 @@ class TakingPool:
         finally:
             if job.id not in self._handed_over:
                 self.keeper.drop(self.kind, job.id)
+                self._released()
 
     def _finish_held(self, job: Job, rest: Callable[[], None]) -> None:
         try:
@@ -201,9 +202,13 @@ class TakingPool:
         finally:
             self._handed_over.discard(job.id)
             self.keeper.drop(self.kind, job.id)
-            if self._capped:
-                self._capped = False
-                self._wake.set()
+            self._released()
+
+    def _released(self) -> None:
+        """A held job is done: a take stopped at the effective limit may start another."""
+        if self._capped:
+            self._capped = False
+            self._wake.set()
 
     def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
         """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
