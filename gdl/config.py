@@ -93,6 +93,8 @@ class ProcessorConfig:
     pool_idle_timeout: float = _key(10.0, "seconds an aggregation pool waits for work before it ends", min=0)
     stats_interval: float = _key(5.0, "seconds between stats reports to Redis", min=0.1)
     chunk_size: int = _key(64 * 1024, "bytes read from the network per chunk", min=1024)
+    cancel_check_interval: float = _key(1.0, "seconds between reads of the cancel marks of the downloads a "
+                                        "processor holds (the backstop of a lost cancel message)", min=0.05)
 
 
 @dataclass(frozen=True)

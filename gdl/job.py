@@ -11,6 +11,8 @@ one script in :mod:`gdl.store`::
 
     state:           queued -> in_flight -> succeeded | failed
                                  '-> queued (retry, or put back)
+                     queued | in_flight -> cancelled  (DELETE /jobs/<id>, a purge; in
+                                 flight: marked ``cancel`` first, shown as cancelling)
     callback_state:  "" -> queued -> in_flight -> delivered | failed
                                         '-> queued (retry)      '-> queued (POST /retry)
                      "" -> none  (no callback asked for: s3_bucket without callback)
@@ -34,7 +36,7 @@ from gdl import checksum
 from gdl.errors import ValidationError
 from gdl.ids import ID_LENGTH, is_valid_id, new_id, new_ids
 
-__all__ = ["ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
+__all__ = ["CANCELLING", "ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
            "parse_request", "check_mime_patterns", "check_http_url", "status_fields"]
 
 
@@ -67,6 +69,7 @@ class JobState(StrEnum):
     IN_FLIGHT = "in_flight"  # taken by a pool: in the in-flight set, with a deadline
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by DELETE /jobs/<id> or a purge of its aggregation
 
 
 class CallbackState(StrEnum):
@@ -112,6 +115,12 @@ class Status:
     ttfb_ms: int = 0
     download_ms: int = 0
     total_ms: int = 0
+    # A cancel requested while in flight ("1": with a callback, "0": without): its
+    # holder aborts the download and settles it cancelled (see gdl/lua/cancel.lua).
+    cancel: str = ""
+
+
+CANCELLING = "cancelling"  # what GET /jobs/<id> shows of a job in flight marked to cancel
 
 
 @dataclass
@@ -178,6 +187,8 @@ class Job:
         out.update(out.pop("status"))
         for name in _TIMING_FIELDS:
             del out[name]
+        if out.pop("cancel") and self.status.state is JobState.IN_FLIGHT:
+            out["state"] = CANCELLING
         out.update(self.results())
         return out
 

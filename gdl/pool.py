@@ -7,6 +7,8 @@ it downloads through the process's shared :class:`~gdl.download.Downloader`
 for the aggregation's proxy (kept-alive connections outlive a pool), and it
 ends after ``processor.pool_idle_timeout`` without work.
 Each greenlet downloads one job, stores the file and settles the outcome.
+A job whose cancel was requested (:meth:`AggregationPool.cancel`, or a mark
+found on settling it) is aborted and settled cancelled instead.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, DownloadOutcome, Store, Taken
+from gdl.store import DOWNLOADS, DownloadOutcome, Settled, Store, Taken
 from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
+
+class DownloadCancelled(gevent.GreenletExit):
+    """Thrown into a download's greenlet to abort it: its job's cancel was requested.
+    A kind of GreenletExit, so that whatever a kill cleans up (the connection, the
+    temp file) this cleans up too."""
+
 
 class AggrLog(logging.LoggerAdapter):
     """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
@@ -61,7 +69,7 @@ class AggregationPool(TakingPool):
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
-        self._downloading: set[gevent.Greenlet] = set()
+        self._downloading: dict[str, gevent.Greenlet] = {}  # job id -> its greenlet, while it fetches
 
     def run(self) -> None:
         try:
@@ -81,12 +89,25 @@ class AggregationPool(TakingPool):
         """Interrupt the downloads in flight (their connections close; each job is
         put back if Redis answers, else left to the sweep): the lease may pass to
         another process, which must find the origin free of ours."""
-        downloading = list(self._downloading)
+        downloading = list(self._downloading.values())
         if downloading:
             self.log.warning("interrupting %d download(s) in flight", len(downloading))
             gevent.killall(downloading, block=False)
 
+    def cancel(self, job_id: str) -> bool:
+        """Abort the download of ``job_id`` if this pool is fetching it (its greenlet then
+        settles it cancelled); False when it is not fetching it."""
+        greenlet = self._downloading.get(job_id)
+        if greenlet is None:
+            return False
+        self.log.info("job %s: cancel requested, aborting its download", job_id)
+        greenlet.kill(DownloadCancelled, block=False)
+        return True
+
     def handle(self, job: Job) -> None:
+        if job.status.cancel:  # marked while in flight, then put back by a sweep: nothing to fetch
+            self._cancelled(job)
+            return
         started = time.monotonic()
         begun = self.clock()  # this attempt's start, for the job's started_at and timings
         self.stats.worker_started()
@@ -97,6 +118,8 @@ class AggregationPool(TakingPool):
         except DownloadError as err:
             self._failed(job, err, started, _results(job, err.attempt or getattr(fetched, "attempt", None),
                                                      begun, self.clock(), failed=True))
+        except DownloadCancelled:
+            self._cancelled(job, stored=fetched)
         except gevent.GreenletExit:
             self._put_back(job)
             raise
@@ -112,12 +135,11 @@ class AggregationPool(TakingPool):
 
     def _fetch(self, job: Job) -> Fetched:
         """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
-        current = gevent.getcurrent()
-        self._downloading.add(current)
+        self._downloading[job.id] = gevent.getcurrent()
         try:
             return self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
         finally:
-            self._downloading.discard(current)
+            self._downloading.pop(job.id, None)
 
     def _store(self, fetched: Fetched, job: Job) -> None:
         storage = self.filestorages.for_job(job)
@@ -141,9 +163,11 @@ class AggregationPool(TakingPool):
                            bytes=fetched.size)
         outcome = DownloadOutcome(attempts, response_code=fetched.response_code, bytes=fetched.size,
                                   image_size=fetched.image_size, mime=fetched.mime, **results)
-        self.settle("success", job, lambda: self.store.finish_download(
+        settled = self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
             forget_at=self._forget_at(now), log_entry=entry))
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job, stored=fetched)
 
     def _failed(self, job: Job, err: DownloadError, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
@@ -166,15 +190,17 @@ class AggregationPool(TakingPool):
             # Only the final attempt describes itself; a retry records when the first one began.
             retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
                                       started_at=results.get("started_at", 0))
-            self.settle("retry", job, lambda: self.store.retry_download(
+            settled = self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
             self.log.info("job %s: failed after %d attempt(s): %s", job.id, attempts, err)
             failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code, **results)
-            self.settle("failure", job, lambda: self.store.finish_download(
+            settled = self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
                 forget_at=self._forget_at(now), log_entry=entry))
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job)
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""
@@ -188,10 +214,26 @@ class AggregationPool(TakingPool):
         except StoreUnavailable as exc:
             self.log.warning("job %s: interrupted, left to the sweep, redis unavailable: %s", job.id, exc)
             return
-        if settled:
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job)
+        elif settled:
             self.log.info("job %s: interrupted, put back in the queue", job.id)
         else:
             self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
+
+
+    def _cancelled(self, job: Job, stored: Fetched | None = None) -> None:
+        """Settle ``job`` cancelled (its cancel was requested); a file stored for it
+        before the cancel won is deleted (settle.lua refused its success)."""
+        if stored is not None:
+            self.filestorages.for_job(job).delete(job.id)
+        now = self.clock()
+        entry = {"kind": "download", "outcome": "cancelled", "at": now, "attempt": job.status.attempts}
+        settled = self.settle("cancel", job, lambda: self.store.settle_cancelled(
+            job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry))
+        if settled:
+            self.stats.incr("cancelled")
+            self.log.info("job %s: cancelled", job.id)
 
 
 # A process's pools share one Downloader per proxy (Downloaders), so it keeps

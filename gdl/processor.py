@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gdl.cancelling import Canceller
 from gdl.config import Config
 from gdl.diskcheck import DiskChecker
 from gdl.filestorage import FileStorages
@@ -17,7 +18,7 @@ from gdl.lease import Keeper
 from gdl.reaper import Reaper
 from gdl.scanner import Scanner
 from gdl.stats import ProcessorStats
-from gdl.store import WAKE_AGGR, Store
+from gdl.store import CANCEL_CHANNEL, PURGE_CHANNEL, WAKE_AGGR, Store
 from gdl.wakeup import Wakeup
 
 # Seconds between the reaper's looks at the deletion queue.
@@ -35,18 +36,24 @@ class Processor:
         self.scanner = Scanner(store, cfg, keeper, filestorages=filestorages, stats=self.stats,
                                healthy=self.disk.healthy, clock=clock)
         self.reaper = Reaper(store, filestorages, self.stats, interval=REAPER_INTERVAL, clock=clock)
+        self.canceller = Canceller(store, self.scanner, keeper, interval=cfg.processor.cancel_check_interval,
+                                   deletion_delay_ms=cfg.notifier.deletion_delay_ms, clock=clock)
 
     @property
     def helpers(self) -> list:
         """What the service stops after the pools (anything with a ``stop()``)."""
-        return [self.disk, self.reaper]
+        return [self.disk, self.reaper, self.canceller]
 
     def start(self, wakeup: Wakeup, spawn: Spawn) -> None:
         wakeup.on(WAKE_AGGR, self.scanner.on_wake)
+        wakeup.on(CANCEL_CHANNEL, self.canceller.on_cancel)
+        wakeup.on(PURGE_CHANNEL, self.canceller.on_purge)
         self.disk.check_once()  # a full disk pauses the pools before their first take
         spawn("disk", self.disk.run)
         spawn("reaper", self.reaper.run)
         spawn("scanner", self.scanner.run)
+        spawn("cancels", self.canceller.run_checks)
+        spawn("purges", self.canceller.run_purges)
 
     def stop(self) -> None:
         self.scanner.stop()
