@@ -69,7 +69,8 @@ class AggregationPool(TakingPool):
         self.stats = stats
         self.downloaders = downloaders
         self.downloader = downloaders.acquire(proxy)
-        self._downloading: dict[str, gevent.Greenlet] = {}  # job id -> its greenlet, while it fetches
+        self._downloading: set[gevent.Greenlet] = set()
+        self._fetchers: dict[str, gevent.Greenlet] = {}  # job id -> the greenlet of its download (see _fetch)
 
     def run(self) -> None:
         try:
@@ -89,7 +90,7 @@ class AggregationPool(TakingPool):
         """Interrupt the downloads in flight (their connections close; each job is
         put back if Redis answers, else left to the sweep): the lease may pass to
         another process, which must find the origin free of ours."""
-        downloading = list(self._downloading.values())
+        downloading = list(self._downloading)
         if downloading:
             self.log.warning("interrupting %d download(s) in flight", len(downloading))
             gevent.killall(downloading, block=False)
@@ -97,11 +98,11 @@ class AggregationPool(TakingPool):
     def cancel(self, job_id: str) -> bool:
         """Abort the download of ``job_id`` if this pool is fetching it (its greenlet then
         settles it cancelled); False when it is not fetching it."""
-        greenlet = self._downloading.get(job_id)
-        if greenlet is None:
+        fetcher = self._fetchers.get(job_id)
+        if fetcher is None:
             return False
         self.log.info("job %s: cancel requested, aborting its download", job_id)
-        greenlet.kill(DownloadCancelled, block=False)
+        fetcher.kill(DownloadCancelled, block=False)
         return True
 
     def handle(self, job: Job) -> None:
@@ -119,7 +120,7 @@ class AggregationPool(TakingPool):
             self._failed(job, err, started, _results(job, err.attempt or getattr(fetched, "attempt", None),
                                                      begun, self.clock(), failed=True))
         except DownloadCancelled:
-            self._cancelled(job, stored=fetched)
+            self._cancelled(job)
         except gevent.GreenletExit:
             self._put_back(job)
             raise
@@ -134,12 +135,29 @@ class AggregationPool(TakingPool):
             self.stats.worker_finished()
 
     def _fetch(self, job: Job) -> Fetched:
-        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
-        self._downloading[job.id] = gevent.getcurrent()
+        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts.
+
+        It runs in a greenlet of its own, the one :meth:`cancel` kills: a cancel lands in the
+        download, or nowhere once the download is done (a kill of a dead greenlet does nothing),
+        never in the storing of the file or the settling of its outcome."""
+        current = gevent.getcurrent()
+        self._downloading.add(current)
+        fetcher = gevent.spawn(_outcome, self.downloader.fetch, job,
+                               timeout=job.download_timeout or self.cfg.download_timeout)
+        self._fetchers[job.id] = fetcher
         try:
-            return self.downloader.fetch(job, timeout=job.download_timeout or self.cfg.download_timeout)
+            outcome = fetcher.get()
         finally:
-            self._downloading.pop(job.id, None)
+            self._fetchers.pop(job.id, None)
+            self._downloading.discard(current)
+            if not fetcher.dead:  # this greenlet was interrupted (fence, shutdown): so is its download
+                fetcher.kill(block=True)
+        if isinstance(outcome, BaseException):  # killed before it began: gevent returns the exception
+            raise outcome
+        fetched, error = outcome
+        if error is not None:
+            raise error
+        return fetched
 
     def _store(self, fetched: Fetched, job: Job) -> None:
         storage = self.filestorages.for_job(job)
@@ -256,6 +274,15 @@ def shared_downloaders(cfg: Config) -> Downloaders:
                           engine=cfg.http.engine)
 
     return Downloaders(make)
+
+
+def _outcome(fetch: Callable[..., Fetched], job: Job, timeout: float) -> tuple[Any, BaseException | None]:
+    """``fetch``'s result or exception, as a value: the greenlet running it ends without an
+    error for the hub to print, and its waiter raises the exception (see AggregationPool._fetch)."""
+    try:
+        return fetch(job, timeout=timeout), None
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting greenlet, which raises it
+        return None, exc
 
 
 def _log_entry(outcome: str, now: int, attempt: int, started: float, **extra: Any) -> dict:
