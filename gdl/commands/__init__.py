@@ -1,4 +1,4 @@
-"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys``.
+"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys | cancel | aggr``.
 
 Each reads the same ``--config`` as the service and talks to Redis only
 through :class:`gdl.store.Store` (``enqueue`` submits through the HTTP API).
@@ -37,6 +37,8 @@ COMMANDS = {
     "retry-failed": ("repair", "queue every failed callback again (--aggr to pick one aggregation)"),
     "fsck": ("repair", "check Redis and the stored files against each other (--fix repairs)"),
     "keys": ("keys", "keys new: print a fresh secret for notifier.signing_secrets"),
+    "cancel": ("controls", "cancel one job (queued: at once; downloading: aborted by its processor)"),
+    "aggr": ("controls", "aggr purge ID: cancel every job of an aggregation accepted before the command"),
 }
 
 
@@ -87,6 +89,15 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     p = parsers["keys"]
     p.add_argument("action", choices=["new"], help="new: print a fresh whsec_ secret")
+
+    p = parsers["cancel"]
+    p.add_argument("job_id", metavar="ID", help="the id POST /download answered")
+    p.add_argument("--no-callback", action="store_true", help="send no callback for the job cancelled")
+
+    p = parsers["aggr"]
+    p.add_argument("action", choices=["purge"], help="purge: cancel its jobs, queued or downloading")
+    p.add_argument("aggr_id", metavar="ID", help="the aggregation's aggr_id")
+    p.add_argument("--no-callback", action="store_true", help="send no callback for the jobs cancelled")
 
     p = parsers["fsck"]
     p.add_argument("--fix", action="store_true", help="repair what is found")
