@@ -1,5 +1,6 @@
 """The processor role: the scanner and its pools, the disk checker that
-pauses them, and the reaper, on the process's store and keeper.
+pauses them, the reaper, and the canceller (aborted downloads, purges), on
+the process's store and keeper.
 
 The Go service calls this the Processor. :class:`Processor` assembles the
 parts and is what the service starts and stops: stop taking, let what is in
