@@ -71,13 +71,20 @@ class Canceller:
     # ------------------------------------------------------------------ the backstop
 
     def run_checks(self) -> None:
+        self._loop(self.check_once, self._look, self.interval)
+
+    def run_purges(self) -> None:
+        self._loop(self.purge_once, self._purge, self.scanner.cfg.processor.scan_interval)
+
+    def _loop(self, step: Callable[[], int], wake: gevent.event.Event, interval: float) -> None:
+        """``step`` at once, then each time ``wake`` is set or ``interval`` seconds have passed."""
         while not self._stopping:
-            self._look.clear()
+            wake.clear()
             try:
-                self.check_once()
+                step()
             except StoreUnavailable:  # logged once per outage by the store
                 pass
-            self._look.wait(self.interval)
+            wake.wait(interval)
 
     def check_once(self) -> int:
         """Abort the held downloads found marked; settle the marked ones whose holder died.
@@ -92,15 +99,6 @@ class Canceller:
         return len(aborted)
 
     # ------------------------------------------------------------------ purges
-
-    def run_purges(self) -> None:
-        while not self._stopping:
-            self._purge.clear()
-            try:
-                self.purge_once()
-            except StoreUnavailable:  # logged once per outage by the store
-                pass
-            self._purge.wait(self.scanner.cfg.processor.scan_interval)
 
     def purge_once(self) -> int:
         """Finish every purge under way; returns the purges finished."""

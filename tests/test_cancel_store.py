@@ -7,17 +7,7 @@ from gdl import store as keys
 from gdl.job import Job, JobState, new_id
 from gdl.store import DownloadOutcome, Settled
 from tests.samples import take_holding_lease
-
-NOW = 1_700_000_000_000
-OWNER = "host:1:abc"
-LATER = NOW + 99_000  # when jobs without a callback are forgotten
-
-
-def make_job(aggr: str = "shop", **fields) -> Job:
-    base = dict(id=new_id(), url="http://example.com/a.png", aggr_id=aggr, aggr_limit=3,
-                callback_type="http", callback_dst="http://cb.example.com/")
-    base.update(fields)
-    return Job(**base)
+from tests.test_store import LATER, NOW, OWNER, make_job
 
 
 def finish(store, job: Job, now: int = NOW + 50) -> Settled:
