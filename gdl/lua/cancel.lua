@@ -21,6 +21,7 @@
 local now = ARGV[1]
 local replies = {}
 local cancelled = 0
+local wake = nil  -- a job whose callback was queued: one message wakes the notifiers for all
 for i = 1, (#ARGV - 8) / 2 do
   local job = KEYS[3 + 2 * i]
   local queue = KEYS[4 + 2 * i]
@@ -43,7 +44,7 @@ for i = 1, (#ARGV - 8) / 2 do
     if ARGV[3] == '1' and found[2] and found[2] ~= '' then
       redis.call('HSET', job, 'callback_state', 'queued')
       redis.call('ZADD', KEYS[2], now, id)
-      redis.call('PUBLISH', ARGV[5], id)
+      wake = id
     else
       redis.call('HSET', job, 'callback_state', 'none')
       redis.call('ZADD', KEYS[3], ARGV[2], id)
@@ -62,5 +63,8 @@ for i = 1, (#ARGV - 8) / 2 do
 end
 if cancelled > 0 then
   redis.call('HINCRBY', KEYS[4], ARGV[7], cancelled)
+end
+if wake then
+  redis.call('PUBLISH', ARGV[5], wake)
 end
 return replies
