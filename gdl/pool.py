@@ -38,6 +38,7 @@ from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
 
+
 class DownloadCancelled(gevent.GreenletExit):
     """Thrown into a download's greenlet to abort it: its job's cancel was requested.
     A kind of GreenletExit, so that whatever a kill cleans up (the connection, the
@@ -185,7 +186,7 @@ class AggregationPool(TakingPool):
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
             forget_at=self._forget_at(now), log_entry=entry))
         if settled is Settled.CANCEL_REQUESTED:
-            self._cancelled(job, stored=fetched)
+            self._cancelled(job, stored=True)
 
     def _failed(self, job: Job, err: DownloadError, started: float, results: dict[str, Any]) -> None:
         now = self.clock()
@@ -239,11 +240,10 @@ class AggregationPool(TakingPool):
         else:
             self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
 
-
-    def _cancelled(self, job: Job, stored: Fetched | None = None) -> None:
+    def _cancelled(self, job: Job, *, stored: bool = False) -> None:
         """Settle ``job`` cancelled (its cancel was requested); a file stored for it
         before the cancel won is deleted (settle.lua refused its success)."""
-        if stored is not None:
+        if stored:
             self.filestorages.for_job(job).delete(job.id)
         now = self.clock()
         entry = {"kind": "download", "outcome": "cancelled", "at": now, "attempt": job.status.attempts}
