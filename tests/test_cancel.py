@@ -85,8 +85,8 @@ def test_callback_false_cancels_without_a_callback(run_service, receiver):
 
 
 def test_an_in_flight_download_is_aborted_its_temp_file_removed_and_its_slot_freed(run_service, receiver, origin,
-                                                                                  tmp_path):
-    running = run_service(ROLES)
+                                                                                  tmp_path, engine):
+    running = run_service(ROLES, http={"engine": engine})
     first = enqueue(running, receiver, origin.url("/a1/first"))
     second = enqueue(running, receiver, origin.url("/a1/second"))
     wait_until(lambda: temp_files(tmp_path, first))  # the body is being written
