@@ -129,7 +129,7 @@ class SecurityConfig:
     allowed_networks: list = _key([], "CIDRs exempt from block_private_networks")
     max_download_bytes: int = _key(0, "largest download body; 0 means no limit", min=0)
     max_redirects: int = _key(10, "redirect hops followed by a download", min=0)
-    api_tokens: list = _key([], "non-empty: POST endpoints need Authorization: Bearer <token>")
+    api_tokens: list = _key([], "non-empty: POST and DELETE endpoints need Authorization: Bearer <token>")
     api_tokens_read: bool = _key(False, "api_tokens also guard GET endpoints")
 
 
