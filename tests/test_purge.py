@@ -11,6 +11,7 @@ import time
 import gevent
 
 from gdl import store as keys
+from gdl.store.cancel import PURGE_CHUNK
 from tests.conftest import wait_until
 from tests.origin import CountingOrigin
 
@@ -87,11 +88,12 @@ def test_a_purge_of_10000_queued_jobs_keeps_what_comes_after_it(run_service, fil
         assert store.cancel_counts()["purged"] + store.cancel_counts()["in_flight"] == \
             QUEUED + len(before) + states(during).count("cancelled")
 
-        scripts = [entry for entry in store.redis.slowlog_get(100_000)
-                   if entry["command"].split(b" ", 1)[0].upper() in (b"EVALSHA", b"EVAL")]
-        longest = max((entry["duration"] for entry in scripts), default=0)
-        print(f"purge: {body['queued']} queued; longest script call {longest} us; {len(scripts)} over 1 ms")
-        assert longest < SLOW_US
+        names = {script.sha.encode(): name for name, script in store._scripts.items()}
+        scripts = sorted(((entry["duration"], names.get(entry["command"].split(b" ")[1], b"?"))
+                          for entry in store.redis.slowlog_get(100_000)
+                          if entry["command"].split(b" ", 1)[0].upper() == b"EVALSHA"), reverse=True)
+        print(f"purge: {body['queued']} queued; longest script calls (us) {scripts[:5]}; {len(scripts)} over 1 ms")
+        assert not scripts or scripts[0][0] < SLOW_US, scripts[:5]
     finally:
         store.redis.config_set("slowlog-log-slower-than", 10_000)
         store.redis.config_set("slowlog-max-len", 128)
@@ -104,7 +106,7 @@ def test_a_purge_left_half_done_is_finished_by_another_process(run_service, stor
     assert api.http.delete(api.url("/aggregations/orphan")).json()["queued"] == 1200
     # Its processor died after the first chunk: the purge is still listed, its set part done.
     [(token, record)] = store.purges().items()
-    assert store.purge_chunk(token, record, now=1, forget_at=2) == 700
+    assert store.purge_chunk(token, record, now=1, forget_at=2) == 1200 - PURGE_CHUNK
     run_service(("processor",))  # another processor finishes it
     wait_until(lambda: store.purges() == {})
     assert {f["state"] for f in store.job_fields(ids, "state")} == {"cancelled"}

@@ -38,7 +38,7 @@ from gdl.store.layout import (
 from gdl.store.results import _SETTLED, Purge, Settled
 
 CANCELLED_BY_REQUEST = "cancelled by request"
-PURGE_CHUNK = 500  # jobs a purger cancels per script call (each call a few ms)
+PURGE_CHUNK = 200  # jobs a purger cancels per script call (each call 1 to 3 ms)
 # Queue head ids a purge looks at beyond the aggregation's limit: a take between
 # that look and the purge takes among the queue's first (limit + HEAD_SEEN).
 PURGE_HEAD_MARGIN = 1000
