@@ -405,3 +405,14 @@ def test_cancel_and_aggr_purge_from_the_shell(run_service, store: Store, cfg_pat
     assert gdl(cfg_path, "aggr", "purge", "never-seen").returncode == EXIT_PROBLEMS
     unknown = gdl(cfg_path, "cancel", "x" * 14)
     assert (unknown.returncode, unknown.stdout) == (EXIT_PROBLEMS, f"job {'x' * 14}: no such job\n")
+
+
+def test_enqueue_wait_counts_a_cancelled_job_as_finished_with_its_reason() -> None:
+    from gdl.commands.enqueue import outcome
+
+    record = {"state": "cancelled", "callback_state": "delivered", "error": "cancelled by request",
+              "callback_error": ""}
+    assert outcome(record) == "cancelled by request"
+    assert outcome({**record, "callback_state": "queued"}) is None  # its callback is still to come
+    assert outcome({**record, "callback_state": "none", "error": "cancelled: aggregation shop purged"}) == \
+        "cancelled: aggregation shop purged"
