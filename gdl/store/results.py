@@ -155,8 +155,6 @@ class Renewal:
     margin_ms: int | None  # least time to live a held lease had left; None when none was held
 
 
-
-
 @dataclass(frozen=True)
 class Purge:
     """The answer to a purge's start (purge.lua): ``queued`` jobs moved to its purge set,
