@@ -7,6 +7,9 @@ Routes (the Go service's, plus gdl's own)::
     POST /download/batch            enqueue up to batch_max_jobs  200 {"jobs": [per item, in order]} | 413
     GET  /hb                        heartbeat                     200 | 503 while heartbeat_path exists
     POST /retry/<id>                re-deliver a failed callback  204 | 400
+    DELETE /jobs/<id>               cancel a job                  200 cancelled | 202 cancelling | 409 | 404
+    DELETE /aggregations/<id>       purge: cancel what it holds   202 {"aggr_id", "state": "purging", "queued"} | 404
+                                    (both: ?callback=false, no callback for the jobs cancelled)
     GET  /dashboard/aggregations    pending aggregations          200 [{"name": "jobs:<aggr>", "size": N}]
     GET  /stats/<component>         summed live counters          200 {...} | 404
     GET  /jobs/<id>                 a job's state and attempts    200 {...} | 404
@@ -43,7 +46,17 @@ from gdl import __version__, dashboard, destinations, idempotency, metrics, reus
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
-from gdl.job import ID_LENGTH, MAX_AGGR_ID_LENGTH, Job, is_valid_id, new_id, new_ids, parse_request
+from gdl.job import (
+    CANCELLING,
+    ID_LENGTH,
+    MAX_AGGR_ID_LENGTH,
+    Job,
+    JobState,
+    is_valid_id,
+    new_id,
+    new_ids,
+    parse_request,
+)
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
@@ -60,8 +73,8 @@ FILE_CHUNK = 256 * 1024
 # typed-in API token is kept): browsers must not sniff it into something else, nor run it.
 FILE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "sandbox; default-src 'none'")]
 
-_STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
-           401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
+_STATUS = {200: "200 OK", 201: "201 Created", 202: "202 Accepted", 204: "204 No Content", 400: "400 Bad Request",
+           401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict",
            411: "411 Length Required", 413: "413 Payload Too Large", 422: "422 Unprocessable Content",
            503: "503 Service Unavailable",
            500: "500 Internal Server Error"}
@@ -133,6 +146,8 @@ class API:
             ("POST", re.compile(r"^/download/batch$"), self.post_download_batch),
             ("GET", re.compile(r"^/hb$"), self.get_heartbeat),
             ("POST", re.compile(r"^/retry/([^/]*)$"), self.post_retry),  # an empty id is a 400, not a 404
+            ("DELETE", re.compile(r"^/jobs/([^/]+)$"), self.delete_job),
+            ("DELETE", re.compile(r"^/aggregations/([^/]+)$"), self.delete_aggregation),
             ("GET", re.compile(r"^/dashboard/aggregations$"), self.get_aggregations),
             ("GET", re.compile(r"^/stats/([^/]+)$"), self.get_stats),
             ("GET", re.compile(r"^/jobs/([^/]+)$"), self.get_job),
@@ -293,6 +308,26 @@ class API:
         view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=0)
         return _json(200, (view or idle_view(aggr_id)).public())
 
+    def delete_job(self, environ: dict, job_id: str) -> Response:
+        self._check_id(job_id, 404)
+        now = self.clock()
+        state = self.store.cancel_job(job_id, now=now, forget_at=now + self.cfg.notifier.deletion_delay_ms,
+                                      callback=_query_bool(environ, "callback"))
+        if state == "unknown":
+            raise HTTPError(404, f"job {job_id} does not exist")
+        if state in (JobState.CANCELLED, CANCELLING):
+            log.info("job %s: %s by request", job_id, state)
+            return _json(200 if state == JobState.CANCELLED else 202, {"id": job_id, "state": state})
+        return _json(409, {"error": f"job {job_id} already finished: {state}", "state": state})
+
+    def delete_aggregation(self, environ: dict, aggr_id: str) -> Response:
+        aggr_id = _aggr_id(aggr_id)
+        purge = self.store.purge_aggregation(aggr_id, now=self.clock(), callback=_query_bool(environ, "callback"))
+        if not purge.known:
+            raise HTTPError(404, f"aggregation {aggr_id} is unknown (no job queued or in flight)")
+        log.info("aggr %s: purge by request: %d queued job(s), %d in flight", aggr_id, purge.queued, purge.in_flight)
+        return _json(202, {"aggr_id": aggr_id, "state": "purging", "queued": purge.queued})
+
     def _read_json(self, environ: dict) -> Any:
         limit = self.cfg.api.max_body_bytes
         length = environ.get("CONTENT_LENGTH") or ""
@@ -351,7 +386,8 @@ class API:
     def get_metrics(self, environ: dict) -> Response:
         now = self.clock()
         reports = {c: self.store.reports(c, newer_than=now - self.stale_ms) for c in COMPONENTS}
-        text = metrics.exposition(reports, self.store.queue_depths(), self.store.shaping_records(now=now))
+        text = metrics.exposition(reports, self.store.queue_depths(), self.store.shaping_records(now=now),
+                                  self.store.cancel_counts())
         return _STATUS[200], [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(text)))], [text]
 
     def get_file(self, environ: dict, prefix: str, job_id: str) -> Response:
@@ -435,6 +471,15 @@ def _query_int(environ: dict, name: str, default: int, low: int, high: int) -> i
     if not low <= value <= high:
         raise HTTPError(400, f"{name}: must be between {low} and {high}")
     return value
+
+
+def _query_bool(environ: dict, name: str, default: bool = True) -> bool:
+    values = parse_qs(environ.get("QUERY_STRING", "")).get(name)
+    if not values:
+        return default
+    if values[0] not in ("true", "false"):
+        raise HTTPError(400, f"{name}: must be true or false")
+    return values[0] == "true"
 
 
 # The dashboard: one self-contained page (inline CSS and JS, no CDN) reading /api/*.

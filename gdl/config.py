@@ -112,6 +112,8 @@ class ProcessorConfig:
     partial_ttl: float = _key(3600.0, "seconds a kept partial file may sit unused in storage_dir before it is "
                                       "removed (its job retried or settled on another host)", min=1)
     reuse_max_ttl: int = _key(7 * 24 * 3600, "seconds: the largest reuse_ttl a job may ask for", min=0)
+    cancel_check_interval: float = _key(1.0, "seconds between reads of the cancel marks of the downloads a "
+                                        "processor holds (the backstop of a lost cancel message)", min=0.05)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class SecurityConfig:
     allowed_networks: list = _key([], "CIDRs exempt from block_private_networks")
     max_download_bytes: int = _key(0, "largest download body; 0 means no limit", min=0)
     max_redirects: int = _key(10, "redirect hops followed by a download", min=0)
-    api_tokens: list = _key([], "non-empty: POST endpoints need Authorization: Bearer <token>")
+    api_tokens: list = _key([], "non-empty: POST and DELETE endpoints need Authorization: Bearer <token>")
     api_tokens_read: bool = _key(False, "api_tokens also guard GET endpoints")
 
 

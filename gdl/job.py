@@ -11,6 +11,8 @@ one script in :mod:`gdl.store`::
 
     state:           queued -> in_flight -> succeeded | failed
                                  '-> queued (retry, or put back)
+                     queued | in_flight -> cancelled  (DELETE /jobs/<id>, a purge; in
+                                 flight: marked ``cancel`` first, shown as cancelling)
     callback_state:  "" -> queued -> in_flight -> delivered | failed
                                         '-> queued (retry)      '-> queued (POST /retry)
                      "" -> none  (no callback asked for: s3_bucket without callback)
@@ -18,7 +20,6 @@ one script in :mod:`gdl.store`::
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import math
@@ -33,9 +34,10 @@ from urllib.parse import urlsplit
 from gdl import checksum
 from gdl.errors import ValidationError
 from gdl.ids import ID_LENGTH, is_valid_id, new_id, new_ids
+from gdl.mime import check_mime_patterns
 from gdl.shaping import parse_fields
 
-__all__ = ["ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
+__all__ = ["CANCELLING", "ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
            "parse_request", "check_mime_patterns", "check_http_url", "status_fields"]
 
 
@@ -56,7 +58,6 @@ FORBIDDEN_HEADERS = frozenset(
     h.lower() for h in ("Host", "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
                         "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length")
 )
-_MIME_PART_RE = re.compile(r"^[A-Za-z0-9*?\[\]!.+_-]+/[A-Za-z0-9*?\[\]!.+_-]+$")
 _KAFKA_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _S3_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _S3_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$|^[a-z0-9-]{2,32}$")
@@ -69,6 +70,7 @@ class JobState(StrEnum):
     IN_FLIGHT = "in_flight"  # taken by a pool: in the in-flight set, with a deadline
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by DELETE /jobs/<id> or a purge of its aggregation
 
 
 class CallbackState(StrEnum):
@@ -120,6 +122,12 @@ class Status:
     partial_bytes: int = 0
     partial_validator: str = ""
     partial_host: str = ""
+    # A cancel requested while in flight ("1": with a callback, "0": without): its
+    # holder aborts the download and settles it cancelled (see gdl/lua/cancel.lua).
+    cancel: str = ""
+
+
+CANCELLING = "cancelling"  # what GET /jobs/<id> shows of a job in flight marked to cancel
 
 
 @dataclass
@@ -190,6 +198,8 @@ class Job:
         out.update(out.pop("status"))
         for name in _TIMING_FIELDS:
             del out[name]
+        if out.pop("cancel") and self.status.state is JobState.IN_FLIGHT:
+            out["state"] = CANCELLING
         out.update(self.results())
         return out
 
@@ -322,23 +332,6 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
         reuse_ttl=_integer(body, "reuse_ttl", minimum=0, maximum=MAX_REUSE_TTL) or 0,
         created_at=now_ms,
     )
-
-
-def check_mime_patterns(value: str) -> list[tuple[bool, str]]:
-    """Split ``"!image/vnd.adobe.photoshop,image/*"`` into (negated, glob) pairs."""
-    out = []
-    for raw in value.split(","):
-        part = raw.strip()
-        negated = part.startswith("!")
-        glob = part[1:] if negated else part
-        if not glob or not _MIME_PART_RE.match(glob):
-            raise ValidationError("mime_type", f"{raw.strip()!r} is not a type/subtype pattern")
-        try:
-            fnmatch.translate(glob)
-        except re.error as exc:  # pragma: no cover - translate escapes nearly everything
-            raise ValidationError("mime_type", f"{glob!r}: {exc}") from exc
-        out.append((negated, glob.lower()))
-    return out
 
 
 def _field(body: dict, name: str, kind: str) -> Any:

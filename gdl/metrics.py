@@ -21,10 +21,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Snapshot:
     """A collector over one moment's reports."""
 
-    def __init__(self, reports: dict[str, list[dict]], depths: dict[str, int], shaped: list[AggregationView]):
+    def __init__(self, reports: dict[str, list[dict]], depths: dict[str, int], shaped: list[AggregationView],
+                 cancels: dict[str, int]):
         self.reports = reports
         self.depths = depths
         self.shaped = shaped
+        self.cancels = cancels
 
     def collect(self) -> Iterable[Metric]:
         queues = GaugeMetricFamily("gdl_queue_depth", "Jobs or aggregations in each Redis structure", labels=["queue"])
@@ -71,6 +73,12 @@ class _Snapshot:
         errors.add_metric(["processor"], processor.get("redis_errors", 0))
         errors.add_metric(["notifier"], notifier.get("redis_errors", 0))
         yield errors
+        cancelled = CounterMetricFamily("gdl_cancelled_jobs", "Jobs cancelled, by what they were doing then: "
+                                        "queued or in_flight (DELETE /jobs), purged (DELETE /aggregations)",
+                                        labels=["how"])
+        for how in ("queued", "in_flight", "purged"):
+            cancelled.add_metric([how], self.cancels.get(how, 0))
+        yield cancelled
         yield from self._shaping()
 
     def _shaping(self) -> Iterable[Metric]:
@@ -92,7 +100,8 @@ def _gauge(name: str, doc: str, values: dict[tuple, float], labels: list[str] | 
 
 
 def exposition(reports: dict[str, list[dict]], depths: dict[str, int],
-               shaped: list[AggregationView] | None = None) -> bytes:
+               shaped: list[AggregationView] | None = None, cancels: dict[str, int] | None = None) -> bytes:
+    """``cancels``: the store's counts of cancelled jobs (kept in Redis, whichever process cancelled them)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(reports, depths, shaped or []))
+    registry.register(_Snapshot(reports, depths, shaped or [], cancels or {}))
     return generate_latest(registry)

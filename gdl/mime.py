@@ -13,14 +13,14 @@ from __future__ import annotations
 import fnmatch
 import io
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from PIL import GifImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin
 
-from gdl.errors import InvalidImage, StartupError, StorageError
-from gdl.job import check_mime_patterns
+from gdl.errors import InvalidImage, StartupError, StorageError, ValidationError
 
 INSTALL_LIBMAGIC = "install it with `apt-get install libmagic1` (Debian, Ubuntu) or `brew install libmagic` (macOS)"
 
@@ -34,6 +34,25 @@ except ImportError as _exc:  # python-magic's loader found no libmagic, or pytho
         from _exc
 
 log = logging.getLogger(__name__)
+
+_MIME_PART_RE = re.compile(r"^[A-Za-z0-9*?\[\]!.+_-]+/[A-Za-z0-9*?\[\]!.+_-]+$")
+
+
+def check_mime_patterns(value: str) -> list[tuple[bool, str]]:
+    """Split ``"!image/vnd.adobe.photoshop,image/*"`` into (negated, glob) pairs."""
+    out = []
+    for raw in value.split(","):
+        part = raw.strip()
+        negated = part.startswith("!")
+        glob = part[1:] if negated else part
+        if not glob or not _MIME_PART_RE.match(glob):
+            raise ValidationError("mime_type", f"{raw.strip()!r} is not a type/subtype pattern")
+        try:
+            fnmatch.translate(glob)
+        except re.error as exc:  # pragma: no cover - translate escapes nearly everything
+            raise ValidationError("mime_type", f"{glob!r}: {exc}") from exc
+        out.append((negated, glob.lower()))
+    return out
 
 # Bytes of a body that sniffing needs; the downloader reads at least this many
 # before it checks a job's patterns.

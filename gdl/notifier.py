@@ -1,6 +1,6 @@
 """The notifier: delivers each finished job's callback, at least once.
 
-Jobs whose download ended (succeeded or failed) wait in the callback queue.
+Jobs whose download ended (succeeded, failed or cancelled) wait in the callback queue.
 The notifier takes due ones into the callback in-flight set (the same
 reliable pattern as the processor: a deadline renewed by the keeper, swept
 when a process dies) and runs up to ``notifier.concurrency`` deliveries at

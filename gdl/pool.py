@@ -9,7 +9,9 @@ ends after ``processor.pool_idle_timeout`` without work.
 Each greenlet of the pool runs one job's exchange with the origin; storing
 the file and settling the outcome follow in the taking loop's ``finishing``
 pool, so that the slot, the aggregation's limit, counts requests the origin
-is serving and a freed slot is refilled at once.
+is serving and a freed slot is refilled at once. A job whose cancel was
+requested (:meth:`AggregationPool.cancel`, or a mark found on settling it)
+is aborted and settled cancelled instead.
 """
 
 from __future__ import annotations
@@ -35,10 +37,16 @@ from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
 from gdl.reuse import Reuse, eligible
 from gdl.stats import ProcessorStats
-from gdl.store import DOWNLOADS, DownloadOutcome, Store, Taken
+from gdl.store import DOWNLOADS, DownloadOutcome, Settled, Store, Taken
 from gdl.taking import TakingPool
 
 log = logging.getLogger(__name__)
+
+class DownloadCancelled(gevent.GreenletExit):
+    """Thrown into a download's greenlet to abort it: its job's cancel was requested.
+    A kind of GreenletExit, so that whatever a kill cleans up (the connection, the
+    temp file) this cleans up too."""
+
 
 class AggrLog(logging.LoggerAdapter):
     """Prefixes lines with the aggregation id: ``aggr <id>: job <id>: ...``."""
@@ -68,6 +76,7 @@ class AggregationPool(TakingPool):
         self.reuse = Reuse(store, filestorages.default, default_headers=self.cfg.request_headers,
                            max_ttl=self.cfg.reuse_max_ttl)
         self._downloading: set[gevent.Greenlet] = set()
+        self._fetchers: dict[str, gevent.Greenlet] = {}  # job id -> the greenlet of its download (see _fetch)
 
     def run(self) -> None:
         try:
@@ -93,9 +102,22 @@ class AggregationPool(TakingPool):
             self.log.warning("interrupting %d download(s) in flight", len(downloading))
             gevent.killall(downloading, block=False)
 
+    def cancel(self, job_id: str) -> bool:
+        """Abort the download of ``job_id`` if this pool is fetching it (its greenlet then
+        settles it cancelled); False when it is not fetching it."""
+        fetcher = self._fetchers.get(job_id)
+        if fetcher is None:
+            return False
+        self.log.info("job %s: cancel requested, aborting its download", job_id)
+        fetcher.kill(DownloadCancelled, block=False)
+        return True
+
     def handle(self, job: Job) -> None:
         """The job's exchange with the origin, in one of the pool's slots; the
         rest (storing the file, writing the outcome) is finished off outside it."""
+        if job.status.cancel:  # marked while in flight, then put back by a sweep: nothing to fetch
+            self._cancelled(job)
+            return
         started = time.monotonic()
         begun = self.clock()  # this attempt's start, for the job's started_at and timings
         self.stats.worker_started()
@@ -103,6 +125,9 @@ class AggregationPool(TakingPool):
         error: Exception | None = None
         try:
             fetched = self._fetch(job)
+        except DownloadCancelled:
+            self.finish_off(job, lambda: self._cancelled(job))
+            return
         except gevent.GreenletExit:
             self._put_back(job)
             raise
@@ -147,7 +172,11 @@ class AggregationPool(TakingPool):
                      _results(job, attempt, begun, self.clock(), failed=True))
 
     def _fetch(self, job: Job) -> Fetched:
-        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts."""
+        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts.
+
+        It runs in a greenlet of its own, the one :meth:`cancel` kills: a cancel lands in the
+        download, or nowhere once the download is done (a kill of a dead greenlet does nothing),
+        never in the storing of the file or the settling of its outcome."""
         current = gevent.getcurrent()
         self._downloading.add(current)
         timeout = job.download_timeout or self.cfg.download_timeout
@@ -156,12 +185,26 @@ class AggregationPool(TakingPool):
         def download(conditional: list[tuple[str, str]]) -> Fetched:
             return self.downloader.fetch(job, timeout=timeout, partial=partial, conditional=conditional)
 
-        try:
+        def fetch() -> Fetched:
             if eligible(job):
                 return self.reuse.fetch(job, download, now=self.clock())
             return download([])
+
+        fetcher = gevent.spawn(_outcome, fetch)
+        self._fetchers[job.id] = fetcher
+        try:
+            outcome = fetcher.get()
         finally:
+            self._fetchers.pop(job.id, None)
             self._downloading.discard(current)
+            if not fetcher.dead:  # this greenlet was interrupted (fence, shutdown): so is its download
+                fetcher.kill(block=True)
+        if isinstance(outcome, BaseException):  # killed before it began: gevent returns the exception
+            raise outcome
+        fetched, error = outcome
+        if error is not None:
+            raise error
+        return fetched
 
     def _store(self, fetched: Fetched, job: Job) -> None:
         if fetched.stored:
@@ -192,9 +235,11 @@ class AggregationPool(TakingPool):
                                   image_size=fetched.image_size, mime=fetched.mime, partial=_no_partial(job),
                                   **results)
         ok = self._signal(now, ok=True)
-        self.settle("success", job, lambda: self.store.finish_download(
+        settled = self.settle("success", job, lambda: self.store.finish_download(
             job, self.keeper.owner, state=JobState.SUCCEEDED, outcome=outcome, now=now,
             forget_at=self._forget_at(now), log_entry=entry, signal=ok))
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job, stored=True)
 
     def _signal(self, now: int, **what: Any) -> dict:
         return shaping.signal(now, busy=self.busy, window_ms=int(self.cfg.aimd_window * 1000), **what)
@@ -227,7 +272,7 @@ class AggregationPool(TakingPool):
             # Only the final attempt describes itself; a retry records when the first one began.
             retried = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
                                       started_at=results.get("started_at", 0), partial=_retry_partial(job, err))
-            self.settle("retry", job, lambda: self.store.retry_download(
+            settled = self.settle("retry", job, lambda: self.store.retry_download(
                 job, self.keeper.owner, due=due, now=now, log_entry=entry, outcome=retried, signal=signal))
             self.wake()  # the loop may be sleeping past this retry's due time
         else:
@@ -237,9 +282,11 @@ class AggregationPool(TakingPool):
             resume.discard(job)
             failed = DownloadOutcome(attempts, error=str(err), response_code=err.response_code,
                                      partial=_no_partial(job), **results)
-            self.settle("failure", job, lambda: self.store.finish_download(
+            settled = self.settle("failure", job, lambda: self.store.finish_download(
                 job, self.keeper.owner, state=JobState.FAILED, outcome=failed, now=now,
                 forget_at=self._forget_at(now), log_entry=entry, signal=signal))
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job)
 
     def _throttled(self, job: Job, err: DownloadError, started: float, now: int, pause: int) -> None:
         """The origin asked the aggregation to slow down: the job waits for the pause's
@@ -254,9 +301,11 @@ class AggregationPool(TakingPool):
         outcome = DownloadOutcome(job.status.attempts, error=str(err), response_code=err.response_code,
                                   partial=_retry_partial(job, err))
         signal = self._signal(now, throttle=pause, congested=True, hold=True)
-        self.settle("throttled retry", job, lambda: self.store.retry_download(
+        settled = self.settle("throttled retry", job, lambda: self.store.retry_download(
             job, self.keeper.owner, due=now, now=now, log_entry=entry, outcome=outcome, signal=signal,
             throttled=throttled))
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job)
 
     def _forget_at(self, now: int) -> int:
         """When a job with no callback is forgotten: as long after as a delivered one."""
@@ -270,10 +319,26 @@ class AggregationPool(TakingPool):
         except StoreUnavailable as exc:
             self.log.warning("job %s: interrupted, left to the sweep, redis unavailable: %s", job.id, exc)
             return
-        if settled:
+        if settled is Settled.CANCEL_REQUESTED:
+            self._cancelled(job)
+        elif settled:
             self.log.info("job %s: interrupted, put back in the queue", job.id)
         else:
             self.log.warning("job %s: interrupted, left to the sweep: %s", job.id, settled.value)
+
+    def _cancelled(self, job: Job, *, stored: bool = False) -> None:
+        """Settle ``job`` cancelled (its cancel was requested); a file stored for it
+        before the cancel won is deleted (settle.lua refused its success)."""
+        if stored:
+            self.filestorages.for_job(job).delete(job.id)
+        resume.discard(job)
+        now = self.clock()
+        entry = {"kind": "download", "outcome": "cancelled", "at": now, "attempt": job.status.attempts}
+        settled = self.settle("cancel", job, lambda: self.store.settle_cancelled(
+            job, self.keeper.owner, now=now, forget_at=self._forget_at(now), log_entry=entry))
+        if settled:
+            self.stats.incr("cancelled")
+            self.log.info("job %s: cancelled", job.id)
 
 
 # A process's pools share one Downloader per proxy (Downloaders), so it keeps
@@ -297,6 +362,15 @@ def shared_downloaders(cfg: Config) -> Downloaders:
                           resume_min_bytes=cfg.processor.resume_min_bytes if cfg.processor.resume else 0)
 
     return Downloaders(make)
+
+
+def _outcome(fetch: Callable[[], Fetched]) -> tuple[Any, BaseException | None]:
+    """``fetch``'s result or exception, as a value: the greenlet running it ends without an
+    error for the hub to print, and its waiter raises the exception (see AggregationPool._fetch)."""
+    try:
+        return fetch(), None
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting greenlet, which raises it
+        return None, exc
 
 
 def _log_entry(outcome: str, now: int, attempt: int, started: float, **extra: Any) -> dict:

@@ -210,17 +210,17 @@ class TakingPool:
             self._capped = False
             self._wake.set()
 
-    def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> None:
-        """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it."""
+    def settle(self, what: str, job: Job, write: Callable[[], Settled]) -> Settled | None:
+        """Write an outcome, riding out a Redis outage; if we stop first, the sweep has it (None)."""
         backoff = Backoff()
         while True:
             try:
                 settled = write()
-                if not settled:
+                if not settled and settled is not Settled.CANCEL_REQUESTED:
                     self.log.warning("job %s: %s not recorded, %s", job.id, what, settled.value)
-                return
+                return settled
             except StoreUnavailable:
                 if self.stopping:
                     self.log.warning("job %s: %s left to the sweep, redis unavailable", job.id, what)
-                    return
+                    return None
                 gevent.sleep(backoff.next())

@@ -305,7 +305,7 @@ def test_unknown_path_is_404_json(api) -> None:
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("GET", "/download", "POST"), ("PUT", "/download", "POST"), ("POST", "/hb", "GET, HEAD"),
-    ("DELETE", "/jobs/AbCdEfGhIjKlMn", "GET, HEAD"), ("GET", "/retry/AbCdEfGhIjKlMn", "POST"),
+    ("PUT", "/jobs/AbCdEfGhIjKlMn", "DELETE, GET, HEAD"), ("GET", "/retry/AbCdEfGhIjKlMn", "POST"),
     ("POST", "/metrics", "GET, HEAD"),
 ])
 def test_wrong_method_is_405(api, method: str, path: str, allow: str) -> None:

@@ -22,6 +22,7 @@ from tests.httpserver import LoopbackServer
 from tests.samples import take_holding_lease
 from tests.servers import CallbackReceiver, HoldServer
 
+EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 
@@ -386,3 +387,32 @@ def test_commands_join_a_running_embedded_redis_and_never_start_one(tmp_path: Pa
     [row] = table_rows(gdl(path, "status").stdout, "process").values()
     assert row[:3] == ["live", "api", str(proc.process.pid)]
     assert int((data_dir / "redis.pid").read_text()) == pid  # the same server, joined
+
+
+# --------------------------------------------------------------------------- cancel, aggr purge
+
+def test_cancel_and_aggr_purge_from_the_shell(run_service, store: Store, cfg_path: Path) -> None:
+    api = run_service(("api",))  # no processor: the jobs stay queued
+    jobs = [api.enqueue(url=f"http://127.0.0.1:9/{n}", aggr_id="shop", aggr_limit=1,
+                        callback_url="http://127.0.0.1:9/cb") for n in range(4)]
+    result = gdl(cfg_path, "cancel", jobs[0], "--no-callback")
+    assert (result.returncode, result.stdout) == (EXIT_OK, f"job {jobs[0]}: cancelled\n"), result.stderr
+    assert store.get_job(jobs[0]).status.callback_state == "none"
+    result = gdl(cfg_path, "aggr", "purge", "shop")
+    assert (result.returncode, result.stdout) == \
+        (EXIT_OK, "aggregation shop: purging 3 queued job(s) and 0 in flight\n")
+    assert len(store.purges()) == 1  # left to the processors
+    assert gdl(cfg_path, "aggr", "purge", "never-seen").returncode == EXIT_PROBLEMS
+    unknown = gdl(cfg_path, "cancel", "x" * 14)
+    assert (unknown.returncode, unknown.stdout) == (EXIT_PROBLEMS, f"job {'x' * 14}: no such job\n")
+
+
+def test_enqueue_wait_counts_a_cancelled_job_as_finished_with_its_reason() -> None:
+    from gdl.commands.enqueue import outcome
+
+    record = {"state": "cancelled", "callback_state": "delivered", "error": "cancelled by request",
+              "callback_error": ""}
+    assert outcome(record) == "cancelled by request"
+    assert outcome({**record, "callback_state": "queued"}) is None  # its callback is still to come
+    assert outcome({**record, "callback_state": "none", "error": "cancelled: aggregation shop purged"}) == \
+        "cancelled: aggregation shop purged"

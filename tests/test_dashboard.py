@@ -267,10 +267,9 @@ def test_dashboard_in_chromium(slow_server: HoldServer, receiver: CallbackReceiv
 
     # Then three aggregations held by the slow server: limit in flight, the rest pending.
     plan = {"alpha": (2, 5), "beta": (1, 3), "gamma": (3, 4)}
-    for aggr, (limit, count) in plan.items():
-        for i in range(count):
-            enqueue(url=slow_server.url(f"/hold/{aggr}/{i}"), aggr_id=aggr, aggr_limit=limit,
-                    callback_url=receiver.url("/cb"))
+    held = {aggr: [enqueue(url=slow_server.url(f"/hold/{aggr}/{i}"), aggr_id=aggr, aggr_limit=limit,
+                           callback_url=receiver.url("/cb")) for i in range(count)]
+            for aggr, (limit, count) in plan.items()}
     wait_until(lambda: sum(slow_server.current.values()) == 6, timeout=15)
     wait_until(lambda: sum(b["downloads"] for b in throughput(store, keys.now_ms())["buckets"]) == 4)
 
@@ -350,6 +349,19 @@ def test_dashboard_in_chromium(slow_server: HoldServer, receiver: CallbackReceiv
     assert page.inner_text("#callbacks tbody") == "no failed callbacks"
     assert store.redis.zcard(keys.FAILED_CALLBACKS) == 0
 
+    # Purge beta (one job downloading, two queued): nothing until the confirmation is accepted.
+    beta = '#aggregations tr[data-aggr="beta"]'
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click(f"{beta} button.purge")
+    assert store.job_fields(held["beta"], "state") == [{"state": "in_flight"}] + [{"state": "queued"}] * 2
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click(f"{beta} button.purge")
+    # Two queued: the dismissed click purged nothing (a purge then would have left this one none).
+    page.wait_for_function(f"document.querySelector('{beta} .note').textContent === 'purging 2 queued'")
+    wait_until(lambda: store.job_fields(held["beta"], "state") == [{"state": "cancelled"}] * 3, timeout=10)
+    wait_until(lambda: all(receiver.by_job().get(job) for job in held["beta"]), timeout=10)
+    assert {receiver.by_job()[job][0]["error"] for job in held["beta"]} == {"cancelled: aggregation beta purged"}
+    assert store.job_fields(held["alpha"][:2], "state") == [{"state": "in_flight"}] * 2  # the others go on
     # Pause and resume an aggregation (the token is still in localStorage).
     gamma = '#aggregations tr[data-aggr="gamma"]'
     page.click(f"{gamma} button.pause")

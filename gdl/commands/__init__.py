@@ -1,4 +1,4 @@
-"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys | aggr``.
+"""Operator subcommands: ``gdl enqueue | status | job | retry-failed | fsck | keys | cancel | aggr``.
 
 Each reads the same ``--config`` as the service and talks to Redis only
 through :class:`gdl.store.Store` (``enqueue`` submits through the HTTP API).
@@ -37,10 +37,12 @@ COMMANDS = {
     "retry-failed": ("repair", "queue every failed callback again (--aggr to pick one aggregation)"),
     "fsck": ("repair", "check Redis and the stored files against each other (--fix repairs)"),
     "keys": ("keys", "keys new: print a fresh secret for notifier.signing_secrets"),
-    "aggr": ("aggr", "show, pause or resume one aggregation"),
+    "cancel": ("controls", "cancel one job (queued: at once; downloading: aborted by its processor)"),
+    "aggr": ("aggr", "show, pause, resume or purge one aggregation"),
 }
-# gdl aggr's actions, each a function of gdl/commands/aggr.py's ACTIONS.
-AGGR_ACTIONS = ("show", "pause", "resume")
+# gdl aggr's actions: show, pause and resume are gdl/commands/aggr.py's ACTIONS; purge is
+# gdl/commands/controls.py's, beside gdl cancel.
+AGGR_ACTIONS = ("show", "pause", "resume", "purge")
 
 
 # Defaults named once (the modules import them from here).
@@ -91,10 +93,16 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = parsers["keys"]
     p.add_argument("action", choices=["new"], help="new: print a fresh whsec_ secret")
 
+    p = parsers["cancel"]
+    p.add_argument("job_id", metavar="ID", help="the id POST /download answered")
+    p.add_argument("--no-callback", action="store_true", help="send no callback for the job cancelled")
+
     p = parsers["aggr"]
-    p.add_argument("action", choices=AGGR_ACTIONS, help="show its state; pause or resume starting its downloads")
+    p.add_argument("action", choices=AGGR_ACTIONS, help="show its state; pause or resume starting its downloads; "
+                   "purge: cancel its jobs accepted before the command, queued or downloading")
     p.add_argument("aggr_id", metavar="ID", help="the aggregation (a job's aggr_id)")
     p.add_argument("--json", action="store_true", help="the JSON of GET /aggregations/<id> instead of text")
+    p.add_argument("--no-callback", action="store_true", help="purge: send no callback for the jobs cancelled")
 
     p = parsers["fsck"]
     p.add_argument("--fix", action="store_true", help="repair what is found")

@@ -3,6 +3,7 @@
     gdl aggr show ID [--json]     its state, limits, rate and work (as GET /aggregations/<id>)
     gdl aggr pause ID             stop starting its downloads (those in flight finish)
     gdl aggr resume ID            start again
+    gdl aggr purge ID             cancel its jobs accepted before the command (gdl/commands/controls.py)
 
 Each action is one function in :data:`ACTIONS`, taking the store, the
 aggregation id and the config, and answering the aggregation's view (None:
@@ -17,7 +18,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from gdl.commands import EXIT_OK, EXIT_PROBLEMS, open_store
+from gdl.commands import EXIT_OK, EXIT_PROBLEMS, controls, open_store
 from gdl.config import Config
 from gdl.store import AggregationView, Store, now_ms
 from gdl.store.aggregations import idle_view
@@ -46,6 +47,8 @@ ACTIONS: dict[str, Callable[[Store, str, Config], AggregationView | None]] = {
 def run(name: str, args: argparse.Namespace, cfg: Config) -> int:
     store = open_store(cfg)
     try:
+        if args.action == "purge":
+            return controls.purge(store, args.aggr_id, callback=not args.no_callback)
         view = ACTIONS[args.action](store, args.aggr_id, cfg)
     finally:
         store.close()

@@ -45,7 +45,7 @@ WAIT_BATCH = 1000
 REJECTIONS_SHOWN = 20
 REASON_LENGTH = 100
 SUCCEEDED = "succeeded"
-FINISHED = (JobState.SUCCEEDED, JobState.FAILED)
+FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 SETTLED_CALLBACK = (CallbackState.DELIVERED, CallbackState.FAILED, CallbackState.NONE)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
@@ -223,6 +223,8 @@ def outcome(record: dict[str, str] | None) -> str | None:
     state, callback = JobState(record["state"]), CallbackState(record["callback_state"])
     if state not in FINISHED or callback not in SETTLED_CALLBACK:
         return None
+    if state is JobState.CANCELLED:
+        return _short(record["error"])  # "cancelled by request", or by a purge
     if state is JobState.FAILED:
         reason = f"download failed: {_short(record['error'])}"
         return reason + (" (callback failed too)" if callback is CallbackState.FAILED else "")

@@ -15,7 +15,8 @@
 -- ARGV[10..] status fields as field, value pairs
 -- The wake-up is published only when KEYS[4] had nothing due by ARGV[3] (see
 -- enqueue.lua: a queue with due work has a taker already).
--- Returns 1; 0 when the job is no longer ours (its deadline passed and the
+-- Returns 1; 2 when the download's cancel was requested (nothing written);
+-- 0 when the job is no longer ours (its deadline passed and the
 -- sweep gave it to someone else); -1 when the caller no longer holds the
 -- aggregation's lease. Then nothing is written: the job stays in flight
 -- until its deadline and the sweep puts it back for the lease's holder.
@@ -74,6 +75,13 @@ if ARGV[8] == '1' then
 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
   return 0
+end
+-- Cancel: a download whose cancel was requested (cancel.lua, purge.lua) is
+-- settled by settle_cancelled.lua, whatever this outcome is, a success
+-- included: this is the one place deciding between a finishing download and
+-- its cancel. Nothing is written; the caller is told with 2.
+if ARGV[8] == '1' and redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
+  return 2
 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
   return 0

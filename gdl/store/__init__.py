@@ -57,6 +57,12 @@ Layout (``gdl:`` prefix)::
                                        validators, stored_at ... of a
                                        result kept for reuse (PEXPIRE
                                        processor.reuse_max_ttl)
+    purges                     hash    purge token -> JSON: aggr id,   api (purge.lua)      processor
+                                       callback, at (purges under way)  processor (done)    (purger)
+    purge:<token>              zset    job id -> due ms: the queue a   api (purge.lua:      processor
+                                       purge renamed, left to cancel   RENAME), purger     (purger)
+    cancels                    hash    queued, in_flight, purged ->    cancel scripts       api (metrics)
+                                       jobs cancelled that way
     tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
                                        callbacks, callback_failures    reporter (HINCRBY
                                        (EXPIRE 16 min)                 of its deltas)
@@ -65,14 +71,17 @@ Layout (``gdl:`` prefix)::
 
     channels  wake:aggr       message: aggr id with new due work   (enqueue, retry, sweep)
               wake:callbacks  message: job id with a due callback  (settle, retry, sweep)
+              cancel          message: job id in flight to abort   (cancel, purge)
+              purge           message: purge token with jobs       (purge)
 
-A job is in exactly one of queue:<aggr>, inflight, callbacks, callbacks:inflight,
-deletions, callbacks:failed, or none (finished with no callback), and every
+A job is in exactly one of queue:<aggr>, purge:<token>, inflight, callbacks,
+callbacks:inflight, deletions, callbacks:failed, or none (finished with no callback), and every
 move between them is one script, so a crash at any instant loses nothing:
 anything left in an in-flight set past its deadline is put back by the sweep.
 """
 
 from gdl.store.aggregations import AggregationControls, AggregationView, AggrState
+from gdl.store.cancel import CancelOps
 from gdl.store.core import JobStore
 from gdl.store.health import Health, now_ms
 from gdl.store.layout import *  # noqa: F403
@@ -86,6 +95,7 @@ from gdl.store.results import (
     Enqueued,
     EnqueueOutcome,
     Idempotency,
+    Purge,
     Renewal,
     Settled,
     Taken,
@@ -93,10 +103,11 @@ from gdl.store.results import (
 from gdl.store.reuse import ReuseRecords
 
 
-class Store(AggregationControls, ReuseRecords, OperatorView):
+class Store(AggregationControls, CancelOps, ReuseRecords, OperatorView):
     """Typed operations on gdl's Redis layout (see the table above)."""
 
 
 __all__ = ["AggregationView", "AggrState", "CallbackOutcome", "Claim", "ClaimOutcome", "DownloadOutcome", "Enqueued",
-           "EnqueueOutcome", "Idempotency", "Health", "JobStore", "Renewal", "Settled", "Store", "Taken", "now_ms",
+           "EnqueueOutcome", "Idempotency", "Health", "JobStore", "Purge", "Renewal", "Settled", "Store", "Taken",
+           "now_ms",
            *_layout_names]

@@ -15,6 +15,10 @@ LEGACY_PREFIX = "gdl:"
 # Pub/sub channels are cluster-wide and not keys: they need no tag.
 WAKE_AGGR = "gdl:wake:aggr"
 WAKE_CALLBACKS = "gdl:wake:callbacks"
+# Operator controls: a job id whose download is to be aborted by its holder,
+# and a purge token with queued jobs to cancel (gdl/cancelling.py listens).
+CANCEL_CHANNEL = "gdl:cancel"
+PURGE_CHANNEL = "gdl:purge"
 DOWNLOADS = "downloads"
 CALLBACKS = "callbacks"
 
@@ -80,6 +84,17 @@ TPUT_TTL_S = 16 * 60  # life of a bucket: the dashboard shows the last 15 minute
 INFLIGHT_READ_MAX = 20_000  # in-flight downloads read to count them per aggregation
 
 
+# Purges under way (token -> JSON record), each with its purge set of jobs still to cancel,
+# and the counts of jobs cancelled, by how (queued, in_flight, purged), for /metrics.
+PURGES = PREFIX + "purges"
+CANCELS = PREFIX + "cancels"
+
+
+def purge_key(token: str) -> str:
+    """The jobs a purge (``token``) has yet to cancel: its aggregation's queue as the purge renamed it."""
+    return f"{PREFIX}purge:{token}"
+
+
 def tput_key(bucket: int) -> str:
     """The throughput hash of 10-second bucket number ``bucket`` (ms // TPUT_BUCKET_MS)."""
     return f"{PREFIX}tput:{bucket}"
@@ -91,6 +106,11 @@ __all__ = [
     "LEGACY_PREFIX",
     "WAKE_AGGR",
     "WAKE_CALLBACKS",
+    "CANCEL_CHANNEL",
+    "PURGE_CHANNEL",
+    "PURGES",
+    "CANCELS",
+    "purge_key",
     "DOWNLOADS",
     "CALLBACKS",
     "LOG_SUFFIX",

@@ -145,12 +145,13 @@ class Settled(StrEnum):
     RECORDED = "recorded"
     NOT_OURS = "the job is no longer ours"
     LEASE_LOST = "this process no longer holds the aggregation's lease"
+    CANCEL_REQUESTED = "its cancel was requested: to settle as cancelled"  # nothing written (settle.lua)
 
     def __bool__(self) -> bool:
         return self is Settled.RECORDED
 
 
-_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST}
+_SETTLED = {1: Settled.RECORDED, 0: Settled.NOT_OURS, -1: Settled.LEASE_LOST, 2: Settled.CANCEL_REQUESTED}
 
 
 @dataclass
@@ -161,3 +162,12 @@ class Renewal:
     margin_ms: int | None  # least time to live a held lease had left; None when none was held
 
 
+@dataclass(frozen=True)
+class Purge:
+    """The answer to a purge's start (purge.lua): ``queued`` jobs moved to its purge set,
+    ``in_flight`` jobs marked for cancelling; ``known`` False for an aggregation gdl
+    has never seen or has forgotten (nothing done)."""
+
+    known: bool
+    queued: int = 0
+    in_flight: int = 0
