@@ -154,9 +154,11 @@ class Job:
         carry the other 19 across the wire and through the parsers.
         """
         spec, status = vars(self), vars(self.status)  # the dataclasses' own dicts: no getattr per field
-        out = {name: _to_field(value) for name, default in _SPEC_DEFAULTS.items() if (value := spec[name]) != default}
-        out.update({name: _to_field(value) for name, default in _STATUS_DEFAULTS.items()
-                    if (value := status[name]) != default})
+        out = {name: value if type(value) is str else _to_field(value)  # most set fields are strings
+               for name, default in _SPEC_DEFAULTS.items() if (value := spec[name]) != default}
+        if status != _STATUS_DEFAULTS:  # one C comparison spares a new job's walk of them all
+            out.update({name: _to_field(value) for name, default in _STATUS_DEFAULTS.items()
+                        if (value := status[name]) != default})
         out["state"] = str(self.status.state)
         return out
 

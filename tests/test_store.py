@@ -343,6 +343,17 @@ def test_scripts_forgotten_by_redis_are_loaded_again(store):
     assert job.id in [j.id for j in taken.jobs] and len(taken.jobs) == 2
 
 
+def test_the_batchers_own_packing_sends_arguments_as_redis_py_does(store):
+    # The batcher writes its EVALSHA commands itself (gdl/store/batch.py): the script must
+    # read every kind of argument exactly as redis-py's own packing sends it.
+    echo = store.redis.register_script("return {KEYS[1], unpack(ARGV)}")
+    args = ["plain", "d\u00e9j\u00e0 \u2603", JobState.IN_FLIGHT, 0, -17, 2**70, 1.5, b"raw\x00bytes", "", "a\r\nb"]
+    key = keys.job_key("echo")
+    assert store._batcher.run(echo, [key], args) == echo(keys=[key], args=args)
+    with pytest.raises(redis.exceptions.DataError, match="invalid script argument True"):
+        store._batcher.run(echo, [key], [True])
+
+
 # ---------------------------------------------------------------- wake-ups only when a queue gains due work
 
 def _published(store, action) -> list[str]:

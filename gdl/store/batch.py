@@ -125,16 +125,43 @@ class ScriptBatcher:
         conn = self._connection
         if conn is None:
             conn = self._connection = client.connection_pool.get_connection()
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]
-        return conn.retry.call_with_retry(lambda: _send_and_read(conn, commands), lambda _error: conn.disconnect())
+        packed = b"".join(_packed_evalsha(c) for c in batch)
+        return conn.retry.call_with_retry(lambda: _send_and_read(conn, packed, len(batch)),
+                                          lambda _error: conn.disconnect())
 
 
-def _send_and_read(conn: Any, commands: list[tuple]) -> list[Any]:
-    """Send ``commands`` in one write, then read a reply (or an error reply, as a value) for each."""
-    conn.send_packed_command(conn.pack_commands(commands))
+def _packed_evalsha(call: _Call) -> bytes:
+    """``call`` as the EVALSHA command Redis reads (RESP: an array of bulk strings).
+
+    What redis-py's ``pack_command`` writes for these arguments (str as UTF-8, numbers
+    as their decimal text), without its per-argument checks: a batch of enqueues carries
+    seven arguments a job, and redis-py's packing was a tenth of the API's CPU on them
+    (3.9 us a job, 1.2 this way)."""
+    args = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if type(arg) is str else _encoded(arg)
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
+def _encoded(arg: Any) -> bytes:
+    """An argument that is not a plain str, as redis-py's encoder writes it."""
+    if isinstance(arg, bytes | memoryview):
+        return bytes(arg)
+    if isinstance(arg, str):  # an enum of strings, say: its value, as str's own encode reads it
+        return arg.encode()
+    if isinstance(arg, int | float) and not isinstance(arg, bool):
+        return repr(arg).encode()
+    raise redis.exceptions.DataError(f"invalid script argument {arg!r}: use bytes, str, int or float")
+
+
+def _send_and_read(conn: Any, packed: bytes, count: int) -> list[Any]:
+    """Send ``count`` packed commands in one write, then read a reply (or an error reply, as a value) for each."""
+    conn.send_packed_command([packed])
     replies: list[Any] = []
     try:
-        for _ in commands:
+        for _ in range(count):
             try:
                 replies.append(conn.read_response())
             except redis.exceptions.ResponseError as exc:

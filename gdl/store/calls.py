@@ -14,6 +14,9 @@ from gdl.store.results import Idempotency, Taken
 # Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
 ENQUEUE_CHUNK = 200
 
+# One encoder made once: json.dumps with options builds a new one per call (0.6 us of a job's 2.5).
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 
 def by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
     """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
@@ -34,7 +37,7 @@ def enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple
         # A job without a key still declares a record key of its own, never written.
         record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
         keys += [job_key(job.id), record]
-        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
+        fields = _compact_json(job.to_hash())
         args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
     return keys, args
 
