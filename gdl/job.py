@@ -35,7 +35,7 @@ from gdl.errors import ValidationError
 from gdl.ids import ID_LENGTH, is_valid_id, new_id, new_ids
 
 __all__ = ["ID_LENGTH", "CallbackState", "Job", "JobState", "Status", "is_valid_id", "new_id", "new_ids",
-           "parse_request", "check_mime_patterns", "check_http_url", "status_fields"]
+           "parse_request", "check_mime_patterns", "check_http_url", "status_fields", "url_origin"]
 
 
 MAX_URL_LENGTH = 8192
@@ -388,16 +388,36 @@ def check_http_url(name: str, value: str) -> None:
         raise ValidationError(name, problem)
 
 
-@functools.lru_cache(maxsize=4096)
 def _http_url_problem(value: str) -> str | None:
-    """What is wrong with ``value`` as an http(s) URL, or None. Cached: a client's
-    callback URL comes back with each of its jobs."""
+    """What is wrong with ``value`` as an http(s) URL, or None."""
     # The same test as "any character is whitespace or unprintable" (checked
     # over every code point): the only printable whitespace is the ASCII space.
     if not value.isprintable() or " " in value:
         return "must not contain whitespace or control characters"
+    return _origin_problem(url_origin(value))
+
+
+# Of a printable URL without spaces, urlsplit reads the scheme, the host, the port and its
+# own errors (brackets, NFKC) from what comes before the first '/', '?' or '#' that follows
+# "scheme://" alone: that part, the URL's origin, decides the checks.
+_ORIGIN_RE = re.compile(r"[^/?#]*(?://[^/?#]*)?")
+
+
+def url_origin(value: str) -> str:
+    """``http://host:port`` of ``http://host:port/path?query``: what urlsplit reads
+    ``value``'s scheme and netloc from (any string has one, maybe empty)."""
+    match = _ORIGIN_RE.match(value)
+    assert match is not None  # every part of the pattern may be empty
+    return match.group()
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin_problem(origin: str) -> str | None:
+    """:func:`_http_url_problem` of the URLs with this origin. Cached: a client's URLs
+    share a few origins (its images' hosts, its callback's), so nearly every job's URL
+    is checked by one look-up rather than a urlsplit (2 us, a tenth of a batch item)."""
     try:
-        parts = urlsplit(value)
+        parts = urlsplit(origin)
         _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         return f"is not a valid URL: {exc}"
