@@ -273,7 +273,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
         raise ValidationError("body", "must be a JSON object")
     url = _http_url(body, "url", required=True)
     aggr_id = _string(body, "aggr_id", required=True, max_length=MAX_AGGR_ID_LENGTH)
-    if any(c.isspace() or not c.isprintable() for c in aggr_id):
+    if not _printable_without_spaces(aggr_id):
         raise ValidationError("aggr_id", "must not contain whitespace or control characters")
     aggr_limit = _integer(body, "aggr_limit", required=True, minimum=1, maximum=MAX_AGGR_LIMIT)
     assert aggr_limit is not None
@@ -390,11 +390,15 @@ def check_http_url(name: str, value: str) -> None:
 
 def _http_url_problem(value: str) -> str | None:
     """What is wrong with ``value`` as an http(s) URL, or None."""
-    # The same test as "any character is whitespace or unprintable" (checked
-    # over every code point): the only printable whitespace is the ASCII space.
-    if not value.isprintable() or " " in value:
+    if not _printable_without_spaces(value):
         return "must not contain whitespace or control characters"
     return _origin_problem(url_origin(value))
+
+
+def _printable_without_spaces(value: str) -> bool:
+    """No character is whitespace or unprintable: the same test (checked over every
+    code point), as the only printable whitespace is the ASCII space, in two C calls."""
+    return value.isprintable() and " " not in value
 
 
 # Of a printable URL without spaces, urlsplit reads the scheme, the host, the port and its
