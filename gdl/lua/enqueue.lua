@@ -19,8 +19,11 @@
 -- had, its pool is running and takes these jobs when slots free, and a
 -- message per job would cost every listening process a wake for nothing.
 local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local created = false
 local replies = {}
+-- What the created jobs add to the queue and to the aggregation, written once
+-- after the loop (one ZADD for them all, one HSET): nothing in the loop reads them.
+local queued = {}
+local settings = nil
 for i, spec in ipairs(cjson.decode(ARGV[5])) do
   local id, fingerprint = spec[1], spec[2]
   local job = KEYS[2 + 2 * i]
@@ -42,18 +45,20 @@ for i, spec in ipairs(cjson.decode(ARGV[5])) do
       flat[#flat + 1] = value
     end
     redis.call('HSET', job, unpack(flat))
-    redis.call('HSET', KEYS[1], 'limit', spec[3], 'proxy', spec[4])
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    settings = spec
+    queued[#queued + 1] = ARGV[2]
+    queued[#queued + 1] = id
     if fingerprint ~= '' then
       redis.call('HSET', record, 'id', id, 'fingerprint', fingerprint)
       redis.call('PEXPIRE', record, ARGV[4])
     end
-    created = true
     reply = 1
   end
   replies[i] = reply
 end
-if created then
+if settings then
+  redis.call('HSET', KEYS[1], 'limit', settings[3], 'proxy', settings[4])
+  redis.call('ZADD', KEYS[2], unpack(queued))
   redis.call('ZADD', KEYS[3], 'LT', ARGV[2], ARGV[1])
   if not head[2] or tonumber(head[2]) > tonumber(ARGV[2]) then
     redis.call('PUBLISH', ARGV[3], ARGV[1])
