@@ -343,6 +343,27 @@ def test_scripts_forgotten_by_redis_are_loaded_again(store):
     assert job.id in [j.id for j in taken.jobs] and len(taken.jobs) == 2
 
 
+def test_a_batch_of_jobs_goes_on_a_connection_of_its_own_not_behind_the_shared_pipeline(store):
+    # A single job shares the batcher's pipeline (and its kept connection); many jobs at
+    # once go alone, at once: the shared connection is never taken, no flusher runs.
+    jobs = [make_job(aggr=f"a{i % 3}") for i in range(30)]
+    results = store.enqueue_many([(job, None) for job in jobs], now=NOW)
+    assert [r.job_id for r in results] == [j.id for j in jobs]
+    assert store._batcher._connection is None and store._batcher._flusher is None
+    assert store._batcher.calls == 3 and store._batcher.batches == 1  # one pipeline, a call an aggregation
+    assert sorted(n for _, n in store.pending_aggregations()) == [10, 10, 10]
+    store.enqueue(make_job(), now=NOW)
+    assert store._batcher._connection is not None
+
+
+def test_a_batch_sent_alone_reloads_scripts_redis_has_forgotten(store):
+    store.enqueue_many([(make_job(), None), (make_job(), None)], now=NOW)
+    store.redis.script_flush()  # as after a restart or a failover
+    jobs = [make_job(aggr="other") for _ in range(4)]
+    assert [r.job_id for r in store.enqueue_many([(j, None) for j in jobs], now=NOW)] == [j.id for j in jobs]
+    assert store.redis.zcard(keys.queue_key("other")) == 4
+
+
 def test_the_batchers_own_packing_sends_arguments_as_redis_py_does(store):
     # The batcher writes its EVALSHA commands itself (gdl/store/batch.py): the script must
     # read every kind of argument exactly as redis-py's own packing sends it.

@@ -71,6 +71,21 @@ class ScriptBatcher:
             self._flusher = gevent.spawn(self._flush)
         return [call.result.get() for call in made]
 
+    def run_alone(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args) at once, in one pipeline on a connection
+        of their own; blocks until every reply is in and returns them in order, raising
+        the first error.
+
+        For a caller with many calls (a batch request's): it has a round trip's worth by
+        itself, so it gains nothing from sharing one, while queued behind the batch on the
+        wire it would wait for that batch's replies and then for the flusher's next turn
+        on the hub, behind every greenlet ready before it. With a few batch requests at
+        once, their scripts then went to Redis all together after all of them were
+        validated, and the API and Redis took turns instead of working together."""
+        made = [_Call(script, keys, args) for keys, args in calls]
+        self._send(made, alone=True)
+        return [call.result.get() for call in made]
+
     def _flush(self) -> None:
         try:
             while self._pending:
@@ -81,14 +96,14 @@ class ScriptBatcher:
             if self._pending:  # queued while a failure unwound us: keep them moving
                 self._flusher = gevent.spawn(self._flush)
 
-    def _send(self, batch: list[_Call]) -> None:
+    def _send(self, batch: list[_Call], alone: bool = False) -> None:
         try:
-            replies = self._execute(batch)
+            replies = self._execute(batch, alone)
             missing = [c for c, r in zip(batch, replies) if isinstance(r, redis.exceptions.NoScriptError)]
             if missing:  # a restarted or failed-over Redis has forgotten the scripts
                 for script in {id(c.script): c.script for c in missing}.values():
                     self.client.script_load(script.script)
-                again = dict(zip(map(id, missing), self._execute(missing)))
+                again = dict(zip(map(id, missing), self._execute(missing, alone)))
                 replies = [again.get(id(c), r) for c, r in zip(batch, replies)]
         except BaseException as exc:  # the connection failed: every caller gets the error
             for call in batch:
@@ -104,10 +119,12 @@ class ScriptBatcher:
             else:
                 call.result.set(reply)
 
-    def _execute(self, batch: list[_Call]) -> list[Any]:
+    def _execute(self, batch: list[_Call], alone: bool) -> list[Any]:
         if not isinstance(self.client, RedisCluster) and type(self.client.connection_pool) is redis.ConnectionPool:
+            if alone:
+                return _execute_pooled(self.client.connection_pool, batch)
             return self._execute_direct(self.client, batch)
-        with self.client.pipeline(transaction=False) as pipe:
+        with self.client.pipeline(transaction=False) as pipe:  # a connection of its own, from the pool
             for call in batch:
                 pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
             return pipe.execute(raise_on_error=False)
@@ -125,9 +142,24 @@ class ScriptBatcher:
         conn = self._connection
         if conn is None:
             conn = self._connection = client.connection_pool.get_connection()
-        packed = b"".join(_packed_evalsha(c) for c in batch)
-        return conn.retry.call_with_retry(lambda: _send_and_read(conn, packed, len(batch)),
-                                          lambda _error: conn.disconnect())
+        return _execute_on(conn, batch)
+
+
+def _execute_pooled(pool: redis.ConnectionPool, batch: list[_Call]) -> list[Any]:
+    """``batch`` on a connection taken from ``pool`` for it, and given back."""
+    conn = pool.get_connection()
+    try:
+        return _execute_on(conn, batch)
+    finally:
+        pool.release(conn)
+
+
+def _execute_on(conn: Any, batch: list[_Call]) -> list[Any]:
+    """``batch`` as one pipeline on ``conn``; sent again on a fresh connection if it fails
+    (the client's ``retry``), as redis-py's pipeline does."""
+    packed = b"".join(_packed_evalsha(c) for c in batch)
+    return conn.retry.call_with_retry(lambda: _send_and_read(conn, packed, len(batch)),
+                                      lambda _error: conn.disconnect())
 
 
 def _packed_evalsha(call: _Call) -> bytes:
