@@ -327,17 +327,28 @@ def check_mime_patterns(value: str) -> list[tuple[bool, str]]:
 
 
 def _field(body: dict, name: str, kind: str) -> Any:
-    """The value of ``name``, None when absent. A JSON ``null`` is not absence: as in the
-    Go service, a field is either left out or of its type (``kind``, for the message)."""
+    """The value of ``name``, None when absent (:func:`_null` when null)."""
     value = body.get(name)
     if value is None and name in body:
-        raise ValidationError(name, f"must be {kind}, not null (leave the field out instead)")
+        raise _null(name, kind)
     return value
 
 
+def _null(name: str, kind: str) -> ValidationError:
+    """A JSON ``null`` is not absence: as in the Go service, a field is either left out
+    or of its type (``kind``, for the message)."""
+    return ValidationError(name, f"must be {kind}, not null (leave the field out instead)")
+
+
+# _string, _integer and _boolean read the field as _field does, written out: most fields
+# of most jobs are absent, and a call less per field is a tenth of a job's validation.
+
+
 def _string(body: dict, name: str, *, required: bool = False, max_length: int | None = None) -> str:
-    value = _field(body, name, "a string")
+    value = body.get(name)
     if value is None:
+        if name in body:
+            raise _null(name, "a string")
         if required:
             raise ValidationError(name, "is required")
         return ""
@@ -351,8 +362,10 @@ def _string(body: dict, name: str, *, required: bool = False, max_length: int | 
 
 
 def _integer(body: dict, name: str, *, required: bool = False, minimum: int, maximum: int) -> int | None:
-    value = _field(body, name, "an integer")
+    value = body.get(name)
     if value is None:
+        if name in body:
+            raise _null(name, "an integer")
         if required:
             raise ValidationError(name, "is required")
         return None
@@ -367,8 +380,10 @@ def _integer(body: dict, name: str, *, required: bool = False, minimum: int, max
 
 
 def _boolean(body: dict, name: str) -> bool:
-    value = _field(body, name, "true or false")
+    value = body.get(name)
     if value is None:
+        if name in body:
+            raise _null(name, "true or false")
         return False
     if not isinstance(value, bool):
         raise ValidationError(name, f"must be true or false, not {_json_type(value)}")
