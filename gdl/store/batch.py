@@ -166,9 +166,9 @@ def _packed_evalsha(call: _Call) -> bytes:
     """``call`` as the EVALSHA command Redis reads (RESP: an array of bulk strings).
 
     What redis-py's ``pack_command`` writes for these arguments (str as UTF-8, numbers
-    as their decimal text), without its per-argument checks: a batch of enqueues carries
-    seven arguments a job, and redis-py's packing was a tenth of the API's CPU on them
-    (3.9 us a job, 1.2 this way)."""
+    as their decimal text), without its per-argument checks: when a batch's enqueue
+    scripts carried seven arguments a job, redis-py's packing was a tenth of the API's
+    CPU on them (3.9 us a job, 1.2 this way)."""
     args = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
