@@ -352,8 +352,13 @@ def test_a_batch_of_jobs_goes_on_a_connection_of_its_own_not_behind_the_shared_p
     assert store._batcher._connection is None and store._batcher._flusher is None
     assert store._batcher.calls == 3 and store._batcher.batches == 1  # one pipeline, a call an aggregation
     assert sorted(n for _, n in store.pending_aggregations()) == [10, 10, 10]
+    # The next batch goes on the same connection, kept by the batcher rather than checked
+    # out of the pool again (the pool's check of it is a yield to the hub).
+    [kept] = store._batcher._spare
+    store.enqueue_many([(make_job(), None), (make_job(), None)], now=NOW)
+    assert store._batcher._spare == [kept]
     store.enqueue(make_job(), now=NOW)
-    assert store._batcher._connection is not None
+    assert store._batcher._connection is not None and store._batcher._connection is not kept
 
 
 def test_a_batch_sent_alone_reloads_scripts_redis_has_forgotten(store):

@@ -51,6 +51,7 @@ class ScriptBatcher:
         self._pending: list[_Call] = []
         self._flusher: gevent.Greenlet | None = None
         self._connection: Any = None  # the connection batches go on (plain Redis; see _execute_direct)
+        self._spare: list[Any] = []  # idle connections for batches sent alone (see _execute_alone)
         self.batches = 0  # pipelines sent, for the curious (tests, benchmarks)
         self.calls = 0
 
@@ -122,7 +123,7 @@ class ScriptBatcher:
     def _execute(self, batch: list[_Call], alone: bool) -> list[Any]:
         if not isinstance(self.client, RedisCluster) and type(self.client.connection_pool) is redis.ConnectionPool:
             if alone:
-                return _execute_pooled(self.client.connection_pool, batch)
+                return self._execute_alone(self.client, batch)
             return self._execute_direct(self.client, batch)
         with self.client.pipeline(transaction=False) as pipe:  # a connection of its own, from the pool
             for call in batch:
@@ -144,14 +145,21 @@ class ScriptBatcher:
             conn = self._connection = client.connection_pool.get_connection()
         return _execute_on(conn, batch)
 
+    def _execute_alone(self, client: redis.Redis, batch: list[_Call]) -> list[Any]:
+        """``batch`` on a connection of its own: an idle one of those the batcher keeps
+        for batches sent alone, or a new one from the pool, kept after.
 
-def _execute_pooled(pool: redis.ConnectionPool, batch: list[_Call]) -> list[Any]:
-    """``batch`` on a connection taken from ``pool`` for it, and given back."""
-    conn = pool.get_connection()
-    try:
-        return _execute_on(conn, batch)
-    finally:
-        pool.release(conn)
+        Kept out of the pool for the reason :meth:`_execute_direct` gives, and one
+        more: the pool's check of a connection it hands out polls the socket, which
+        on the hub is a yield, so a handler that had validated its batch was sent to
+        the back of the queue of ready greenlets before it could send its scripts,
+        and the batches of a few handlers reached Redis together, after all of them
+        were validated (the same convoy as behind the shared connection)."""
+        conn = self._spare.pop() if self._spare else client.connection_pool.get_connection()
+        try:
+            return _execute_on(conn, batch)
+        finally:
+            self._spare.append(conn)  # even after an error: a disconnected one connects again when used
 
 
 def _execute_on(conn: Any, batch: list[_Call]) -> list[Any]:
