@@ -15,6 +15,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -100,6 +101,9 @@ def _option(given: str | None, variable: str, choices: tuple[str, ...]) -> str |
     return value
 
 
+GC_YOUNG_THRESHOLD = 10_000
+
+
 def run_service(cfg: config.Config, role: str | None) -> int:
     # Imported here, not at the top: the operator commands need none of it. A missing
     # library (libmagic) is a StartupError raised by this import: one line, exit 2.
@@ -123,6 +127,14 @@ def run_service(cfg: config.Config, role: str | None) -> int:
         finally:
             logging.disable(logging.NOTSET)
         raise
+    # What is alive now (modules, config, the service's objects) lives as long as the
+    # process: out of the collector's sight, a full collection no longer walks it each
+    # time a burst of short-lived objects (a batch's jobs) sets one off. And a young
+    # collection every GC_YOUNG_THRESHOLD new containers rather than Python's 700: a
+    # batch of 1,000 jobs makes about ten thousand, nearly all freed by reference counts
+    # when its answer is sent, which at 700 were walked and promoted ten times a request.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     service.wait()
     service.shutdown()
     return 0

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from gdl.config import allowed_networks_hint
 from gdl.errors import ValidationError
-from gdl.job import Job
+from gdl.job import Job, url_origin
 from gdl.netguard import AddressGuard, literal_address
 
 # What a ``localhost`` name reaches (RFC 6761: it and its subdomains are loopback).
@@ -33,8 +33,7 @@ def check(job: Job, body: dict, guard: AddressGuard | None) -> None:
     if guard is None:
         return
     for field, url in _destinations(job, body):
-        host = urlsplit(url).hostname or ""
-        ip = _address_of(host)
+        host, ip = _host_and_address(url_origin(url))
         if ip is None:
             continue
         reason = guard.refusal(ip)
@@ -56,10 +55,18 @@ def _destinations(job: Job, body: dict) -> Iterator[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=4096)
+def _host_and_address(origin: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The host named by a URL's origin (``http://host:port``), and the address it
+    certainly is (see :func:`_address_of`). Cached by origin: a batch or a busy client
+    names the same few (its images' hosts, its callback's) again and again, and a
+    urlsplit and telling a name from an address's many spellings cost tens of
+    microseconds."""
+    host = urlsplit(origin).hostname or ""
+    return host, _address_of(host)
+
+
 def _address_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a host written in a URL certainly is, or None for a name. Cached: a
-    batch or a busy client names the same few hosts (its callback's) again and again,
-    and telling a name from an address's many spellings costs tens of microseconds."""
+    """The address a host written in a URL certainly is, or None for a name."""
     return _LOCALHOST if _is_localhost(host) else literal_address(host)
 
 

@@ -11,40 +11,36 @@ ID_ALPHABET = string.ascii_letters + string.digits
 ID_LENGTH = 14
 ID_RE = re.compile(rf"^[A-Za-z0-9]{{{ID_LENGTH}}}$")
 
-_ID_SPACE = len(ID_ALPHABET) ** ID_LENGTH
-_ID_BITS = _ID_SPACE.bit_length()  # 84: a draw of this many bits is an id about four times in five
-_ID_BYTES = -(-_ID_BITS // 8)
-# Two base-62 digits at once: pair p is digit p % 62 then digit p // 62, as two divmods by 62 give them.
-_ID_PAIRS = [ID_ALPHABET[p % len(ID_ALPHABET)] + ID_ALPHABET[p // len(ID_ALPHABET)]
-             for p in range(len(ID_ALPHABET) ** 2)]
+# A random byte below 248 (4 x 62) is a character, the byte modulo 62, each of the 62 as
+# likely as any other; the 8 bytes above would favour the first 8 characters, so they are
+# dropped and others read in their place. An id is 14 such characters: every id is as
+# likely as any other, about 83 bits, and the whole draw is two C calls (read, translate).
+_KEPT = 4 * len(ID_ALPHABET)
+_CHARACTER_OF_BYTE = bytes(ord(ID_ALPHABET[b % len(ID_ALPHABET)]) for b in range(256))
+_DROPPED_BYTES = bytes(range(_KEPT, 256))
 
 
 def new_id() -> str:
-    """14 random characters of ``[A-Za-z0-9]`` (about 83 bits), from one draw of
-    the OS's randomness rather than one per character."""
-    return _id_of(secrets.randbelow(_ID_SPACE))
+    """14 random characters of ``[A-Za-z0-9]`` (about 83 bits), from one read of the OS's randomness."""
+    return _characters(ID_LENGTH)
 
 
 def new_ids(count: int) -> list[str]:
     """``count`` ids, each as :func:`new_id` draws it, from one read of the OS's
     randomness for them all (a batch's ids; a read costs more than the rest)."""
-    raw = secrets.token_bytes(_ID_BYTES * count)
-    mask = (1 << _ID_BITS) - 1
-    ids = []
-    for start in range(0, len(raw), _ID_BYTES):
-        number = int.from_bytes(raw[start:start + _ID_BYTES], "big") & mask
-        # Rejection keeps every id equally likely: a draw past the id space is drawn again.
-        ids.append(_id_of(number) if number < _ID_SPACE else new_id())
-    return ids
+    chars = _characters(ID_LENGTH * count)
+    return [chars[start:start + ID_LENGTH] for start in range(0, len(chars), ID_LENGTH)]
 
 
-def _id_of(number: int) -> str:
-    """``number`` in base 62, least significant digit first, two digits at a time."""
-    pairs = []
-    for _ in range(ID_LENGTH // 2):
-        number, pair = divmod(number, len(_ID_PAIRS))
-        pairs.append(_ID_PAIRS[pair])
-    return "".join(pairs)
+def _characters(count: int) -> str:
+    """``count`` independent random characters of the id alphabet."""
+    out = b""
+    while len(out) < count:
+        # A 32nd of the bytes is dropped on average: read a 16th more (and a few) so that
+        # a second read is rare.
+        raw = secrets.token_bytes(count - len(out) + (count >> 4) + 8)
+        out += raw.translate(_CHARACTER_OF_BYTE, _DROPPED_BYTES)
+    return out[:count].decode("ascii")
 
 
 def is_valid_id(value: str) -> bool:

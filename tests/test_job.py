@@ -2,6 +2,8 @@
 invalid, the Redis hash round trip and job ids. Unit tests: no Redis."""
 
 import re
+from collections import Counter
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -10,6 +12,7 @@ from gdl.job import (
     ID_LENGTH,
     Job,
     Status,
+    check_http_url,
     check_mime_patterns,
     is_valid_id,
     new_id,
@@ -315,6 +318,45 @@ def test_status_fields_refuse_unknown_names() -> None:
         status_fields(stat="queued")
 
 
+# --------------------------------------------------------------------------- URLs checked by their origin
+
+def _problem_of_whole_url(value: str) -> str | None:
+    """The check as made before it read only the origin: urlsplit of the whole URL."""
+    if not value.isprintable() or " " in value:
+        return "must not contain whitespace or control characters"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    return None if parts.hostname else "must have a host"
+
+
+TRICKY_URLS = [
+    "http://example.com/a.png", "HTTPS://Example.COM:8443/a?b=c#d", "http://example.com", "http://example.com?q",
+    "http://example.com#f", "http://user:pw@example.com:80/x", "http://[::1]:8080/x", "http://[::1/x", "http://::1]/x",
+    "http://[v1.fe]/x", "http://[zz]/x", "http://example.com:99999/x", "http://example.com:abc/x", "http://:80/x",
+    "http:/example.com/x", "http:example.com/x", "http:", "http://", "//example.com/x", "example.com/x:80",
+    "ftp://example.com/x", "a_b://example.com/x", "ht#tp://example.com", "ht?tp://example.com",
+    "abc//host:80/x", "http://exa\u2100mple.com/x", "http://example.com/\u2100/x:1", "http://\u00e9t\u00e9.fr/x",
+    "http://example.com/x y", "http://example.com/\tx", "http://exa mple.com", "http:///x", "http://?x", "http://#x",
+    "http://example.com:80:80/x", "javascript:alert(1)//http://example.com", "http://a/b//c:d@e",
+]
+
+
+@pytest.mark.parametrize("url", TRICKY_URLS)
+def test_a_url_is_judged_by_its_origin_as_urlsplit_judges_it_whole(url: str) -> None:
+    expected = _problem_of_whole_url(url)
+    if expected is None:
+        check_http_url("url", url)
+    else:
+        with pytest.raises(ValidationError) as err:
+            check_http_url("url", url)
+        assert str(err.value) == f"url: {expected}"
+
+
 # --------------------------------------------------------------------------- ids
 
 def test_new_id_format() -> None:
@@ -339,6 +381,16 @@ def test_new_ids_draws_a_batch_of_unique_spread_ids() -> None:
     assert len(set("".join(ids))) == 62
     # Every position is spread too: the last character uses the top of each draw.
     assert len({job_id[-1] for job_id in ids}) == 62 and len({job_id[0] for job_id in ids}) == 62
+
+
+def test_new_ids_favour_no_character() -> None:
+    # A byte modulo 62 without dropping the bytes 248 to 255 would make the first 8 letters
+    # 5/4 as likely as the rest; 1.4 million characters tell that apart by far (each count
+    # is about 22,600, give or take 150).
+    counts = Counter("".join(new_ids(100_000)))
+    mean = sum(counts.values()) / 62
+    assert len(counts) == 62
+    assert all(abs(n - mean) < 0.05 * mean for n in counts.values()), sorted(counts.items())
 
 
 @pytest.mark.parametrize("value", ["", "a" * 13, "a" * 15, "a" * 13 + "-", "a" * 13 + "/", "a" * 14 + "\n",

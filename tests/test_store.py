@@ -344,6 +344,43 @@ def test_scripts_forgotten_by_redis_are_loaded_again(store):
     assert job.id in [j.id for j in taken.jobs] and len(taken.jobs) == 2
 
 
+def test_a_batch_of_jobs_goes_on_a_connection_of_its_own_not_behind_the_shared_pipeline(store):
+    # A single job shares the batcher's pipeline (and its kept connection); many jobs at
+    # once go alone, at once: the shared connection is never taken, no flusher runs.
+    jobs = [make_job(aggr=f"a{i % 3}") for i in range(30)]
+    results = store.enqueue_many([(job, None) for job in jobs], now=NOW)
+    assert [r.job_id for r in results] == [j.id for j in jobs]
+    assert store._batcher._connection is None and store._batcher._flusher is None
+    assert store._batcher.calls == 3 and store._batcher.batches == 1  # one pipeline, a call an aggregation
+    assert sorted(n for _, n in store.pending_aggregations()) == [10, 10, 10]
+    # The next batch goes on the same connection, kept by the batcher rather than checked
+    # out of the pool again (the pool's check of it is a yield to the hub).
+    [kept] = store._batcher._spare
+    store.enqueue_many([(make_job(), None), (make_job(), None)], now=NOW)
+    assert store._batcher._spare == [kept]
+    store.enqueue(make_job(), now=NOW)
+    assert store._batcher._connection is not None and store._batcher._connection is not kept
+
+
+def test_a_batch_sent_alone_reloads_scripts_redis_has_forgotten(store):
+    store.enqueue_many([(make_job(), None), (make_job(), None)], now=NOW)
+    store.redis.script_flush()  # as after a restart or a failover
+    jobs = [make_job(aggr="other") for _ in range(4)]
+    assert [r.job_id for r in store.enqueue_many([(j, None) for j in jobs], now=NOW)] == [j.id for j in jobs]
+    assert store.redis.zcard(keys.queue_key("other")) == 4
+
+
+def test_the_batchers_own_packing_sends_arguments_as_redis_py_does(store):
+    # The batcher writes its EVALSHA commands itself (gdl/store/batch.py): the script must
+    # read every kind of argument exactly as redis-py's own packing sends it.
+    echo = store.redis.register_script("return {KEYS[1], unpack(ARGV)}")
+    args = ["plain", "d\u00e9j\u00e0 \u2603", JobState.IN_FLIGHT, 0, -17, 2**70, 1.5, b"raw\x00bytes", "", "a\r\nb"]
+    key = keys.job_key("echo")
+    assert store._batcher.run(echo, [key], args) == echo(keys=[key], args=args)
+    with pytest.raises(redis.exceptions.DataError, match="invalid script argument True"):
+        store._batcher.run(echo, [key], [True])
+
+
 # ---------------------------------------------------------------- wake-ups only when a queue gains due work
 
 def _published(store, action) -> list[str]:

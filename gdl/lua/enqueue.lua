@@ -8,10 +8,10 @@
 -- then for job i: KEYS[3 + 2i] its hash, KEYS[4 + 2i] its idempotency record
 --   (a key of its own even for a job without one: every key is declared)
 -- ARGV[1] aggr id   ARGV[2] due (ms)   ARGV[3] wake channel   ARGV[4] records' ttl (ms)
--- then for job i, five arguments from ARGV[5i]: id, fingerprint ('' for no
---   idempotency key), aggr limit, aggr proxy, the job hash as a JSON object of
---   strings (one argument rather than a pair per field: a client's cost of
---   sending a job is per argument)
+-- ARGV[5] the jobs, one JSON array in KEYS' order; job i is the array {id,
+--   fingerprint ('' for no idempotency key), aggr limit, aggr proxy, the job hash
+--   as an object of strings} (one argument for them all rather than five a job:
+--   the client's cost of sending a job, to encode and to pack, is per argument)
 -- Returns one reply per job: 1 created; 0 when the id is taken (nothing
 -- written; the caller draws again); {2, id} when its record names a job made
 -- by the same request (a replay); {3, id} when it names one made by another
@@ -60,11 +60,13 @@ local function first_start(due)
 end
 
 local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local created = false
 local replies = {}
-for i = 1, (#ARGV - 4) / 5 do
-  local a = 5 * i
-  local id, fingerprint = ARGV[a], ARGV[a + 1]
+-- What the created jobs add to the queue and to the aggregation, written once
+-- after the loop (one ZADD for them all, one HSET): nothing in the loop reads them.
+local queued = {}
+local settings = nil
+for i, spec in ipairs(cjson.decode(ARGV[5])) do
+  local id, fingerprint = spec[1], spec[2]
   local job = KEYS[3 + 2 * i]
   local record = KEYS[4 + 2 * i]
   local reply = nil
@@ -79,26 +81,27 @@ for i = 1, (#ARGV - 4) / 5 do
   end
   if not reply then
     local flat = {}
-    local spec = cjson.decode(ARGV[a + 4])
-    for field, value in pairs(spec) do
+    for field, value in pairs(spec[5]) do
       flat[#flat + 1] = field
       flat[#flat + 1] = value
     end
     redis.call('HSET', job, unpack(flat))
-    redis.call('HSET', KEYS[1], 'limit', ARGV[a + 2], 'proxy', ARGV[a + 3])
-    record_shaping(spec)
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    record_shaping(spec[5])
+    settings = spec
+    queued[#queued + 1] = ARGV[2]
+    queued[#queued + 1] = id
     if fingerprint ~= '' then
       redis.call('HSET', record, 'id', id, 'fingerprint', fingerprint)
       redis.call('PEXPIRE', record, ARGV[4])
     end
-    created = true
     reply = 1
   end
   replies[i] = reply
 end
-if created then
+if settings then
+  redis.call('HSET', KEYS[1], 'limit', settings[3], 'proxy', settings[4])
   redis.call('PERSIST', KEYS[1])  -- kept while jobs wait (release_lease.lua gives it a ttl)
+  redis.call('ZADD', KEYS[2], unpack(queued))
   local due = first_start(tonumber(ARGV[2]))
   if due then
     redis.call('ZADD', KEYS[3], 'LT', due, ARGV[1])

@@ -14,6 +14,9 @@ from gdl.store.results import Idempotency, Taken
 # Jobs of one aggregation per enqueue script call: Redis runs nothing else while a script runs.
 ENQUEUE_CHUNK = 200
 
+# One encoder made once: json.dumps with options builds a new one per call.
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 
 def by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None]]) -> list[list[int]]:
     """``indexes`` grouped by their job's aggregation (in order within each), in chunks."""
@@ -25,18 +28,17 @@ def by_aggregation(indexes: list[int], items: list[tuple[Job, Idempotency | None
 
 
 def enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple[list[str], list[Any]]:
-    """enqueue.lua's keys and arguments for jobs of one aggregation."""
+    """enqueue.lua's keys and arguments for jobs of one aggregation: the jobs in one JSON array."""
     aggr_id = group[0][0].aggr_id
     keys = [aggr_key(aggr_id), queue_key(aggr_id), DUE_INDEX, rate_key(aggr_id)]
     ttl = next((check.ttl_ms for _, check in group if check is not None), 0)
-    args: list[Any] = [aggr_id, now, WAKE_AGGR, ttl]
+    jobs = []
     for job, check in group:
         # A job without a key still declares a record key of its own, never written.
         record = idempotency_key(check.scope, check.key) if check else idempotency_key("none", job.id)
         keys += [job_key(job.id), record]
-        fields = json.dumps(job.to_hash(), separators=(",", ":"), ensure_ascii=False)
-        args += [job.id, check.fingerprint if check else "", job.aggr_limit, job.aggr_proxy, fields]
-    return keys, args
+        jobs.append([job.id, check.fingerprint if check else "", str(job.aggr_limit), job.aggr_proxy, job.to_hash()])
+    return keys, [aggr_id, now, WAKE_AGGR, ttl, _compact_json(jobs)]
 
 
 def taken_from_reply(reply: list) -> Taken:

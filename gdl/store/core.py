@@ -150,7 +150,8 @@ class JobStore:
         pending = list(range(len(items)))
         while pending:
             groups = by_aggregation(pending, items)
-            replies = self._enqueue_durably([enqueue_call([items[i] for i in group], now) for group in groups])
+            calls = [enqueue_call([items[i] for i in group], now) for group in groups]
+            replies = self._enqueue_durably(calls, alone=len(items) > 1)
             taken = []
             for group, group_replies in zip(groups, replies):
                 for i, reply in zip(group, group_replies):
@@ -164,8 +165,10 @@ class JobStore:
             pending = taken
         return [r for r in results if r is not None]
 
-    def _enqueue_durably(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _enqueue_durably(self, calls: list[tuple[list[str], list[Any]]], *, alone: bool) -> list[Any]:
         """Run the enqueue scripts; with ``wait_replicas``, also wait for replicas.
+        ``alone``: the calls carry many jobs (a batch request's), and go in a pipeline of
+        their own rather than share one (see :meth:`ScriptBatcher.run_alone`).
 
         Redis replicates asynchronously: a job acknowledged by a master that
         fails over before replicating it would be lost. WAIT (on the same
@@ -174,7 +177,8 @@ class JobStore:
         caller gets a 503 and retries (with an Idempotency-Key, safely).
         """
         if not self.wait_replicas:
-            return self._batcher.run_many(self._scripts["enqueue"], calls)
+            run = self._batcher.run_alone if alone else self._batcher.run_many
+            return run(self._scripts["enqueue"], calls)
         with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 self._scripts["enqueue"](keys=keys, args=args, client=pipe)
