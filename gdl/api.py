@@ -46,21 +46,12 @@ from gdl import __version__, dashboard, destinations, idempotency, metrics, reus
 from gdl.config import Config
 from gdl.errors import StoreUnavailable, ValidationError
 from gdl.filestorage import FileStorage
-from gdl.job import (
-    CANCELLING,
-    ID_LENGTH,
-    MAX_AGGR_ID_LENGTH,
-    Job,
-    JobState,
-    is_valid_id,
-    new_id,
-    new_ids,
-    parse_request,
-)
+from gdl.job import CANCELLING, ID_LENGTH, Job, JobState, is_valid_id, new_id, new_ids
 from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
 from gdl.store.aggregations import idle_view
+from gdl.submission import MAX_AGGR_ID_LENGTH, parse_request
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from gdl.config import allowed_networks_hint
 from gdl.errors import ValidationError
-from gdl.job import Job, url_origin
+from gdl.job import Job
 from gdl.netguard import AddressGuard, literal_address
+from gdl.submission import url_origin
 
 # What a ``localhost`` name reaches (RFC 6761: it and its subdomains are loopback).
 _LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
@@ -49,7 +50,7 @@ def _destinations(job: Job, body: dict) -> Iterator[tuple[str, str]]:
     """(field, URL) of what gdl will connect to for this job, named as the client sent them."""
     yield "url", job.url
     if job.callback_type == "http":
-        # callback_type + callback_dst win over the legacy callback_url (gdl.job._callback)
+        # callback_type + callback_dst win over the legacy callback_url (gdl.submission._callback)
         legacy = not (body.get("callback_type") or body.get("callback_dst"))
         yield ("callback_url" if legacy else "callback_dst"), job.callback_dst
 

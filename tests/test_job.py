@@ -8,18 +8,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from gdl.errors import ValidationError
-from gdl.job import (
-    ID_LENGTH,
-    Job,
-    Status,
-    check_http_url,
-    check_mime_patterns,
-    is_valid_id,
-    new_id,
-    new_ids,
-    parse_request,
-    status_fields,
-)
+from gdl.job import ID_LENGTH, Job, Status, is_valid_id, new_id, new_ids, status_fields
+from gdl.mime import check_mime_patterns
+from gdl.submission import check_http_url, parse_request
 
 JOB_ID = "AbCdEfGhIjKlMn"
 NOW = 1_700_000_000_123

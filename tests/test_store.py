@@ -10,7 +10,16 @@ import redis.exceptions
 from gdl import store as keys
 from gdl.errors import StoreUnavailable
 from gdl.job import Job, JobState, new_id
-from gdl.store import CALLBACKS, DOWNLOADS, CallbackOutcome, Claim, ClaimOutcome, DownloadOutcome, Settled
+from gdl.store import (
+    CALLBACKS,
+    DOWNLOADS,
+    CallbackOutcome,
+    Claim,
+    ClaimOutcome,
+    DownloadOutcome,
+    EnqueueOutcome,
+    Settled,
+)
 from tests.conftest import free_port
 from tests.samples import take_holding_lease
 
@@ -39,10 +48,22 @@ def test_enqueue_writes_job_aggregation_queue_and_index_together(store):
 
 
 def test_enqueue_draws_a_new_id_when_taken(store):
-    first = store.enqueue(make_job(), now=NOW)
-    second = store.enqueue(make_job(id=first.id), now=NOW)
+    first = store.enqueue(make_job(created_at=NOW), now=NOW)
+    second = store.enqueue(make_job(id=first.id, url="http://example.com/b.png", created_at=NOW), now=NOW)
     assert second.id != first.id
     assert store.redis.zcard(keys.queue_key("shop")) == 2
+
+
+def test_an_enqueue_sent_again_after_a_lost_reply_makes_no_copy(store):
+    """redis-py sends a pipeline again on a new connection when the first one broke, and a
+    script of it may have run already: the job then finds itself, not a taken id."""
+    jobs = [make_job(created_at=NOW) for _ in range(3)]
+    ids = [job.id for job in jobs]
+    store.enqueue_many([(job, None) for job in jobs], now=NOW)
+    again = store.enqueue_many([(job, None) for job in jobs], now=NOW)  # what the resend does
+    assert [(e.outcome, e.job_id) for e in again] == [(EnqueueOutcome.CREATED, i) for i in ids]
+    assert [j.id for j in jobs] == ids
+    assert sorted(store.redis.zrange(keys.queue_key("shop"), 0, -1)) == sorted(ids)
 
 
 def test_due_index_keeps_the_earliest_due_time(store):

@@ -26,7 +26,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gdl import checksum, signing
 from gdl.errors import ChecksumMismatch, ConfigError, ValidationError
-from gdl.job import parse_request, rfc3339
+from gdl.job import rfc3339
+from gdl.submission import parse_request
 from tests.conftest import make_config, wait_until
 from tests.test_resilience import FakeSentry, api_base, serve_cfg, wait_for_api
 

@@ -12,8 +12,9 @@
 --   fingerprint ('' for no idempotency key), aggr limit, aggr proxy, the job hash
 --   as an object of strings} (one argument for them all rather than five a job:
 --   the client's cost of sending a job, to encode and to pack, is per argument)
--- Returns one reply per job: 1 created; 0 when the id is taken (nothing
--- written; the caller draws again); {2, id} when its record names a job made
+-- Returns one reply per job: 1 created (or found created by this same call sent
+-- before); 0 when the id is taken by another job (nothing written; the caller
+-- draws again); {2, id} when its record names a job made
 -- by the same request (a replay); {3, id} when it names one made by another
 -- request. The aggregation's limit and proxy are the last created job's; its
 -- rate, burst and adaptive flag the last created job's that gave them (a job
@@ -77,7 +78,14 @@ for i, spec in ipairs(cjson.decode(ARGV[5])) do
     end
   end
   if not reply and redis.call('EXISTS', job) == 1 then
-    reply = 0
+    -- This very job, written by a call whose reply was lost (the client sent the
+    -- call again on a new connection): created, not to be drawn again as a copy.
+    local mine = redis.call('HMGET', job, 'url', 'created_at')
+    if mine[1] == spec[5].url and mine[2] == spec[5].created_at then
+      reply = 1
+    else
+      reply = 0
+    end
   end
   if not reply then
     local flat = {}

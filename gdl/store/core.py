@@ -34,7 +34,6 @@ from gdl.store.layout import (
     DOWNLOADS,
     DUE_INDEX,
     FAILED_CALLBACKS,
-    HEARTBEATS,
     INFLIGHT,
     PROCESSOR_SLOTS,
     PROCESSORS,
@@ -460,20 +459,6 @@ class JobStore:
             return 0
         keys = [DELETIONS, *map(job_key, job_ids), *map(log_key, job_ids)]
         return int(self._run("forget", keys, [now, *job_ids]))
-
-    # ---------------------------------------------------------------- processes and stats
-
-    @_translated
-    def reports(self, component: str, *, newer_than: int) -> list[dict]:
-        """``component``'s counters from each process whose heartbeat is newer
-        than ``newer_than`` (what ``/stats`` and ``/metrics`` add up)."""
-        out = []
-        for body in self.redis.hvals(HEARTBEATS):
-            beat = json.loads(body)
-            snapshot = beat.get("components", {}).get(component)
-            if snapshot is not None and beat.get("at", 0) >= newer_than:
-                out.append(snapshot)
-        return out
 
     # ---------------------------------------------------------------- wake-ups
 

@@ -45,6 +45,18 @@ from gdl.store.layout import (
 
 class OperatorView(JobStore):
     @_translated
+    def reports(self, component: str, *, newer_than: int) -> list[dict]:
+        """``component``'s counters from each process whose heartbeat is newer
+        than ``newer_than`` (what ``/stats`` and ``/metrics`` add up)."""
+        out = []
+        for body in self.redis.hvals(HEARTBEATS):
+            beat = json.loads(body)
+            snapshot = beat.get("components", {}).get(component)
+            if snapshot is not None and beat.get("at", 0) >= newer_than:
+                out.append(snapshot)
+        return out
+
+    @_translated
     def heartbeat(self, process: str, info: dict, *, now: int, throughput: dict[str, int] | None = None,
                   failures: list[dict] | None = None) -> None:
         """A process's heartbeat, its throughput since the last one and its new failures: one round trip."""
