@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from gdl.job import Job, new_id
 from gdl.store import now_ms
 from tests.conftest import config_file, make_config, wait_until
 from tests.origin import CountingOrigin
+from tests.test_fencing import processor_cfg
 
 CALLBACK = "http://127.0.0.1:9/cb"  # never called: no notifier in these tests
 FAST = {"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1}
@@ -133,37 +135,70 @@ def test_adaptive_concurrency_settles_below_double_what_the_origin_takes(run_ser
 
 # ------------------------------------------------------------------ operator pause
 
-def test_a_pause_stops_new_starts_survives_restarts_and_resume_restarts_work(run_service, make_cfg, store):
+def processes_serving(origin, aggr: str) -> set[str]:
+    """The processes (their X-Gdl-Process header) that started requests of ``aggr``."""
+    return {name for group, serving in origin.overlaps if group == aggr for name in serving}
+
+
+def test_a_pause_stops_new_starts_survives_restarts_and_resume_restarts_work(tmp_path, redis_server, run_service,
+                                                                           gdl_process, store):
     origin = CountingOrigin(duration=0.3, size=2048, ticks=3)
     try:
-        cfg = make_cfg(processor=FAST)
-        api = run_service(("api",), cfg=cfg)
-        workers = [run_service(("processor",), cfg=cfg) for _ in range(2)]
+        api = run_service(("api",), cfg=make_config(tmp_path, redis_server.url))
+
+        def processor(name: str):
+            return gdl_process(processor_cfg(tmp_path, redis_server.url, name), "processor", name=f"{name}.yaml")
+
+        first = [processor("one"), processor("two")]
         ids = enqueue(api, origin, "p", 30, limit=2)
-        wait_until(lambda: origin.total["p"] >= 2)
+        enqueue(api, origin, "q", 400, limit=1)  # the other aggregation on the origin: it keeps going
+        wait_until(lambda: origin.total["p"] >= 2, timeout=15)
         paused = api.post("/aggregations/p/pause")
         seen = origin.total["p"]
         assert paused.status_code == 200 and paused.json()["state"] == "paused"
         assert api.post("/download", {"url": origin.url("/p/late"), "aggr_id": "p", "aggr_limit": 2,
                                       "callback_url": CALLBACK}).status_code == 201
-        time.sleep(1.0)
-        assert origin.total["p"] == seen  # nothing new started after the 200
-        for worker in workers:
-            worker.service.shutdown(deadline=5)
-        workers = [run_service(("processor",), cfg=cfg) for _ in range(2)]
-        time.sleep(1.5)  # a scan interval and a pool's idle time
+        wait_until(lambda: origin.current["p"] == 0)  # downloads in flight finish
+        q_then = origin.total["q"]
+        wait_until(lambda: origin.total["q"] >= q_then + 3, timeout=15)
+        assert origin.total["p"] == seen  # nothing new started after the 200, while q went on
+        assert 'gdl_aggregations_paused 1.0' in api.get("/metrics").text
+
+        # Both processes go, one killed -9 and one stopped; two new ones start on the same Redis.
+        first[0].kill()
+        first[1].signal(signal.SIGTERM)
+        assert first[1].wait(timeout=15) == 0
+        restarted = [processor("three"), processor("four")]
+        q_then = origin.total["q"]
+        # q's lease, held by a killed process, lapses (lease_ttl 2 s) and a new process takes it
+        # over; by the time it has started three requests both new processes have scanned
+        # several times (scan_interval 0.3 s) and found p paused.
+        wait_until(lambda: origin.total["q"] >= q_then + 3 and processes_serving(origin, "q") & {"three", "four"},
+                   timeout=30)
+        wait_until(lambda: all(f":{p.process.pid}:" in " ".join(store.redis.zrange(keys.PROCESSORS, 0, -1))
+                               for p in restarted), timeout=15)
         assert origin.total["p"] == seen
+        assert store.lease_holder("p") is None and store.redis.zscore(keys.DUE_INDEX, "p") is None
         view = api.get("/aggregations/p").json()
         assert view["state"] == "paused" and view["queued"] == 31 - seen
-        resumed_at = time.monotonic()
+
+        resume_sent = time.monotonic()
         resumed = api.post("/aggregations/p/resume")
+        resume_answered = time.monotonic()
         assert resumed.status_code == 200 and resumed.json()["state"] == "running"
-        wait_until(lambda: origin.total["p"] > seen, timeout=5)
-        # The contract promises work again promptly (the wake is published by the resume);
-        # 1 s is a generous bound for a loaded machine.
-        assert min(s for s in origin.starts["p"] if s > resumed_at) - resumed_at < 1.0
+        wait_until(lambda: origin.total["p"] > seen, timeout=10)
+        first_start = min(s for s in origin.starts["p"] if s > resume_sent)
+        delay = first_start - resume_answered  # negative: the origin saw it before the client read the 200
+        print(f"resume: first request {delay * 1000:.1f} ms after the 200 ({(first_start - resume_sent) * 1000:.1f}"
+              f" ms after the request was sent)")
+        # The issue asks for work again within 100 ms: the resume publishes a wake that the
+        # processes' scanners act on at once. 1 s is that bound with a margin for two busy
+        # cores shared by several test runs; a missed wake would wait for a scan (0.3 s) or
+        # for ever, and a lost one without a scan would fail the wait above.
+        assert delay < 1.0
+        assert processes_serving(origin, "p") & {"three", "four"}  # the new processes took it up
         wait_until(lambda: states(store, ids) == {"succeeded": 30}, timeout=30)
-        del workers
+        assert 'gdl_aggregations_paused 0.0' in api.get("/metrics").text
     finally:
         origin.stop()
 
