@@ -136,6 +136,31 @@ def test_adaptive_concurrency_settles_below_double_what_the_origin_takes(run_ser
         origin.stop()
 
 
+def test_eight_simultaneous_429s_cut_the_adaptive_limit_once(run_service, make_cfg, store):
+    arrivals: list[int] = []
+
+    def answer(_group: str, _current: int):
+        arrivals.append(1)
+        return (429, {"Retry-After": "3"}) if len(arrivals) <= 8 else None
+
+    # The served half outlasts the look below: no success can grow the limit before it.
+    origin = CountingOrigin(duration=4, size=2048, ticks=4, answer=answer)
+    try:
+        cfg = make_cfg(processor={**FAST, "aimd_window": 2})
+        api = run_service(("api",), cfg=cfg)
+        ids = enqueue(api, origin, "e", 16, limit=16, aggr_adaptive=True)
+        run_service(("processor",), cfg=cfg)  # after the enqueues: one take starts all 16 at once
+        wait_until(lambda: sum(store.get_job(i).status.throttled_attempts for i in ids) == 8, timeout=5)
+        view = api.get("/aggregations/e").json()
+        # One cut, 16 -> 8, not eight (16 -> 1): they all came within one aimd_window.
+        assert (view["state"], view["limit"], view["effective_limit"]) == ("throttled", 16, 8), view
+        assert origin.total["e"] == 16 and origin.refused["e"] == 8 and origin.completed["e"] == 0
+        assert 'gdl_aggr_effective_limit{aggr="e"} 8.0' in api.get("/metrics").text
+        wait_until(lambda: states(store, ids) == {"succeeded": 16}, timeout=30)
+    finally:
+        origin.stop()
+
+
 # ------------------------------------------------------------------ operator pause
 
 def processes_serving(origin, aggr: str) -> set[str]:
