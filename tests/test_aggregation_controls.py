@@ -264,13 +264,22 @@ def test_a_bad_shaping_field_is_a_400_naming_it_and_nothing_is_enqueued(run_serv
     assert store.redis.exists(keys.queue_key("bad"), keys.aggr_key("bad")) == 0
 
 
-def test_pause_and_resume_need_a_token_when_api_tokens_are_set(run_service):
+def test_every_new_mutating_route_needs_a_token_and_changes_nothing_without_one(run_service, store):
     api = run_service(("api",), security={"api_tokens": ["s3cret"]})
-    for path in ("/aggregations/t/pause", "/aggregations/t/resume"):
-        assert api.post(path).status_code == 401
-    assert api.post("/aggregations/t/pause", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    resumed = api.post("/aggregations/t/resume", headers={"Authorization": "Bearer s3cret"})
-    assert resumed.status_code == 200 and resumed.json()["state"] == "idle"
+    auth = {"Authorization": "Bearer s3cret"}
+    queued = api.post("/download", {"url": "http://127.0.0.1:9/x", "aggr_id": "t", "aggr_limit": 1,
+                                    "callback_url": CALLBACK}, headers=auth).json()["id"]
+    routes = [("DELETE", f"/jobs/{queued}"), ("POST", "/aggregations/t/pause"), ("POST", "/aggregations/t/resume"),
+              ("DELETE", "/aggregations/t")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert api.http.request(method, api.url(path), headers=headers).status_code == 401, (method, path)
+    assert store.get_job(queued).status.state == "queued"
+    assert store.redis.hget(keys.aggr_key("t"), "paused") is None and store.purges() == {}
+    answers = [api.http.request(method, api.url(path), headers=auth) for method, path in routes]
+    assert [a.status_code for a in answers] == [200, 200, 200, 202]
+    assert answers[3].json() == {"aggr_id": "t", "state": "purging", "queued": 0}  # the job was cancelled first
+    assert store.get_job(queued).status.state == "cancelled"
 
 
 # ------------------------------------------------------------------ the clock
