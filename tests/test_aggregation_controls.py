@@ -55,20 +55,27 @@ def assert_rate_holds(origin, aggr: str, rate: float, burst: int) -> None:
         assert origin.most_in_window(aggr, width - JITTER) <= burst + math.floor(rate * width), width
 
 
+def processes_serving(origin, aggr: str) -> set[str]:
+    """The processes (their X-Gdl-Process header) that started requests of ``aggr``."""
+    return {name for group, serving in origin.overlaps if group == aggr for name in serving}
+
+
 # ------------------------------------------------------------------ rate
 
-def test_a_rate_holds_in_every_window_across_two_processors_and_a_kill_9(make_cfg, gdl_process, run_service,
-                                                                           store, origin):
-    cfg = make_cfg(processor=FAST)
-    api = run_service(("api",), cfg=cfg)
-    processors = [gdl_process(cfg, "processor", name=f"p{i}.yaml") for i in range(2)]
+def test_a_rate_holds_in_every_window_across_two_processors_and_a_kill_9(tmp_path, redis_server, gdl_process,
+                                                                           run_service, store, origin):
+    api = run_service(("api",), cfg=make_config(tmp_path, redis_server.url))
+    processors = {name: gdl_process(processor_cfg(tmp_path, redis_server.url, name), "processor", name=f"{name}.yaml")
+                  for name in ("p0", "p1")}
     ids = enqueue(api, origin, "r", 40, limit=8, aggr_rate=4, aggr_burst=2)
     wait_until(lambda: origin.total["r"] >= 12, timeout=20)
     holder = store.lease_holder("r")
-    [victim] = [p for p in processors if f":{p.process.pid}:" in holder]
-    victim.kill()
+    [victim] = [name for name, p in processors.items() if f":{p.process.pid}:" in holder]
+    processors[victim].kill()
+    at_kill = origin.total["r"]
     wait_until(lambda: states(store, ids) == {"succeeded": 40}, timeout=60)
-    assert origin.total["r"] >= 40
+    assert at_kill < 40 <= origin.total["r"]
+    assert processes_serving(origin, "r") == {"p0", "p1"}  # the survivor took the lease over
     assert_rate_holds(origin, "r", rate=4, burst=2)
 
 
@@ -162,11 +169,6 @@ def test_eight_simultaneous_429s_cut_the_adaptive_limit_once(run_service, make_c
 
 
 # ------------------------------------------------------------------ operator pause
-
-def processes_serving(origin, aggr: str) -> set[str]:
-    """The processes (their X-Gdl-Process header) that started requests of ``aggr``."""
-    return {name for group, serving in origin.overlaps if group == aggr for name in serving}
-
 
 def test_a_pause_stops_new_starts_survives_restarts_and_resume_restarts_work(tmp_path, redis_server, run_service,
                                                                            gdl_process, store):
