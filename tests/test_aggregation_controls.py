@@ -162,7 +162,8 @@ def test_eight_simultaneous_429s_cut_the_adaptive_limit_once(run_service, make_c
         # One cut, 16 -> 8, not eight (16 -> 1): they all came within one aimd_window.
         assert (view["state"], view["limit"], view["effective_limit"]) == ("throttled", 16, 8), view
         assert origin.total["e"] == 16 and origin.refused["e"] == 8 and origin.completed["e"] == 0
-        assert 'gdl_aggr_effective_limit{aggr="e"} 8.0' in api.get("/metrics").text
+        metrics = api.get("/metrics").text
+        assert 'gdl_aggr_effective_limit{aggr="e"} 8.0' in metrics and "gdl_aggregations_throttled 1.0" in metrics
         wait_until(lambda: states(store, ids) == {"succeeded": 16}, timeout=30)
     finally:
         origin.stop()
