@@ -76,6 +76,7 @@ class AggregationPool(TakingPool):
         self.reuse = Reuse(store, filestorages.default, default_headers=self.cfg.request_headers,
                            max_ttl=self.cfg.reuse_max_ttl)
         self._downloading: set[gevent.Greenlet] = set()
+        self._rate_tat = ""  # the GCRA time this pool's last take or refund wrote (see _give_back_start)
         self._fetchers: dict[str, gevent.Greenlet] = {}  # job id -> the greenlet of its download (see _fetch)
 
     def run(self) -> None:
@@ -91,7 +92,24 @@ class AggregationPool(TakingPool):
                                           busy=self.busy)
         if not taken.lease_lost:
             self.keeper.confirm(self.aggr_id, sent)
+        if taken.rate_tat:
+            self._rate_tat = taken.rate_tat
         return taken
+
+    def _give_back_start(self, job: Job) -> None:
+        """A job answered from a stored copy made no request: the rate start its take
+        charged is given back (refund_start.lua), so reuse never slows the aggregation's
+        downloads. Refused, harmlessly, when another take came between."""
+        if not self._rate_tat:
+            return
+        try:
+            written = self.store.refund_start(self.aggr_id, now=self.clock(), expected=self._rate_tat)
+        except StoreUnavailable:
+            return  # the start stays charged: the rate is only kept stricter
+        if written is not None:
+            self._rate_tat = written
+            self.log.debug("job %s: answered from a stored copy, its rate start given back", job.id)
+            self.wake()
 
     def fence(self) -> None:
         """Interrupt the downloads in flight (their connections close; each job is
@@ -141,6 +159,8 @@ class AggregationPool(TakingPool):
                 begun: int) -> None:
         """Store what the exchange brought and settle the job (or put it back if interrupted)."""
         try:
+            if fetched is not None and fetched.attempt.reused and not fetched.contacted:
+                self._give_back_start(job)
             if fetched is not None:
                 self._store(fetched, job)
         except gevent.GreenletExit:

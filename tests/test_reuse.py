@@ -15,7 +15,7 @@ import pytest
 from gdl import reuse
 from gdl.filestorage import FilesystemStorage
 from gdl.job import Job
-from gdl.store import reuse_key
+from gdl.store import rate_key, reuse_key
 from tests.conftest import wait_until
 from tests.test_resume import metric
 from tests.test_verifiable import DATA
@@ -191,3 +191,20 @@ def test_a_bad_reuse_ttl_is_a_400_naming_it(run_service, value, error) -> None:
     response = running.post("/download", {"url": "http://e.com/a", "aggr_id": "a", "aggr_limit": 1,
                                           "callback_url": "http://e.com/cb", "reuse_ttl": value})
     assert (response.status_code, response.json()["error"]) == (400, error)
+
+
+def test_jobs_answered_from_the_stored_copy_give_their_rate_start_back(run_service, files, receiver, store) -> None:
+    """A rate counts requests to the origin: a reused job's take charges a start, and
+    the pool gives it back (refund_start.lua), so the rate's clock ends idle."""
+    files.add("/a.bin", DATA, headers={"ETag": '"v1"'})
+    running = run_service()
+    shaped = {"reuse_ttl": HOUR, "aggr_rate": 0.5, "aggr_burst": 1}  # one start every 2 s
+    run_one(running, files.url("/a.bin"), receiver, **shaped)
+    assert store.redis.get(rate_key("a")) is not None  # the download's start, charged
+    ids = [running.enqueue(url=files.url("/a.bin"), aggr_id="a", aggr_limit=1, callback_url=receiver.url("/cb"),
+                           **shaped) for _ in range(4)]
+    reused = [done(running, job_id) for job_id in ids]
+    assert [(r["reused"], r["attempts"]) for r in reused] == [(True, 0)] * 4
+    assert files.count("/a.bin") == 1
+    # Charged and not given back, the four starts would hold the GCRA time 8 s ahead.
+    assert store.redis.get(rate_key("a")) is None

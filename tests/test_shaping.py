@@ -96,6 +96,29 @@ def test_a_drained_and_refilled_aggregation_gets_no_second_burst(store):
     assert len(take(store, NOW + 1000).jobs) == 1
 
 
+def test_a_start_given_back_is_exactly_the_take_without_that_job(store):
+    """refund_start.lua (a job answered from a stored copy made no request): the GCRA
+    time becomes what the take would have written for one job fewer."""
+    enqueue(store, 4, aggr_rate=2.0, aggr_burst=1)
+    first = take(store, NOW, count=1)
+    assert (len(first.jobs), first.rate_tat) == (1, str((NOW + 500) * 1000))
+    assert store.refund_start("shop", now=NOW + 10, expected=first.rate_tat) == ""  # back to idle
+    assert store.redis.get(keys.rate_key("shop")) is None
+    again = take(store, NOW + 10, count=1)  # the next start is due at once, not at NOW + 500
+    assert (len(again.jobs), again.rate_tat) == (1, str((NOW + 510) * 1000))
+
+
+def test_a_start_is_not_given_back_once_another_take_came_between(store):
+    enqueue(store, 4, aggr_rate=2.0, aggr_burst=2)
+    first = take(store, NOW, count=1)
+    second = take(store, NOW + 100, count=1)  # admitted under the first one's charge
+    assert second.rate_tat != first.rate_tat
+    assert store.refund_start("shop", now=NOW + 120, expected=first.rate_tat) is None
+    assert store.redis.get(keys.rate_key("shop")) == second.rate_tat
+    # The latest take's own charge can be given back: one period off.
+    assert store.refund_start("shop", now=NOW + 120, expected=second.rate_tat) == str((NOW + 500) * 1000)
+
+
 def test_omitting_aggr_rate_keeps_it_and_zero_clears_it(store):
     enqueue(store, 1, aggr_rate=0.5, aggr_burst=2)
     enqueue(store, 1, aggr_limit=4)

@@ -19,7 +19,7 @@
 -- ARGV[10] with ARGV[7]: downloads the caller's pool has in flight (for the effective limit)
 -- ARGV[11..] candidate job ids
 -- Returns {next due (ms, '' when the queue is empty or the aggregation paused),
---          {limit, effective limit, gate} ('' without ARGV[7]),
+--          {limit, effective limit, gate, the GCRA time it wrote ('' for none)} ('' without ARGV[7]),
 --          {the queue's first ARGV[9] ids}, id, {job hash}, id, {job hash}, ...}
 -- gate says what held the take back: '' nothing, 'paused' (operator), 'throttled'
 -- (the origin's Retry-After: until paused_until), 'capped' (the adaptive limit is
@@ -75,7 +75,7 @@ if aggr then
       end
     end
   end
-  out[2] = {tostring(limit), tostring(cap), gate}
+  out[2] = {tostring(limit), tostring(cap), gate, ''}
 end
 local taken = 0
 for i = 11, #ARGV do
@@ -102,7 +102,8 @@ if period then
   local tat = t0 + taken * period
   if taken > 0 then
     -- Expiry means "TAT = now", the idle state: the key holds only a future TAT.
-    redis.call('SET', KEYS[6], string.format('%.0f', tat), 'PX', math.ceil((tat - now * 1000) / 1000))
+    out[2][4] = string.format('%.0f', tat)
+    redis.call('SET', KEYS[6], out[2][4], 'PX', math.ceil((tat - now * 1000) / 1000))
   end
   not_before = math.max(not_before, math.ceil((tat - tau) / 1000))
 end

@@ -20,7 +20,7 @@ Layout (``gdl:`` prefix)::
                                        aggr_state_ttl after a pool
                                        ends on an empty queue, unless
                                        paused
-    rate:<aggr>                string  GCRA theoretical arrival time   pool (take)          pool (take),
+    rate:<aggr>                string  GCRA theoretical arrival time   pool (take, refund)  pool (take),
                                        (us), PX until it is reached                         api (enqueue)
     paused                     set     aggregation ids an operator     api (pause, resume)  api (metrics,
                                        paused (out of the due index)                         views)

@@ -17,7 +17,7 @@ from typing import Any
 
 from gdl.job import rfc3339
 from gdl.store.core import JobStore, _translated
-from gdl.store.layout import DUE_INDEX, PAUSED, WAKE_AGGR, aggr_key, lease_key, queue_key
+from gdl.store.layout import DUE_INDEX, PAUSED, WAKE_AGGR, aggr_key, lease_key, queue_key, rate_key
 
 # Aggregations read for the metrics' shaping gauges (the due index's first ones, and every paused one).
 SHAPING_READ_MAX = 1000
@@ -100,6 +100,13 @@ class AggregationControls(JobStore):
         """Start again: the due index back from the queue's head, and a wake. False when unknown."""
         keys = [aggr_key(aggr_id), DUE_INDEX, PAUSED, queue_key(aggr_id), lease_key(aggr_id)]
         return int(self._run("resume_aggr", keys, [aggr_id, now, WAKE_AGGR, state_ttl_ms])) == 1
+
+    @_translated
+    def refund_start(self, aggr_id: str, *, now: int, expected: str) -> str | None:
+        """Give back the rate start charged for a job that made no request (refund_start.lua):
+        the GCRA time now ("" when idle), or None when refused (a take came between)."""
+        reply = self._run("refund_start", [rate_key(aggr_id), aggr_key(aggr_id)], [now, expected])
+        return str(reply[1]) if int(reply[0]) == 1 else None
 
     @_translated
     def clock_offset_ms(self, local: Callable[[], int]) -> int:

@@ -40,14 +40,14 @@ def enqueue_call(group: list[tuple[Job, Idempotency | None]], now: int) -> tuple
 
 
 def taken_from_reply(reply: list) -> Taken:
-    """take.lua's reply: {next due, {limit, effective limit, gate} or '', head, id, hash, ...}."""
+    """take.lua's reply: {next due, {limit, effective limit, gate, GCRA time} or '', head, id, hash, ...}."""
     next_due = int(float(reply[0])) if reply[0] != "" else None
     limit = cap = None
-    gate = ""
+    gate = rate_tat = ""
     if reply[1] != "":
-        limit, cap, gate = int(reply[1][0]), int(reply[1][1]), reply[1][2]
+        limit, cap, gate, rate_tat = int(reply[1][0]), int(reply[1][1]), reply[1][2], reply[1][3]
     jobs = []
     for i in range(3, len(reply), 2):
         flat = reply[i + 1]
         jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2]))))
-    return Taken(jobs, next_due, limit, cap=cap, gate=gate)
+    return Taken(jobs, next_due, limit, cap=cap, gate=gate, rate_tat=rate_tat)

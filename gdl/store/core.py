@@ -491,7 +491,7 @@ class JobStore:
 
 _SCRIPTS = ("enqueue", "take", "settle", "sweep", "claim", "renew_leases", "release_lease", "retry_callback", "forget",
             "active", "drop_dangling", "reconcile_failed",  # these three: the operator view's
-            "pause_aggr", "resume_aggr")  # the aggregation controls' (gdl/store/aggregations.py)
+            "pause_aggr", "resume_aggr", "refund_start")  # the aggregation controls' (gdl/store/aggregations.py)
 
 
 def _lua(name: str) -> str:

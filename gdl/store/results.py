@@ -137,6 +137,7 @@ class Taken:
     lease_lost: bool = False  # the take was refused: the caller no longer holds the lease
     cap: int | None = None  # the effective limit (adaptive aggregations; else the limit)
     gate: str = ""  # what held the take back: "", paused, throttled, capped, rate (take.lua)
+    rate_tat: str = ""  # the GCRA time the take wrote ("" for none): what refund_start expects
 
 
 class Settled(StrEnum):
