@@ -137,14 +137,6 @@ def test_finished_and_unknown_jobs(run_service, files):
     assert running.http.delete(running.url("/aggregations/never-seen")).status_code == 404
 
 
-def test_the_new_mutating_routes_need_a_token(run_service):
-    running = run_service(("api",), security={"api_tokens": ["s3cret"]})
-    job_path = "/jobs/" + "x" * 14
-    for path in (job_path, "/aggregations/a1"):
-        assert running.http.delete(running.url(path)).status_code == 401
-        assert running.http.delete(running.url(path), headers={"Authorization": "Bearer s3cret"}).status_code == 404
-
-
 class GatedOrigin:
     """Sends all of a body but its last byte, then the last byte when :meth:`release` is called."""
 

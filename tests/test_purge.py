@@ -11,12 +11,12 @@ import time
 import gevent
 
 from gdl import store as keys
-from gdl.store.cancel import PURGE_CHUNK
 from tests.conftest import wait_until
 from tests.origin import CountingOrigin
 
 QUEUED = 10_000
 BATCH = 500
+ORPHANED = 20_000  # a purge of 100 chunks: long enough to kill its processor midway
 SLOW_US = 50_000  # the bound on any one script call while purging (issue 17)
 
 
@@ -100,15 +100,31 @@ def test_a_purge_of_10000_queued_jobs_keeps_what_comes_after_it(run_service, fil
         origin.stop()
 
 
-def test_a_purge_left_half_done_is_finished_by_another_process(run_service, store):
-    api = run_service(("api",))
-    ids = enqueue_batch(api, [f"http://127.0.0.1:9/{n}" for n in range(1200)], "orphan", 1)
-    assert api.http.delete(api.url("/aggregations/orphan")).json()["queued"] == 1200
-    # Its processor died after the first chunk: the purge is still listed, its set part done.
-    [(token, record)] = store.purges().items()
-    assert store.purge_chunk(token, record, now=1, forget_at=2) == 1200 - PURGE_CHUNK
-    run_service(("processor",))  # another processor finishes it
-    wait_until(lambda: store.purges() == {})
-    assert {f["state"] for f in store.job_fields(ids, "state")} == {"cancelled"}
-    assert store.redis.exists(keys.purge_key(token)) == 0
-    assert store.redis.zcard(keys.CALLBACK_QUEUE) == 1200  # one callback each
+def test_a_purge_whose_processor_is_killed_9_midway_is_finished_by_another(run_service, make_cfg, gdl_process,
+                                                                            store):
+    origin = CountingOrigin(duration=60, size=1024 * 1024, ticks=600)  # holds the aggregation's two slots
+    try:
+        cfg = make_cfg(processor={"lease_ttl": 2, "scan_interval": 0.3, "pool_idle_timeout": 1})
+        api = run_service(("api",), cfg=cfg)
+        ids = enqueue_batch(api, [origin.url(f"/orphan/{n}") for n in range(ORPHANED)], "orphan", 2)
+        first = gdl_process(cfg, "processor", name="first.yaml")
+        wait_until(lambda: origin.total["orphan"] == 2, timeout=15)
+        assert api.http.delete(api.url("/aggregations/orphan")).json()["queued"] == ORPHANED - 2
+        [token] = store.purges()
+        # The first processor cancels the purge set a chunk at a time: kill it -9 once it has begun.
+        wait_until(lambda: store.redis.zcard(keys.purge_key(token)) < ORPHANED - 2, timeout=15, interval=0.001)
+        first.kill()
+        left = store.redis.zcard(keys.purge_key(token))
+        print(f"purge: killed with {left} of {ORPHANED - 2} queued jobs left")
+        assert 0 < left < ORPHANED - 2 and list(store.purges()) == [token]
+        gdl_process(cfg, "processor", name="second.yaml")  # another processor finishes it
+        wait_until(lambda: store.purges() == {}, timeout=30)
+        assert store.redis.exists(keys.purge_key(token)) == 0
+        # The two downloads in flight end cancelled too (aborted by the first, or settled by the
+        # second once their holder stopped renewing them); nothing was downloaded again.
+        wait_until(lambda: {f["state"] for f in store.job_fields(ids, "state")} == {"cancelled"}, timeout=20)
+        assert (origin.total["orphan"], origin.completed["orphan"]) == (2, 0)
+        assert store.redis.zcard(keys.CALLBACK_QUEUE) == ORPHANED  # one callback each, no notifier to send them
+        assert store.cancel_counts()["purged"] == ORPHANED - 2
+    finally:
+        origin.stop()
