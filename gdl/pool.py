@@ -153,6 +153,11 @@ class AggregationPool(TakingPool):
             error = exc
         finally:
             self.stats.worker_finished()
+        if isinstance(error, DownloadError) and shaping.is_congestion(error):
+            # The origin's "slow down" (a 429's pause, an adaptive cut) is written before
+            # this slot frees: a take in between would start what the pause forbids.
+            self._finish(job, fetched, error, started, begun)
+            return
         self.finish_off(job, lambda: self._finish(job, fetched, error, started, begun))
 
     def _finish(self, job: Job, fetched: Fetched | None, error: Exception | None, started: float,
