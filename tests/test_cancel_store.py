@@ -3,6 +3,7 @@ script, and settle.lua alone decides between a finishing download and its cancel
 
 from __future__ import annotations
 
+from gdl import shaping
 from gdl import store as keys
 from gdl.job import Job, JobState, new_id
 from gdl.store import DownloadOutcome, Settled
@@ -80,6 +81,18 @@ def test_a_cancel_landing_before_the_success_settles_wins_over_it(store):
     assert store.redis.zrange(keys.CALLBACK_QUEUE, 0, -1, withscores=True) == [(job.id, NOW + 60)]
     assert store.cancel_job(job.id, now=NOW + 70, forget_at=LATER) == "cancelled"
     assert store.cancel_counts() == {"in_flight": 1}
+
+
+def test_a_429_on_a_marked_download_still_pauses_its_aggregation(store):
+    """The throttle is the origin's word on the aggregation: recorded even when the
+    outcome itself is refused because the job's cancel was requested."""
+    job = store.enqueue(make_job(), now=NOW)
+    [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs
+    store.cancel_job(job.id, now=NOW + 1, forget_at=LATER)
+    throttle = shaping.signal(NOW + 2, busy=1, window_ms=2000, throttle=3000, congested=True, hold=True)
+    assert store.retry_download(held, OWNER, due=NOW + 2, now=NOW + 2, log_entry=None, signal=throttle,
+                                throttled=1) is Settled.CANCEL_REQUESTED
+    assert store.redis.hget(keys.aggr_key("shop"), "paused_until") == str(NOW + 3002)
 
 
 def test_a_retry_or_a_put_back_of_a_marked_download_is_refused_too(store):

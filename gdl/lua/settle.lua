@@ -81,6 +81,11 @@ end
 -- included: this is the one place deciding between a finishing download and
 -- its cancel. Nothing is written; the caller is told with 2.
 if ARGV[8] == '1' and redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
+  if ARGV[9] ~= '' then
+    -- The origin's word (a 429's pause, a congestion cut) holds for the
+    -- aggregation whatever becomes of this job.
+    shape(nkeys, cjson.decode(ARGV[9]))
+  end
   return 2
 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
