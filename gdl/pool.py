@@ -17,7 +17,6 @@ is aborted and settled cancelled instead.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ from gdl.config import Config
 from gdl.download import Attempt, Downloader, Downloaders, Fetched
 from gdl.errors import DownloadError, StoreUnavailable, Throttled, UnexpectedError
 from gdl.filestorage import FileStorages
+from gdl.filestorage.base import remove_quietly
 from gdl.job import Job, JobState
 from gdl.lease import Keeper
 from gdl.netguard import AddressGuard
@@ -75,7 +75,6 @@ class AggregationPool(TakingPool):
         self.downloader = downloaders.acquire(proxy)
         self.reuse = Reuse(store, filestorages.default, default_headers=self.cfg.request_headers,
                            max_ttl=self.cfg.reuse_max_ttl)
-        self._downloading: set[gevent.Greenlet] = set()
         self._rate_tat = ""  # the GCRA time this pool's last take or refund wrote (see _give_back_start)
         self._fetchers: dict[str, gevent.Greenlet] = {}  # job id -> the greenlet of its download (see _fetch)
 
@@ -115,7 +114,7 @@ class AggregationPool(TakingPool):
         """Interrupt the downloads in flight (their connections close; each job is
         put back if Redis answers, else left to the sweep): the lease may pass to
         another process, which must find the origin free of ours."""
-        downloading = list(self._downloading)
+        downloading = list(self._fetchers.values())
         if downloading:
             self.log.warning("interrupting %d download(s) in flight", len(downloading))
             gevent.killall(downloading, block=False)
@@ -164,16 +163,13 @@ class AggregationPool(TakingPool):
                 begun: int) -> None:
         """Store what the exchange brought and settle the job (or put it back if interrupted)."""
         try:
-            if fetched is not None and fetched.attempt.reused and not fetched.contacted:
-                self._give_back_start(job)
             if fetched is not None:
-                self._store(fetched, job)
-        except gevent.GreenletExit:
-            self._put_back(job)
-            raise
-        except Exception as exc:
-            error = exc
-        try:
+                if fetched.attempt.reused and not fetched.contacted:
+                    self._give_back_start(job)
+                try:
+                    self._store(fetched, job)
+                except Exception as exc:  # GreenletExit is no Exception: it puts the job back below
+                    error = exc
             if error is None:
                 assert fetched is not None
                 self._succeeded(job, fetched, started, _results(job, fetched.attempt, begun, self.clock()))
@@ -197,13 +193,13 @@ class AggregationPool(TakingPool):
                      _results(job, attempt, begun, self.clock(), failed=True))
 
     def _fetch(self, job: Job) -> Fetched:
-        """The download itself: the part that talks to the origin, which :meth:`fence` interrupts.
+        """The download itself: the part that talks to the origin.
 
-        It runs in a greenlet of its own, the one :meth:`cancel` kills: a cancel lands in the
-        download, or nowhere once the download is done (a kill of a dead greenlet does nothing),
-        never in the storing of the file or the settling of its outcome."""
-        current = gevent.getcurrent()
-        self._downloading.add(current)
+        It runs in a greenlet of its own, the one :meth:`cancel` and :meth:`fence` kill: a
+        kill lands in the download, or nowhere once the download is done (a kill of a dead
+        greenlet does nothing), never in the storing of the file or the settling of its
+        outcome. Killed by a fence, the download's GreenletExit reaches :meth:`handle`,
+        which puts the job back."""
         timeout = job.download_timeout or self.cfg.download_timeout
         partial = resume.usable(job) if self.cfg.resume else None
 
@@ -221,8 +217,7 @@ class AggregationPool(TakingPool):
             outcome = fetcher.get()
         finally:
             self._fetchers.pop(job.id, None)
-            self._downloading.discard(current)
-            if not fetcher.dead:  # this greenlet was interrupted (fence, shutdown): so is its download
+            if not fetcher.dead:  # this greenlet was interrupted (shutdown): so is its download
                 fetcher.kill(block=True)
         if isinstance(outcome, BaseException):  # killed before it began: gevent returns the exception
             raise outcome
@@ -242,7 +237,7 @@ class AggregationPool(TakingPool):
             try:
                 storage.store(fetched.path, job, sha256=sha256)
             except BaseException:
-                _remove_quietly(fetched.path)
+                remove_quietly(fetched.path)
                 raise
         self.reuse.remember(job, fetched, now=self.clock())
 
@@ -440,9 +435,3 @@ def _no_partial(job: Job) -> dict[str, Any]:
     """The status fields clearing the job's record of a partial file, if it has one."""
     return dict(resume.NO_PARTIAL) if job.status.partial_path else {}
 
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -34,7 +34,7 @@ import gevent.event
 
 from gdl import checksum, diskio, mime
 from gdl.errors import ConnectionFailed, DownloadTimeout, StorageError, TruncatedBody
-from gdl.filestorage.base import _remove_quietly
+from gdl.filestorage.base import remove_quietly
 from gdl.http import Headers, Response
 from gdl.job import Job
 
@@ -70,7 +70,7 @@ class Partial:
         return [("Range", f"bytes={self.size}-"), ("If-Range", self.validator)]
 
     def remove(self) -> None:
-        _remove_quietly(self.path)
+        remove_quietly(self.path)
 
 
 def recorded(job: Job) -> Partial | None:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from gdl import diskio
 from gdl.errors import StorageError
-from gdl.filestorage.base import _remove_quietly
+from gdl.filestorage.base import remove_quietly
 
 log = logging.getLogger("gdl.download")
 
@@ -111,4 +111,4 @@ class TempFile:
             except OSError:
                 pass  # the data is being thrown away; a failed flush does not matter
         if self.path:
-            _remove_quietly(self.path)
+            remove_quietly(self.path)

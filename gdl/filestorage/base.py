@@ -86,7 +86,8 @@ class FileStorage(ABC):
         return None
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove ``path``: gone already is fine, another failure is logged, never raised."""
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from gdl import diskio
 from gdl.errors import StorageError
-from gdl.filestorage.base import PREFIX_LENGTH, SAFE_ID_RE, FileStorage, _remove_quietly
+from gdl.filestorage.base import PREFIX_LENGTH, SAFE_ID_RE, FileStorage, remove_quietly
 from gdl.job import Job
 
 log = logging.getLogger("gdl.filestorage")
@@ -41,7 +41,7 @@ class FilesystemStorage(FileStorage):
             # One trip to the threadpool for the directory, the rename and their fsyncs.
             diskio.off_hub(_place, temp_path, final, self.rootdir)
         except OSError as exc:
-            _remove_quietly(temp_path)
+            remove_quietly(temp_path)
             raise StorageError(f"cannot store {final}: {exc.strerror or exc}") from exc
         log.debug("job %s: stored at %s", job.id, final)
 
@@ -110,7 +110,7 @@ def _write_and_place(data: bytes, temp_dir: str, prefix: str, target: str, rootd
     try:
         _place(temp, target, rootdir)
     except BaseException:
-        _remove_quietly(temp)
+        remove_quietly(temp)
         raise
 
 
@@ -125,7 +125,7 @@ def _link_into_place(source: str, target: str, rootdir: str) -> None:
     try:
         os.replace(temp, target)
     except BaseException:
-        _remove_quietly(temp)
+        remove_quietly(temp)
         raise
     diskio.sync_directory(directory)
 
@@ -157,6 +157,6 @@ def _move(source: str, target: str) -> None:
             os.fsync(out.fileno())
         os.replace(partial, target)
     except BaseException:
-        _remove_quietly(partial)
+        remove_quietly(partial)
         raise
-    _remove_quietly(source)
+    remove_quietly(source)

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from gdl import __version__, checksum
 from gdl.errors import ConfigError, S3StorageError, StartupError
-from gdl.filestorage.base import SAFE_ID_RE, FileStorage, _remove_quietly, path_for_id
+from gdl.filestorage.base import SAFE_ID_RE, FileStorage, path_for_id, remove_quietly
 from gdl.job import Job
 
 log = logging.getLogger("gdl.filestorage")
@@ -115,7 +115,7 @@ class S3Storage(FileStorage):
             self._upload(job, checked, lambda key, extra_args: self.client.upload_file(
                 temp_path, self.bucket, key, ExtraArgs=extra_args, Config=_transfer_config()))
         finally:
-            _remove_quietly(temp_path)
+            remove_quietly(temp_path)
 
     def store_bytes(self, data: bytes, job: Job, *, sha256: str = "") -> None:
         checked = sha256 if len(data) < S3_MULTIPART_THRESHOLD else ""
