@@ -15,7 +15,7 @@ import secrets
 from typing import Any
 
 from gdl.job import Job
-from gdl.store.core import JobStore, _lua, _translated
+from gdl.store.core import JobStore, _translated
 from gdl.store.layout import (
     CALLBACK_QUEUE,
     CANCEL_CHANNEL,
@@ -42,7 +42,6 @@ PURGE_CHUNK = 200  # jobs a purger cancels per script call (each call 1 to 3 ms)
 # Queue head ids a purge looks at beyond the aggregation's limit: a take between
 # that look and the purge takes among the queue's first (limit + HEAD_SEEN).
 PURGE_HEAD_MARGIN = 1000
-_SCRIPTS = ("cancel", "purge", "settle_cancelled")
 
 
 def purged_error(aggr_id: str) -> str:
@@ -51,10 +50,6 @@ def purged_error(aggr_id: str) -> str:
 
 class CancelOps(JobStore):
     """Cancel and purge (the API and ``gdl cancel``/``gdl aggr purge``), and the processor's side."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._scripts.update({name: self.redis.register_script(_lua(name)) for name in _SCRIPTS})
 
     # ---------------------------------------------------------------- requests
 

@@ -478,9 +478,12 @@ class JobStore:
         return msg["channel"], msg["data"]
 
 
+# Every script of gdl/lua/, registered once per store (the mixins of gdl/store/ run theirs by name too).
 _SCRIPTS = ("enqueue", "take", "settle", "sweep", "claim", "renew_leases", "release_lease", "retry_callback", "forget",
             "active", "drop_dangling", "reconcile_failed",  # these three: the operator view's
-            "pause_aggr", "resume_aggr", "refund_start")  # the aggregation controls' (gdl/store/aggregations.py)
+            "pause_aggr", "resume_aggr", "refund_start",  # the aggregation controls' (gdl/store/aggregations.py)
+            "cancel", "purge", "settle_cancelled",  # cancel and purge (gdl/store/cancel.py)
+            "remember")  # reuse records (gdl/store/reuse.py)
 
 
 def _lua(name: str) -> str:

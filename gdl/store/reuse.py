@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from gdl.store.core import JobStore, _lua, _translated
+from gdl.store.core import JobStore, _translated
 from gdl.store.layout import reuse_key
 
 
 class ReuseRecords(JobStore):
     """Reading and writing reuse records."""
-
-    _remember: Any = None
 
     @_translated
     def reuse_record(self, request_key: str) -> dict[str, str] | None:
@@ -27,7 +25,5 @@ class ReuseRecords(JobStore):
     @_translated
     def remember(self, request_key: str, record: dict[str, Any], *, ttl_ms: int) -> None:
         """Replace the record of ``request_key`` with ``record``, kept for ``ttl_ms``."""
-        if self._remember is None:
-            self._remember = self.redis.register_script(_lua("remember"))
         pairs = [x for name, value in record.items() for x in (name, str(value))]
-        self._remember(keys=[reuse_key(request_key)], args=[ttl_ms, *pairs])
+        self._run("remember", [reuse_key(request_key)], [ttl_ms, *pairs])
