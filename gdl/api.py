@@ -51,7 +51,7 @@ from gdl.netguard import AddressGuard
 from gdl.stats import STALE_AFTER_INTERVALS, summed
 from gdl.store import Enqueued, EnqueueOutcome, Idempotency, Store, now_ms
 from gdl.store.aggregations import idle_view
-from gdl.submission import MAX_AGGR_ID_LENGTH, parse_request
+from gdl.submission import check_aggr_id, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -284,19 +284,19 @@ class API:
         return _empty(204)
 
     def post_pause(self, environ: dict, aggr_id: str) -> Response:
-        aggr_id = _aggr_id(aggr_id)
+        aggr_id = check_aggr_id(aggr_id)
         self.store.pause_aggregation(aggr_id)
         log.info("aggr %s: paused by request", aggr_id)
         return self.get_aggregation(environ, aggr_id)
 
     def post_resume(self, environ: dict, aggr_id: str) -> Response:
-        aggr_id = _aggr_id(aggr_id)
+        aggr_id = check_aggr_id(aggr_id)
         ttl_ms = int(self.cfg.processor.aggr_state_ttl * 1000)
         if not self.store.resume_aggregation(aggr_id, now=self.clock(), state_ttl_ms=ttl_ms):
             raise HTTPError(404, f"aggregation {aggr_id} is unknown")
         log.info("aggr %s: resumed by request", aggr_id)
         # A pause of an aggregation that never had a job leaves no record once resumed.
-        view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=0)
+        view = self.store.aggregation(aggr_id, now=self.clock())
         return _json(200, (view or idle_view(aggr_id)).public())
 
     def delete_job(self, environ: dict, job_id: str) -> Response:
@@ -312,7 +312,7 @@ class API:
         return _json(409, {"error": f"job {job_id} already finished: {state}", "state": state})
 
     def delete_aggregation(self, environ: dict, aggr_id: str) -> Response:
-        aggr_id = _aggr_id(aggr_id)
+        aggr_id = check_aggr_id(aggr_id)
         purge = self.store.purge_aggregation(aggr_id, now=self.clock(), callback=_query_bool(environ, "callback"))
         if not purge.known:
             raise HTTPError(404, f"aggregation {aggr_id} is unknown (no job queued or in flight)")
@@ -367,9 +367,8 @@ class API:
         return _json(200, body)
 
     def get_aggregation(self, environ: dict, aggr_id: str) -> Response:
-        aggr_id = _aggr_id(aggr_id)
-        in_flight = self.store.inflight_by_aggregation().get(aggr_id, 0)
-        view = self.store.aggregation(aggr_id, now=self.clock(), in_flight=in_flight)
+        aggr_id = check_aggr_id(aggr_id)
+        view = self.store.aggregation(aggr_id, now=self.clock())
         if view is None:
             raise HTTPError(404, f"aggregation {aggr_id} is unknown (never seen, or forgotten)")
         return _json(200, view.public())
@@ -422,13 +421,6 @@ class API:
     def _check_id(self, job_id: str, status: int) -> None:
         if not is_valid_id(job_id):
             raise HTTPError(status, f"{job_id!r} is not a job id ({ID_LENGTH} letters and digits)")
-
-
-def _aggr_id(raw: str) -> str:
-    """An aggregation id from a path (percent-decoded as the WSGI server gives it)."""
-    if len(raw) > MAX_AGGR_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in raw):
-        raise HTTPError(400, f"aggr_id: must be 1 to {MAX_AGGR_ID_LENGTH} printable characters, no whitespace")
-    return raw
 
 
 def _conflict(job_id: str) -> str:

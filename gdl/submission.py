@@ -19,7 +19,7 @@ from gdl.job import Job
 from gdl.mime import check_mime_patterns
 from gdl.shaping import parse_fields
 
-__all__ = ["parse_request", "check_http_url", "url_origin", "MAX_AGGR_ID_LENGTH"]
+__all__ = ["parse_request", "check_aggr_id", "check_http_url", "url_origin", "MAX_AGGR_ID_LENGTH"]
 
 MAX_URL_LENGTH = 8192
 MAX_AGGR_ID_LENGTH = 200
@@ -48,9 +48,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
     if not isinstance(body, dict):
         raise ValidationError("body", "must be a JSON object")
     url = _http_url(body, "url", required=True)
-    aggr_id = _string(body, "aggr_id", required=True, max_length=MAX_AGGR_ID_LENGTH)
-    if not _printable_without_spaces(aggr_id):
-        raise ValidationError("aggr_id", "must not contain whitespace or control characters")
+    aggr_id = check_aggr_id(_string(body, "aggr_id", required=True))
     aggr_limit = _integer(body, "aggr_limit", required=True, minimum=1, maximum=MAX_AGGR_LIMIT)
     assert aggr_limit is not None
     proxy = _string(body, "aggr_proxy")
@@ -170,6 +168,16 @@ def _http_url_problem(value: str) -> str | None:
     if not _printable_without_spaces(value):
         return "must not contain whitespace or control characters"
     return _origin_problem(url_origin(value))
+
+
+def check_aggr_id(value: str) -> str:
+    """``value`` as an aggregation id (a job's field, or a route's path): at most
+    ``MAX_AGGR_ID_LENGTH`` characters, none of them whitespace or unprintable."""
+    if len(value) > MAX_AGGR_ID_LENGTH:
+        raise ValidationError("aggr_id", f"must be at most {MAX_AGGR_ID_LENGTH} characters")
+    if not _printable_without_spaces(value):
+        raise ValidationError("aggr_id", "must not contain whitespace or control characters")
+    return value
 
 
 def _printable_without_spaces(value: str) -> bool:

@@ -248,7 +248,7 @@ def test_a_paused_aggregation_takes_nothing_keeps_its_record_and_resumes(store):
     assert store.redis.zscore(keys.DUE_INDEX, "shop") is None
     enqueue(store, 1)  # still accepted, still not due
     assert store.redis.zscore(keys.DUE_INDEX, "shop") is None
-    view = store.aggregation("shop", now=NOW, in_flight=0)
+    view = store.aggregation("shop", now=NOW)
     assert (view.state, view.queued) == (AggrState.PAUSED, 3)
     assert store.pending_aggregations() == [("shop", 3)]
     store.redis.delete(keys.queue_key("shop"))

@@ -25,8 +25,7 @@ from gdl.store.aggregations import idle_view
 
 
 def show(store: Store, aggr_id: str, cfg: Config) -> AggregationView | None:
-    in_flight = store.inflight_by_aggregation().get(aggr_id, 0)
-    return store.aggregation(aggr_id, now=now_ms(), in_flight=in_flight)
+    return store.aggregation(aggr_id, now=now_ms())
 
 
 def pause(store: Store, aggr_id: str, cfg: Config) -> AggregationView | None:

@@ -80,7 +80,7 @@ def idle_view(aggr_id: str) -> AggregationView:
 
 class AggregationControls(JobStore):
     @_translated
-    def aggregation(self, aggr_id: str, *, now: int, in_flight: int) -> AggregationView | None:
+    def aggregation(self, aggr_id: str, *, now: int) -> AggregationView | None:
         """``aggr_id``'s view; None when gdl never saw it or forgot it (its record expired)."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(aggr_key(aggr_id))
@@ -88,6 +88,7 @@ class AggregationControls(JobStore):
             record, queued = pipe.execute()
         if not record:
             return None
+        in_flight = sum(1 for _, aggr in self._inflight_downloads() if aggr == aggr_id)
         return view_from_record(aggr_id, record, now=now, queued=int(queued), in_flight=in_flight)
 
     @_translated

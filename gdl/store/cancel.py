@@ -24,7 +24,6 @@ from gdl.store.layout import (
     DOWNLOADS,
     DUE_INDEX,
     INFLIGHT,
-    INFLIGHT_READ_MAX,
     PURGE_CHANNEL,
     PURGES,
     WAKE_CALLBACKS,
@@ -82,14 +81,9 @@ class CancelOps(JobStore):
 
     def _purge_candidates(self, aggr_id: str) -> list[str]:
         """The jobs of ``aggr_id`` seen in flight, then its queue's head (see purge.lua)."""
-        inflight = self.redis.zrange(INFLIGHT[DOWNLOADS], 0, INFLIGHT_READ_MAX - 1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(aggr_key(aggr_id), "limit")
-            for job_id in inflight:
-                pipe.hget(job_key(job_id), "aggr_id")
-            limit, *aggrs = pipe.execute()
+        ours = [job_id for job_id, aggr in self._inflight_downloads() if aggr == aggr_id]
+        limit = self.redis.hget(aggr_key(aggr_id), "limit")
         head = self.redis.zrange(queue_key(aggr_id), 0, int(limit or 0) + PURGE_HEAD_MARGIN - 1)
-        ours = [job_id for job_id, aggr in zip(inflight, aggrs) if aggr == aggr_id]
         return list(dict.fromkeys(ours + head))
 
     def _cancel(self, ids: list[str], queue: str, aggr_id: str, *, now: int, forget_at: int, callback: bool,

@@ -35,6 +35,7 @@ from gdl.store.layout import (
     DUE_INDEX,
     FAILED_CALLBACKS,
     INFLIGHT,
+    INFLIGHT_READ_MAX,
     PROCESSOR_SLOTS,
     PROCESSORS,
     STATE_FIELD,
@@ -198,6 +199,15 @@ class JobStore:
     @_translated
     def job_log(self, job_id: str) -> list[dict]:
         return [json.loads(line) for line in self.redis.lrange(log_key(job_id), 0, -1)]
+
+    def _inflight_downloads(self) -> list[tuple[str, str | None]]:
+        """(job id, its aggregation: None for a job gone) of the downloads in flight, the first
+        INFLIGHT_READ_MAX (the in-flight set is global: an aggregation's share is read from its jobs)."""
+        ids = self.redis.zrange(INFLIGHT[DOWNLOADS], 0, INFLIGHT_READ_MAX - 1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(job_key(job_id), "aggr_id")
+            return list(zip(ids, pipe.execute()))
 
     # ---------------------------------------------------------------- scanner: leases
 

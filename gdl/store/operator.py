@@ -28,7 +28,6 @@ from gdl.store.layout import (
     FAILURES_KEPT,
     HEARTBEATS,
     INFLIGHT,
-    INFLIGHT_READ_MAX,
     LEGACY_PREFIX,
     LOG_SUFFIX,
     PAUSED,
@@ -127,13 +126,8 @@ class OperatorView(JobStore):
     @_translated
     def inflight_by_aggregation(self) -> dict[str, int]:
         """Downloads in flight per aggregation (the first INFLIGHT_READ_MAX of them)."""
-        ids = self.redis.zrange(INFLIGHT[DOWNLOADS], 0, INFLIGHT_READ_MAX - 1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(job_key(job_id), "aggr_id")
-            aggrs = pipe.execute()
         counts: dict[str, int] = {}
-        for aggr in aggrs:
+        for _, aggr in self._inflight_downloads():
             if aggr is not None:
                 counts[aggr] = counts.get(aggr, 0) + 1
         return counts
