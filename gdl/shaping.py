@@ -6,18 +6,17 @@ operator's pause, a throttle pause the origin asked for (429, or 503 with
 ``Retry-After``), the adaptive limit (AIMD on the concurrency cap) and the
 rate (GCRA: one stored theoretical arrival time per aggregation). The
 scripts do the arithmetic in one atomic step; this module decides what an
-outcome signals (:func:`signal`), validates the job fields
-(:func:`parse_fields`) and holds the constants. The contract's words are in
+outcome signals (:func:`signal`) and holds the constants and the job fields'
+type (validated with the other fields by :func:`gdl.submission.shaping_fields`). The contract's words are in
 docs/api.md, "Aggregation traffic shaping".
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from gdl.errors import DownloadError, DownloadTimeout, ValidationError
+from gdl.errors import DownloadError, DownloadTimeout
 
 MAX_AGGR_RATE = 1000.0  # starts per second; more is a 400 (the GCRA works in whole microseconds)
 MAX_AGGR_BURST = 1000
@@ -38,41 +37,6 @@ class ShapingFields:
     rate: float | None = None
     burst: int | None = None
     adaptive: bool | None = None
-
-
-def parse_fields(body: dict) -> ShapingFields:
-    """The shaping fields of a ``POST /download`` body (a ValidationError names the field)."""
-    return ShapingFields(rate=_rate(body), burst=_burst(body), adaptive=_adaptive(body))
-
-
-def _rate(body: dict) -> float | None:
-    if "aggr_rate" not in body:
-        return None
-    value = body["aggr_rate"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError("aggr_rate", f"must be a number of starts per second, not {value!r}")
-    if not 0 <= value <= MAX_AGGR_RATE:
-        raise ValidationError("aggr_rate", f"must be between 0 and {MAX_AGGR_RATE:g}, got {value}")
-    return float(value)
-
-
-def _burst(body: dict) -> int | None:
-    if "aggr_burst" not in body:
-        return None
-    value = body["aggr_burst"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or not 1 <= value <= MAX_AGGR_BURST:
-        raise ValidationError("aggr_burst", f"must be an integer between 1 and {MAX_AGGR_BURST}, not {value!r}")
-    return int(value)
-
-
-def _adaptive(body: dict) -> bool | None:
-    if "aggr_adaptive" not in body:
-        return None
-    value = body["aggr_adaptive"]
-    if not isinstance(value, bool):
-        raise ValidationError("aggr_adaptive", f"must be true or false, not {value!r}")
-    return value
 
 
 def throttle_pause_ms(err: DownloadError, *, max_retry_after: float) -> int | None:

@@ -17,9 +17,9 @@ from gdl import checksum
 from gdl.errors import ValidationError
 from gdl.job import Job
 from gdl.mime import check_mime_patterns
-from gdl.shaping import parse_fields
+from gdl.shaping import MAX_AGGR_BURST, MAX_AGGR_RATE, ShapingFields
 
-__all__ = ["parse_request", "check_aggr_id", "check_http_url", "url_origin", "MAX_AGGR_ID_LENGTH"]
+__all__ = ["parse_request", "shaping_fields", "check_aggr_id", "check_http_url", "url_origin", "MAX_AGGR_ID_LENGTH"]
 
 MAX_URL_LENGTH = 8192
 MAX_AGGR_ID_LENGTH = 200
@@ -62,7 +62,7 @@ def parse_request(body: Any, *, job_id: str, now_ms: int) -> Job:
     if mime_type:
         check_mime_patterns(mime_type)
     extra = _string(body, "extra", max_length=MAX_EXTRA_LENGTH)
-    shaping = parse_fields(body)
+    shaping = shaping_fields(body)
     return Job(
         id=job_id,
         url=url,
@@ -168,6 +168,24 @@ def _http_url_problem(value: str) -> str | None:
     if not _printable_without_spaces(value):
         return "must not contain whitespace or control characters"
     return _origin_problem(url_origin(value))
+
+
+def shaping_fields(body: dict) -> ShapingFields:
+    """The traffic-shaping fields of a body: each None when left out (the aggregation keeps its own)."""
+    burst = _integer(body, "aggr_burst", minimum=1, maximum=MAX_AGGR_BURST)
+    adaptive = _boolean(body, "aggr_adaptive") if "aggr_adaptive" in body else None
+    return ShapingFields(rate=_rate(body), burst=burst, adaptive=adaptive)
+
+
+def _rate(body: dict) -> float | None:
+    if "aggr_rate" not in body:
+        return None
+    value = body["aggr_rate"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError("aggr_rate", f"must be a number of starts per second, not {value!r}")
+    if not 0 <= value <= MAX_AGGR_RATE:
+        raise ValidationError("aggr_rate", f"must be between 0 and {MAX_AGGR_RATE:g}, got {value}")
+    return float(value)
 
 
 def check_aggr_id(value: str) -> str:

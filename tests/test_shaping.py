@@ -15,6 +15,7 @@ from gdl.download import parse_retry_after
 from gdl.errors import DownloadTimeout, HTTPStatusError, ValidationError
 from gdl.job import Job, JobState, new_id
 from gdl.store import AggrState, DownloadOutcome
+from gdl.submission import shaping_fields
 from tests.samples import take_holding_lease
 
 NOW = 1_700_000_000_000
@@ -272,16 +273,17 @@ def test_resume_restores_the_due_index_from_the_queue_head(store):
 @pytest.mark.parametrize("field,value", [
     ("aggr_rate", -1), ("aggr_rate", "2"), ("aggr_rate", True), ("aggr_rate", 1001), ("aggr_rate", None),
     ("aggr_burst", 0), ("aggr_burst", 1.5), ("aggr_burst", 1001), ("aggr_burst", "3"),
+    ("aggr_burst", float("inf")), ("aggr_burst", float("nan")),  # json.loads reads Infinity and NaN
     ("aggr_adaptive", "yes"), ("aggr_adaptive", 1), ("aggr_adaptive", None),
 ])
 def test_bad_shaping_fields_are_refused_naming_the_field(field, value):
     with pytest.raises(ValidationError) as caught:
-        shaping.parse_fields({field: value})
+        shaping_fields({field: value})
     assert caught.value.field == field
 
 
 def test_shaping_fields_left_out_are_none_and_round_trip_through_the_job_hash():
-    assert shaping.parse_fields({}) == shaping.ShapingFields()
+    assert shaping_fields({}) == shaping.ShapingFields()
     job = make_job(aggr_rate=0.2, aggr_burst=4, aggr_adaptive=False)
     again = Job.from_hash(job.to_hash())
     assert (again.aggr_rate, again.aggr_burst, again.aggr_adaptive) == (0.2, 4, False)
