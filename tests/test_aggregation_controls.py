@@ -214,7 +214,12 @@ def test_a_pause_stops_new_starts_survives_restarts_and_resume_restarts_work(tmp
         wait_until(lambda: all(f":{p.process.pid}:" in " ".join(store.redis.zrange(keys.PROCESSORS, 0, -1))
                                for p in restarted), timeout=15)
         assert origin.total["p"] == seen
-        assert store.lease_holder("p") is None and store.redis.zscore(keys.DUE_INDEX, "p") is None
+        # p's pool may have been the killed process's: its lease lapses within lease_ttl of the
+        # kill (q's may have been the stopped one's, released at once, so q's hand-over says
+        # nothing of p's). A new process that claimed the paused p would renew the lease and
+        # this wait would fail.
+        wait_until(lambda: store.lease_holder("p") is None, timeout=10)
+        assert store.redis.zscore(keys.DUE_INDEX, "p") is None and origin.total["p"] == seen
         view = api.get("/aggregations/p").json()
         assert view["state"] == "paused" and view["queued"] == 31 - seen
 
