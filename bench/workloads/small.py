@@ -18,7 +18,7 @@ from typing import Any, Self
 from common import (
     machine_busy_seconds,
 )
-from harness import BENCH_DIR, SMALL_BYTES, Gdl, Nginx, children_cpu, discard, gdl_name, gdl_tool, now
+from harness import BENCH_DIR, SMALL_BYTES, Gdl, Nginx, children_cpu, discard, gdl_name, gdl_tool, now, set_aside
 from report import Report, Row, jobs_record, print_gdl_details, print_jobs_table
 from servers import CallbackReceiver
 from submit import Enqueuer, Job, await_callbacks, check_callbacks, check_files
@@ -82,7 +82,7 @@ def small_reference(nginx: Nginx, names: list[str], workdir: Path, *, key: str, 
               bench_cpu=time.process_time() - bench_cpu, machine_cpu=machine_busy_seconds() - machine_cpu,
               note=note, key=key, peak_rss={key: rss} if rss is not None else {})
     check_dir(outdir, len(names), SMALL_BYTES, f"{name} small files")
-    shutil.rmtree(outdir)
+    set_aside(outdir)
     return row
 
 
