@@ -6,10 +6,15 @@ in Redis and publishes its id on ``gdl:cancel``; :meth:`Canceller.on_cancel`
 finds the pool fetching it and aborts the download (the pool then settles it
 cancelled, :mod:`gdl.pool`). Pub/sub may drop a message (a reconnect, a slow
 subscriber), so every ``processor.cancel_check_interval`` seconds the
-canceller also reads the marks of the downloads this process holds (one
-pipeline): a lost message delays an abort by at most that long. The same
-check settles the marked downloads whose holder died (before the sweep would
-put them back in their queue).
+canceller also looks for marks itself: a lost message delays an abort by at
+most that long. It reads the count of marks ever made (one ``GET``), and only
+when that moved the marks of the downloads this process holds (one pipeline
+of a command per download: done every time, about a Redis command per job on
+a busy processor). It reads them in that check and the next: a job taken in
+Redis before its mark but not yet held here when the count was read is held
+by then. A mark made before a take comes back with the job, and the pool
+settles it cancelled at once. The same check settles the marked downloads
+whose holder died (before the sweep would put them back in their queue).
 
 A purge (:meth:`gdl.store.Store.purge_aggregation`) leaves its aggregation's
 queued jobs in a purge set listed in ``purges``; the purger cancels each set
@@ -46,6 +51,8 @@ class Canceller:
         self._look = gevent.event.Event()  # check the marks now (a pub/sub reconnect)
         self._purge = gevent.event.Event()  # a purge was started
         self._stopping = False
+        self._marks_seen: int | None = None  # the count of marks at the last check
+        self._mark_reads_due = 0  # checks still to read the held downloads' marks
 
     # ------------------------------------------------------------------ pub/sub handlers
 
@@ -53,6 +60,7 @@ class Canceller:
         """``gdl:cancel`` handler: abort ``job_id`` if this process fetches it (None: messages
         may have been lost, check every mark)."""
         if job_id is None:
+            self._mark_reads_due = 2
             self._look.set()
         else:
             self.abort(job_id)
@@ -92,11 +100,25 @@ class Canceller:
         now = self.clock()
         for job_id in self.store.sweep_cancelled(now=now, forget_at=now + self.deletion_delay_ms):
             log.info("job %s: cancelled (its holder stopped renewing it)", job_id)
+        if not self._marks_moved():
+            return 0
         held = sorted(self.keeper.inflight.get(DOWNLOADS, ()))
         aborted = [job_id for job_id in self.store.cancels_requested(held) if self.abort(job_id)]
         if aborted:
             log.info("cancels: %d download(s) found marked by the backstop check", len(aborted))
         return len(aborted)
+
+    def _marks_moved(self) -> bool:
+        """Whether this check reads the held downloads' marks: in the check that finds
+        the count of marks moved and in the next (see the module's docstring)."""
+        marks = self.store.cancel_marks()
+        if marks != self._marks_seen:
+            self._marks_seen = marks
+            self._mark_reads_due = 2
+        if not self._mark_reads_due:
+            return False
+        self._mark_reads_due -= 1
+        return True
 
     # ------------------------------------------------------------------ purges
 

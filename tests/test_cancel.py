@@ -123,6 +123,25 @@ def test_a_lost_cancel_message_is_made_up_by_the_backstop_check(run_service, rec
     assert temp_files(tmp_path, job) == []
 
 
+def test_the_backstop_reads_no_marks_until_one_is_made(run_service, receiver, origin, tmp_path):
+    running = run_service(ROLES, processor={"cancel_check_interval": 0.1})
+    [wakeup] = [h for h in running.service.helpers if isinstance(h, Wakeup)]
+    wakeup._handlers[CANCEL_CHANNEL].clear()  # only the backstop can find the cancel below
+    jobs = [enqueue(running, receiver, origin.url(f"/a1/held{i}"), limit=3) for i in range(3)]
+    wait_until(lambda: all(temp_files(tmp_path, job) for job in jobs))
+    time.sleep(0.3)  # the first two checks of a process read the marks, as after any move of the count
+    redis = running.service.store.redis
+    redis.config_resetstat()
+    time.sleep(1.0)  # ten checks, three downloads held in each
+    stats = redis.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] >= 5  # the checks ran, each reading the count of marks
+    assert "cmdstat_hexists" not in stats, stats["cmdstat_hexists"]  # and none read a mark: none was made
+    assert running.http.delete(running.url(f"/jobs/{jobs[1]}")).status_code == 202
+    wait_until(lambda: state(running, jobs[1]) == "cancelled", timeout=5)
+    assert redis.info("commandstats")["cmdstat_hexists"]["calls"] >= 3  # the held marks, read once moved
+    assert [state(running, job) for job in jobs] == ["in_flight", "cancelled", "in_flight"]
+
+
 def test_finished_and_unknown_jobs(run_service, files):
     files.add("/done", b"done")
     running = run_service(("api", "processor"))

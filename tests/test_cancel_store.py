@@ -123,6 +123,21 @@ def test_the_backstop_finds_the_marked_downloads(store):
     assert store.cancels_requested([j.id for j in jobs]) == [jobs[1].id]
 
 
+def test_the_count_of_marks_moves_with_each_new_mark_only(store):
+    jobs = [store.enqueue(make_job(), now=NOW + i) for i in range(4)]
+    queued = store.enqueue(make_job(), now=NOW + 10)
+    take_holding_lease(store, "shop", OWNER, now=NOW + 5, count=4, deadline=NOW + 5000)
+    assert store.cancel_marks() == 0
+    store.cancel_job(jobs[0].id, now=NOW + 6, forget_at=LATER)
+    assert store.cancel_marks() == 1
+    store.cancel_job(jobs[0].id, now=NOW + 7, forget_at=LATER)  # a repeat: marked already
+    store.cancel_job(queued.id, now=NOW + 7, forget_at=LATER)  # queued: cancelled, no mark
+    assert store.cancel_marks() == 1
+    store.purge_aggregation("shop", now=NOW + 8)  # marks the three others in flight
+    assert store.cancel_marks() == 4
+    assert store.cancels_requested([j.id for j in jobs]) == [j.id for j in jobs]
+
+
 def test_a_purge_renames_the_queue_and_marks_what_is_in_flight(store):
     jobs = [store.enqueue(make_job(), now=NOW + i) for i in range(5)]
     [held] = take_holding_lease(store, "shop", OWNER, now=NOW, count=1, deadline=NOW + 5000).jobs

@@ -5,8 +5,8 @@
 -- holder aborts it and settles it cancelled (settle.lua refuses any other
 -- outcome of a marked job, so a download finishing meanwhile never succeeds).
 -- KEYS[1] the due index   KEYS[2] the callback queue   KEYS[3] the deletion queue
--- KEYS[4] the cancel counters (hash)
--- then for job i: KEYS[3 + 2i] its hash, KEYS[4 + 2i] the set it is queued in
+-- KEYS[4] the cancel counters (hash)   KEYS[5] the count of marks made (raised per new mark)
+-- then for job i: KEYS[4 + 2i] its hash, KEYS[5 + 2i] the set it is queued in
 --   (its aggregation's queue, or the purge set holding it)
 -- ARGV[1] now (ms)   ARGV[2] when a job with no callback is forgotten (ms)
 -- ARGV[3] '1': a callback for each cancelled job, '0': none
@@ -23,8 +23,8 @@ local replies = {}
 local cancelled = 0
 local wake = nil  -- a job whose callback was queued: one message wakes the notifiers for all
 for i = 1, (#ARGV - 8) / 2 do
-  local job = KEYS[3 + 2 * i]
-  local queue = KEYS[4 + 2 * i]
+  local job = KEYS[4 + 2 * i]
+  local queue = KEYS[5 + 2 * i]
   local id, aggr = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
   local found = redis.call('HMGET', job, 'state', 'callback_type')
   local state = found[1]
@@ -54,6 +54,7 @@ for i = 1, (#ARGV - 8) / 2 do
   elseif state == 'in_flight' then
     if redis.call('HSETNX', job, 'cancel', ARGV[3]) == 1 then
       redis.call('HSET', job, 'cancel_reason', ARGV[4])
+      redis.call('INCR', KEYS[5])
     end
     redis.call('PUBLISH', ARGV[6], id)
     replies[i] = 'cancelling'

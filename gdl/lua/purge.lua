@@ -10,7 +10,8 @@
 -- in flight here is marked for cancelling and its holder told, as cancel.lua does.
 -- KEYS[1] the aggregation's queue   KEYS[2] the purge set (a new key)
 -- KEYS[3] the due index   KEYS[4] the purges hash   KEYS[5] the aggregation hash
--- KEYS[6..] the hashes of the candidate jobs, in the order of ARGV[8..]
+-- KEYS[6] the count of marks made (raised per new mark, as by cancel.lua)
+-- KEYS[7..] the hashes of the candidate jobs, in the order of ARGV[8..]
 -- ARGV[1] aggregation id   ARGV[2] purge token (field of KEYS[4])
 -- ARGV[3] the purge's record (JSON, value in KEYS[4])
 -- ARGV[4] '1': a callback for each cancelled job, '0': none
@@ -22,11 +23,12 @@
 local queued = redis.call('ZCARD', KEYS[1])
 local marked = 0
 for i = 8, #ARGV do
-  local job = KEYS[i - 2]
+  local job = KEYS[i - 1]
   local found = redis.call('HMGET', job, 'state', 'aggr_id')
   if found[1] == 'in_flight' and found[2] == ARGV[1] then
     if redis.call('HSETNX', job, 'cancel', ARGV[4]) == 1 then
       redis.call('HSET', job, 'cancel_reason', ARGV[5])
+      redis.call('INCR', KEYS[6])
     end
     redis.call('PUBLISH', ARGV[6], ARGV[i])
     marked = marked + 1

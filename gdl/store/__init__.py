@@ -63,6 +63,8 @@ Layout (``gdl:`` prefix)::
                                        purge renamed, left to cancel   RENAME), purger     (purger)
     cancels                    hash    queued, in_flight, purged ->    cancel scripts       api (metrics)
                                        jobs cancelled that way
+    cancel_marks               string  count of downloads in flight    cancel.lua,          processor
+                                       ever marked for cancelling      purge.lua (INCR)     (backstop)
     tput:<10 s bucket>         hash    downloads, bytes, failures,     every process's      api, cli
                                        callbacks, callback_failures    reporter (HINCRBY
                                        (EXPIRE 16 min)                 of its deltas)

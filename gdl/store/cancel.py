@@ -19,6 +19,7 @@ from gdl.store.core import JobStore, _translated
 from gdl.store.layout import (
     CALLBACK_QUEUE,
     CANCEL_CHANNEL,
+    CANCEL_MARKS,
     CANCELS,
     DELETIONS,
     DOWNLOADS,
@@ -70,7 +71,7 @@ class CancelOps(JobStore):
         candidates = self._purge_candidates(aggr_id)
         token = secrets.token_hex(8)
         record = json.dumps({"aggr_id": aggr_id, "callback": callback, "at": now}, separators=(",", ":"))
-        keys = [queue_key(aggr_id), purge_key(token), DUE_INDEX, PURGES, aggr_key(aggr_id),
+        keys = [queue_key(aggr_id), purge_key(token), DUE_INDEX, PURGES, aggr_key(aggr_id), CANCEL_MARKS,
                 *map(job_key, candidates)]
         args = [aggr_id, token, record, int(callback), purged_error(aggr_id), CANCEL_CHANNEL, PURGE_CHANNEL,
                 *candidates]
@@ -88,7 +89,7 @@ class CancelOps(JobStore):
 
     def _cancel(self, ids: list[str], queue: str, aggr_id: str, *, now: int, forget_at: int, callback: bool,
                 error: str, counter: str, aggr_queue: bool) -> list[str]:
-        keys = [DUE_INDEX, CALLBACK_QUEUE, DELETIONS, CANCELS]
+        keys = [DUE_INDEX, CALLBACK_QUEUE, DELETIONS, CANCELS, CANCEL_MARKS]
         args: list[Any] = [now, forget_at, int(callback), error, WAKE_CALLBACKS, CANCEL_CHANNEL, counter,
                            int(aggr_queue)]
         for job_id in ids:
@@ -132,6 +133,12 @@ class CancelOps(JobStore):
         entry = json.dumps(log_entry, separators=(",", ":")) if log_entry else ""
         return _SETTLED[int(self._run_batched("settle_cancelled", keys, [job_id, owner, now, forget_at, entry,
                                                                          WAKE_CALLBACKS]))]
+
+    @_translated
+    def cancel_marks(self) -> int:
+        """How many downloads in flight were ever marked for cancelling: a count that moves
+        with each new mark (0 before the first), so that the backstop reads marks only then."""
+        return int(self.redis.get(CANCEL_MARKS) or 0)
 
     @_translated
     def cancels_requested(self, job_ids: list[str]) -> list[str]:

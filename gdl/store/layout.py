@@ -88,6 +88,9 @@ INFLIGHT_READ_MAX = 20_000  # in-flight downloads read to count them per aggrega
 # and the counts of jobs cancelled, by how (queued, in_flight, purged), for /metrics.
 PURGES = PREFIX + "purges"
 CANCELS = PREFIX + "cancels"
+# Raised each time a download in flight is newly marked for cancelling: a processor's
+# backstop check reads the marks of the downloads it holds only after it moved.
+CANCEL_MARKS = PREFIX + "cancel_marks"
 
 
 def purge_key(token: str) -> str:
@@ -110,6 +113,7 @@ __all__ = [
     "PURGE_CHANNEL",
     "PURGES",
     "CANCELS",
+    "CANCEL_MARKS",
     "purge_key",
     "DOWNLOADS",
     "CALLBACKS",
