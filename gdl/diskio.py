@@ -62,6 +62,25 @@ def off_hub(fn: Callable[..., T], *args: object) -> T:
     return _unwrap(gevent.get_hub().threadpool.apply(_capture, (fn, args)))
 
 
+class Started:
+    """A call running in the hub's threadpool (:func:`start_off_hub`); :meth:`wait` for its result."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self._result = gevent.get_hub().threadpool.spawn(_capture, fn, args)
+
+    def wait(self) -> Any:
+        """The call's return value, or its exception raised here. Waiting again after an
+        interrupt (a killed greenlet cleaning up) waits for the same call."""
+        return _unwrap(self._result.get())
+
+
+def start_off_hub(fn: Callable[..., Any], *args: object) -> Started:
+    """Start ``fn(*args)`` in the hub's threadpool and return at once (see :class:`Started`)."""
+    return Started(fn, args)
+
+
 def off_hub_shared(fn: Callable[..., T], *args: object) -> T:
     """Like :func:`off_hub`, sharing the trip with other greenlets' calls (see :class:`TripSharer`)."""
     hub = gevent.get_hub()

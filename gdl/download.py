@@ -345,13 +345,13 @@ class Downloader:
         for chunk in response.chunks(self.chunk_size):  # the engine raises TruncatedBody or DownloadTimeout
             if self.max_bytes and temp.size + len(chunk) > self.max_bytes:
                 raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes", response_code=code)
-            temp.write(chunk)
-            digests.update(chunk)
+            temp.write(chunk, digests)
             if sniffing:
                 head += chunk
                 if len(head) >= mime.SNIFF_BYTES:
                     found_mime = check_mime(head, job.mime_type, patterns, code)
                     sniffing, head = False, bytearray()
+        temp.wait_written()  # the last chunk too: the digests are read next
         if sniffing:
             found_mime = check_mime(head, job.mime_type, patterns, code)  # a body shorter than SNIFF_BYTES
         if declared is not None and temp.size - start != declared:

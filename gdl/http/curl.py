@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 READ, WRITE = 1, 2  # libev's event bits, as gevent's io watchers take and pass them
 # Bytes a transfer may hold that its reader has not taken; past this it is paused.
 HIGH_WATER = 256 * 1024
+# The most libcurl reads from a socket per write callback (CURLOPT_BUFFERSIZE; its
+# default is 16 KiB). Each callback is a trip through Python. Since libcurl 8.7 (pycurl's
+# wheels bring 8.23) that buffer is one per multi handle, not per transfer, so a bigger
+# one costs no memory per download.
+RECEIVE_BUFFER = 256 * 1024
 # libcurl's own deadline comes this long after the exchange's: the caller's
 # (a gevent.Timeout over the whole download) speaks first.
 BACKSTOP_MS = 1000
@@ -117,6 +122,7 @@ class CurlEngine(Engine):
         handle.setopt(pycurl.HTTPHEADER, _header_lines(exchange.headers))
         handle.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
         handle.setopt(pycurl.WRITEFUNCTION, transfer.on_write)
+        handle.setopt(pycurl.BUFFERSIZE, RECEIVE_BUFFER)
         _set_method(handle, exchange)
         if self.guard is not None:
             self._guard(transfer)
