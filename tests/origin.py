@@ -60,6 +60,7 @@ class CountingOrigin:
         self.serving: dict[str, list[str]] = defaultdict(list)  # group -> process header of each request
         self.overlaps: list[tuple[str, list[str]]] = []
         self.served: list[tuple[str, float, float]] = []  # (path, start, end) on time.monotonic
+        self.served_to: list[str] = []  # the process header of each of ``served``, in the same order
         self.starts: dict[str, list[float]] = defaultdict(list)  # group -> arrival of each request
         self.refused: Counter[str] = Counter()  # group -> requests the answer hook refused
         self.answer = answer
@@ -117,6 +118,7 @@ class CountingOrigin:
             self.current[group] -= 1
             self.serving[group].remove(process)
             self.served.append((path, start, time.monotonic()))
+            self.served_to.append(process)
 
     def _arrived(self, group: str, process: str) -> None:
         self.current[group] += 1

@@ -8,12 +8,13 @@ same port and directory), and once a processor gets a SIGTERM. Everything
 is seeded, loopback only, and stops by itself.
 
 What must hold: every accepted job is called back, successfully; every
-stored file is byte-exact; an origin request is repeated only if a request
-of the same URL was in progress during a kill, a SIGTERM or a Redis outage
-(plus the lease ttl after it), or around a lease fence a process logged (a
-machine so loaded that a renewal came too late: the process stops its
-downloads rather than risk the limit); and no aggregation's limit is ever
-passed.
+stored file is byte-exact; an origin request is repeated only if, between
+the earlier request's start and the repeat, the process that made the
+earlier one was killed or told to stop (its outcome is recorded after the
+body ends, once the file is stored), or Redis was out (plus the lease ttl
+after it), or a process logged a lease fence (a machine so loaded that a
+renewal came too late: the process stops its downloads rather than risk the
+limit); and no aggregation's limit is ever passed.
 
 The default run is short (CI runs it); ``pytest tests/test_chaos.py
 --chaos-jobs 3000 --chaos-seconds 180`` is the long one.
@@ -26,6 +27,7 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -84,7 +86,8 @@ def test_chaos(tmp_path, request):
     api_port = free_port()
     deployment = Deployment(tmp_path, redis, api_port)
     store = Store.connect(redis.url)
-    windows: list[tuple[float, float]] = []  # when a request may have been cut or its outcome lost
+    windows: list[tuple[float, float]] = []  # Redis outages: any request's outcome may be lost
+    deaths: dict[str, list[float]] = {}  # processor name -> when it was killed or told to stop
     try:
         limits = {f"c{i}": 1 + i % 5 for i in range(30)}
         paths = accept(api_port, origin, receiver, limits, jobs)
@@ -95,11 +98,13 @@ def test_chaos(tmp_path, request):
             time.sleep(rng.uniform(1.0, 3.0))
             event += 1
             if event == sigterm_at:
-                windows.append(sigterm_a_processor(deployment, rng))
+                name, at = sigterm_a_processor(deployment, rng)
+                deaths.setdefault(name, []).append(at)
             elif rng.random() < 0.25:
                 windows.append(restart_redis(redis, rng))
             else:
-                windows.append(kill_a_process(deployment, rng))
+                name, at = kill_a_process(deployment, rng)
+                deaths.setdefault(name, []).append(at)
         wait_until(lambda: pings(store), timeout=10)
         wait_until(lambda: set(receiver.by_job()) >= set(paths), timeout=180, interval=0.5)
         called_back = receiver.by_job()
@@ -110,7 +115,7 @@ def test_chaos(tmp_path, request):
         assert origin.over(limits) == {}, [o for o in origin.overlaps if len(o[1]) > limits[o[0]]]
         # A process that could not renew its leases in time (a starved machine) interrupts its downloads
         # before they can lapse: each such fence is a window too.
-        repeated = repeated_outside(origin, windows + fence_windows(deployment))
+        repeated = repeated_unexplained(origin, deaths, windows + fence_windows(deployment))
         job_ids = [job_id for job_id, path in paths.items() if path in repeated]
         assert repeated == [], deployment.log_lines(*job_ids, "unconfirmed", "late")
     finally:
@@ -147,24 +152,25 @@ def _answers(http: requests.Session, url: str) -> bool:
         return False
 
 
-def kill_a_process(deployment: Deployment, rng: random.Random) -> tuple[float, float]:
+def kill_a_process(deployment: Deployment, rng: random.Random) -> tuple[str, float]:
+    """kill -9 of any of the four, started again a moment later; (its name, when)."""
     name = rng.choice(sorted(deployment.procs))
     at = time.monotonic()
     deployment.procs[name].kill()
     time.sleep(rng.uniform(0.2, 1.5))
     deployment.start(name)
-    return at, at
+    return name, at
 
 
-def sigterm_a_processor(deployment: Deployment, rng: random.Random) -> tuple[float, float]:
+def sigterm_a_processor(deployment: Deployment, rng: random.Random) -> tuple[str, float]:
+    """SIGTERM of a processor, which drains within its grace and exits 0; (its name, when)."""
     name = rng.choice(["p1", "p2"])
     proc = deployment.procs[name]
     at = time.monotonic()
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
-    end = time.monotonic()
     deployment.start(name)
-    return at, end
+    return name, at
 
 
 def restart_redis(redis: RedisServer, rng: random.Random) -> tuple[float, float]:
@@ -185,11 +191,33 @@ def fence_windows(deployment: Deployment) -> list[tuple[float, float]]:
     return windows
 
 
-def repeated_outside(origin: CountingOrigin, windows: list[tuple[float, float]]) -> list[str]:
-    """Paths requested more than once although none of their requests met a window."""
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for path, start, end in origin.served:
-        spans.setdefault(path, []).append((start, end))
-    return sorted(path for path, got in spans.items()
-                  if len(got) > 1 and not any(s <= w_end and w_start <= e for s, e in got
-                                              for w_start, w_end in windows))
+def repeated_unexplained(origin: CountingOrigin, deaths: dict[str, list[float]],
+                         windows: list[tuple[float, float]]) -> list[str]:
+    """Paths requested again although nothing could have lost the earlier request's outcome.
+
+    A request's outcome is recorded after its body ends (the file stored, the outcome
+    settled), so the request is at risk from its start until the job is requested again:
+    the process that made it may die meanwhile (a kill, a SIGTERM's drain), or Redis may
+    be out or a lease fenced (``windows``). The death of another process explains nothing."""
+    requests: dict[str, list[tuple[float, str]]] = {}
+    for (path, start, _end), process in zip(origin.served, origin.served_to):
+        requests.setdefault(path, []).append((start, process))
+    unexplained = []
+    for path, made in requests.items():
+        made.sort()
+        for (start, process), (again, _) in zip(made, made[1:]):
+            died = any(start <= at <= again for at in deaths.get(process, ()))
+            outage = any(start <= w_end and w_start <= again for w_start, w_end in windows)
+            if not (died or outage):
+                unexplained.append(path)
+    return sorted(set(unexplained))
+
+
+def test_a_repeat_is_explained_only_by_its_own_process_dying_or_an_outage_between():
+    origin = SimpleNamespace(served=[("/a/1", 1.0, 3.0), ("/a/1", 5.0, 7.0), ("/b/2", 1.0, 3.0)],
+                             served_to=["p1", "p2", "p1"])
+    assert repeated_unexplained(origin, {}, []) == ["/a/1"]
+    assert repeated_unexplained(origin, {"p2": [4.0], "p1": [0.5, 5.5]}, []) == ["/a/1"]  # not between
+    assert repeated_unexplained(origin, {"p1": [4.0]}, []) == []  # p1 died after its body ended: lost
+    assert repeated_unexplained(origin, {}, [(4.5, 6.0)]) == []  # Redis was out before the repeat
+    assert repeated_unexplained(origin, {}, [(5.5, 6.0)]) == ["/a/1"]
