@@ -45,7 +45,6 @@ class TempFile:
         self.size = 0
         self.written_back = 0  # bytes whose writeback to disk was requested
         self._writing: diskio.Started | None = None  # the chunk being written and hashed, off the hub
-        self._written = 0  # bytes of the file written once that is done
 
     @classmethod
     def reopen(cls, path: str, size: int) -> TempFile:
@@ -74,7 +73,6 @@ class TempFile:
         held, self.buffer = self.buffer, bytearray()  # hashed already, as it was buffered
         self._writing = diskio.start_off_hub(_write_and_hash, self.file, held, chunk, digests)
         self.size += len(chunk)
-        self._written = self.size
 
     def wait_written(self) -> None:
         """Until the chunk in the threadpool is written and hashed. Interrupted, it is
@@ -87,10 +85,11 @@ class TempFile:
             self._writing = None
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
         self._writing = None
-        if self._written - self.written_back >= diskio.Writeback.STEP:  # big files only: see diskio.Writeback
+        # Every byte counted in size is written now: a chunk starts only once the last one is done.
+        if self.size - self.written_back >= diskio.Writeback.STEP:  # big files only: see diskio.Writeback
             assert self.file is not None
-            diskio.writeback.written(self.file.fileno(), self.written_back, self._written - self.written_back)
-            self.written_back = self._written
+            diskio.writeback.written(self.file.fileno(), self.written_back, self.size - self.written_back)
+            self.written_back = self.size
 
     def _create(self) -> BinaryIO:
         try:
