@@ -38,6 +38,10 @@ from gdl.store import DOWNLOADS, Store
 
 log = logging.getLogger(__name__)
 
+# Checks that read the held downloads' marks once the count of marks moved (or the
+# cancel channel reconnected): that check and the next (see the module's docstring).
+MARK_READS = 2
+
 
 class Canceller:
     def __init__(self, store: Store, scanner: Scanner, keeper: Keeper, *, interval: float, deletion_delay_ms: int,
@@ -60,7 +64,7 @@ class Canceller:
         """``gdl:cancel`` handler: abort ``job_id`` if this process fetches it (None: messages
         may have been lost, check every mark)."""
         if job_id is None:
-            self._mark_reads_due = 2
+            self._mark_reads_due = MARK_READS
             self._look.set()
         else:
             self.abort(job_id)
@@ -114,7 +118,7 @@ class Canceller:
         marks = self.store.cancel_marks()
         if marks != self._marks_seen:
             self._marks_seen = marks
-            self._mark_reads_due = 2
+            self._mark_reads_due = MARK_READS
         if not self._mark_reads_due:
             return False
         self._mark_reads_due -= 1
